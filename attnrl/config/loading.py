@@ -1,0 +1,105 @@
+"""Reading, merging and writing the run configuration.
+
+Resolution order: schema defaults ⊕ preset delta ⊕ file ⊕ ``--set key=value`` overrides.
+A file may name its base with a top-level ``preset:`` key; ``params.yaml`` is a complete
+serialisation and needs none. Every error names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from attnrl.config.presets import PRESETS
+from attnrl.config.schema import RunConfig
+from attnrl.errors import ConfigError
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+) -> RunConfig:
+    """Build a validated ``RunConfig`` from a preset, a YAML file and dotted overrides."""
+    tree: dict[str, Any] = {}
+    origin = "defaults"
+    file_tree: dict[str, Any] = {}
+    if path is not None:
+        file_tree = _read_yaml(Path(path))
+        origin = str(path)
+        preset = file_tree.pop("preset", None) or preset
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        tree = copy.deepcopy(PRESETS[preset])
+        origin = f"preset {preset!r}" if path is None else origin
+    _deep_merge(tree, file_tree)
+    for override in overrides:
+        _apply_override(tree, override)
+    return validate_config(tree, origin=origin)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a run configuration file (for example ``params.yaml``)."""
+    return resolve_config(path=path, overrides=overrides)
+
+
+def validate_config(tree: Mapping[str, Any], *, origin: str) -> RunConfig:
+    """Validate a nested mapping; a ``ConfigError`` lists every bad key as ``a.b.c: why``."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key")
+            else:
+                lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """Serialise a configuration as YAML, sections in schema order (the params.yaml layout)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"configuration file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key.path=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,54 @@
+"""Presets: small deltas over the schema defaults (which are the paper's 1.5B setting, spec §12).
+
+``tiny`` is the embedded default (CPU, minutes). ``r1-distill-1.5b`` is the paper's setting for a
+GPU cluster; it only names the data and model paths the schema cannot default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SIX_BENCHMARKS = [
+    # Spec §14: K = 32 for AIME24/25 and AMC23, K = 4 for the rest.
+    {"kind": "verl_parquet", "path": "data/eval/aime24_1.parquet", "name": "aime24", "k": 32},
+    {"kind": "verl_parquet", "path": "data/eval/aime25_1.parquet", "name": "aime25", "k": 32},
+    {"kind": "verl_parquet", "path": "data/eval/amc23_1.parquet", "name": "amc23", "k": 32},
+    {"kind": "verl_parquet", "path": "data/eval/math500_1.parquet", "name": "math500", "k": 4},
+    {"kind": "verl_parquet", "path": "data/eval/minerva_1.parquet", "name": "minerva", "k": 4},
+    {"kind": "verl_parquet", "path": "data/eval/olympiad_1.parquet", "name": "olympiad", "k": 4},
+]
+
+TINY: dict[str, Any] = {
+    "data": {
+        "train": [{"kind": "synthetic", "name": "synthetic"}],
+        "eval": [{"kind": "synthetic", "name": "synthetic", "k": 4}],
+        "max_prompt_tokens": 64,
+    },
+    "model": {"path": None, "dtype": "float32", "device": "cpu"},
+    "warmup": {"enabled": True},
+    "rollout": {
+        "engine": "hf",
+        "sampling": {"n": 6, "max_new_tokens": 64},
+        "batch_size": 256,
+    },
+    "eval": {"max_new_tokens": 64},
+    "algorithm": {
+        # Responses are tens of tokens, not thousands: scale the code's 512-token rules (§6.2)
+        # and Δ (§5.2) to the task so branching has candidates to choose from.
+        "fci_delta": 2,
+        "min_branch_position": 8,
+        "min_branch_spacing": 4,
+        "prompt_batch_size": 16,
+    },
+    "train": {"steps": 60, "lr": 3e-5, "mini_batch_sequences": 64, "save_every": 10},
+}
+
+R1_DISTILL_1_5B: dict[str, Any] = {
+    "data": {
+        "train": [{"kind": "verl_parquet", "path": "data/train/deepscaler_train.parquet", "name": "deepscaler"}],
+        "eval": _SIX_BENCHMARKS,
+    },
+    "model": {"path": "models/DeepSeek-R1-Distill-Qwen-1.5B"},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "r1-distill-1.5b": R1_DISTILL_1_5B}

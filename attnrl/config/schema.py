@@ -1,0 +1,285 @@
+"""The run configuration schema, grouped by stage (params.yaml mirrors this layout).
+
+Every field carries its meaning, unit and source in its description. Defaults are the
+paper's 1.5B setting (spec §12) unless a field says otherwise; the ``tiny`` preset is a small
+delta for the embedded default. Where paper and official code disagree (spec §16) the choice is
+a field whose description names the AMBIG entry and says which side the default takes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SourceSpec(_Section):
+    """Where a set of problems comes from."""
+
+    kind: Literal["synthetic", "verl_parquet", "jsonl", "hf"] = Field(
+        description="Loader: 'synthetic' (the embedded task, from data.synthetic), 'verl_parquet' "
+        "(spec §2.3 layout), 'jsonl' (one problem per line), 'hf' (a Hugging Face dataset; needs network "
+        "or a local dataset directory)."
+    )
+    path: str | None = Field(
+        default=None,
+        description="File, directory or HF dataset name. Required for every kind but 'synthetic'.",
+    )
+    name: str | None = Field(
+        default=None,
+        description="Benchmark name used in metrics; defaults to the file stem or the dataset name.",
+    )
+    split: str = Field(default="train", description="HF split to load, and the split recorded for jsonl rows.")
+    k: int = Field(
+        default=1, ge=1, description="Evaluation samples per problem (spec §14: 32 for AIME/AMC, 4 for the rest)."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Keep only the first N problems (smoke runs).")
+    on_invalid: Literal["error", "skip"] = Field(
+        default="error",
+        description="A row that cannot be graded (empty prompt or answer, wrong type): stop with an error "
+        "naming the row, or skip it with a warning (real training sets have a few such rows).",
+    )
+    prompt_field: str = Field(default="problem", description="HF only: column holding the question text.")
+    answer_field: str = Field(default="answer", description="HF only: column holding the answer(s).")
+
+    @model_validator(mode="after")
+    def _path_required(self) -> SourceSpec:
+        if self.kind != "synthetic" and not self.path:
+            raise ValueError(f"path is required for kind '{self.kind}'")
+        return self
+
+
+class SyntheticTaskConfig(_Section):
+    """The embedded step-by-step arithmetic task (see attnrl/data/synthetic.py)."""
+
+    levels: list[int] = Field(
+        default=[1, 2, 3, 4, 5],
+        min_length=1,
+        description="Difficulty levels = number of operations in the expression chain.",
+    )
+    modulus: int = Field(default=10, ge=2, le=10, description="Arithmetic is modulo this (single-digit numbers).")
+    operators: str = Field(default="+-", min_length=1, description="Operators drawn uniformly; a subset of '+-*'.")
+    train_per_level: int = Field(default=2000, ge=1, description="Training problems per level.")
+    eval_per_level: int = Field(default=100, ge=1, description="Held-out problems per level.")
+    holdout_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of the expression space reserved for evaluation: no training problem "
+        "(warmup or RL) ever uses a held-out expression.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticTaskConfig:
+        if any(level < 1 for level in self.levels):
+            raise ValueError("levels must be >= 1")
+        bad = set(self.operators) - set("+-*")
+        if bad:
+            raise ValueError(f"operators: unknown {sorted(bad)}; known: + - *")
+        return self
+
+
+class DataConfig(_Section):
+    """Stage 'prepare': which problems are used for training and evaluation."""
+
+    train: list[SourceSpec] = Field(description="Training problem sources.")
+    eval: list[SourceSpec] = Field(description="Evaluation benchmarks, each with its own k.")
+    synthetic: SyntheticTaskConfig = Field(
+        default_factory=SyntheticTaskConfig, description="The embedded task, used by 'synthetic' sources."
+    )
+    max_prompt_tokens: int = Field(
+        default=1024, ge=1, description="Prompts longer than this after templating are dropped (spec §2.2)."
+    )
+    prompt_suffix: str = Field(
+        default=" Let's think step by step and output the final answer within \\boxed{}.",
+        description="Appended to jsonl/HF questions (spec §2.4). verl parquet prompts already carry it.",
+    )
+
+
+class TinyModelConfig(_Section):
+    """Architecture of the embedded default model (a tiny Qwen2, built from config, no download)."""
+
+    hidden_size: int = Field(default=128, ge=8, description="Model width.")
+    num_layers: int = Field(default=4, ge=1, description="Transformer blocks (FCI maximises over all of them, §5.2).")
+    num_heads: int = Field(default=4, ge=1, description="Query heads per layer; divides hidden_size.")
+    num_kv_heads: int = Field(default=4, ge=1, description="Grouped-query attention KV heads; divides num_heads.")
+    intermediate_size: int = Field(default=512, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(default=256, ge=16, description="Longest prompt + response, in tokens.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyModelConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_kv_heads must divide num_heads")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("num_heads must divide hidden_size")
+        return self
+
+
+class ModelConfig(_Section):
+    """The policy model."""
+
+    path: str | None = Field(
+        default=None,
+        description="Local directory of a Hugging Face causal LM (for example a downloaded "
+        "DeepSeek-R1-Distill-Qwen-1.5B). null = build the tiny default model and warm it up.",
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Used when path is null.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="Weights dtype; the tiny preset uses float32 on CPU."
+    )
+    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
+
+
+class WarmupConfig(_Section):
+    """Stage 'warmup': supervised fine-tuning of the tiny model on reference solutions.
+
+    Real runs start from a trained checkpoint and set ``enabled: false``.
+    """
+
+    enabled: bool = Field(default=False, description="Run SFT before RL (tiny default: true).")
+    steps: int = Field(default=1500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(default=32, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(default=1e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(default=50, ge=0, description="Linear learning-rate warm-up steps.")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
+    threads: int = Field(default=2, ge=1, description="torch CPU threads for the warmup.")
+    log_every: int = Field(default=100, ge=1, description="Steps between loss log lines.")
+
+
+class SamplingConfig(_Section):
+    """Sampling parameters for one generation call."""
+
+    n: int = Field(default=6, ge=1, description="Samples per prompt (G, spec §12).")
+    temperature: float = Field(default=1.0, gt=0, description="Spec §12: 1.0 for training rollouts.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (spec §12: 1.0).")
+    max_new_tokens: int = Field(default=8192, ge=1, description="Response length limit (spec §12: 8192).")
+
+
+class RolloutConfig(_Section):
+    """The rollout engine."""
+
+    engine: Literal["hf", "vllm"] = Field(default="vllm", description="'hf' (transformers, CPU or GPU) or 'vllm'.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollout sampling.")
+    batch_size: int = Field(default=64, ge=1, description="hf engine: sequences per generate() call.")
+    progress: bool = Field(default=True, description="Show a progress bar on long generation.")
+
+
+class RewardConfig(_Section):
+    """The verifier (spec §8)."""
+
+    timeout_s: float = Field(default=5.0, gt=0, description="Hard limit per response (spec §8: 5 s).")
+    workers: int = Field(default=1, ge=1, description="Grading subprocesses for the math-verify path.")
+
+
+class EvalConfig(_Section):
+    """Stage 'evaluate' (spec §14). Benchmarks come from data.eval, each with its k."""
+
+    temperature: float = Field(default=0.6, gt=0, description="Spec §14 / AMBIG-10: 0.6 (script), unstated in paper.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Spec §14: 1.0.")
+    max_new_tokens: int = Field(default=32768, ge=1, description="Spec §14: 32,768 for final evaluation.")
+
+
+class AlgorithmConfig(_Section):
+    """The RL method (spec §4–§11, §13). Paper-vs-code choices name their AMBIG entry."""
+
+    method: Literal["attnrl", "treerl", "grpo"] = Field(
+        default="attnrl", description="Method preset label recorded with results."
+    )
+    branching: Literal["fci", "entropy", "random", "none"] = Field(
+        default="fci", description="Branch-point criterion (spec §6; 'entropy' = TreeRL §6.6, 'none' = GRPO)."
+    )
+    num_branch_points: int = Field(default=2, ge=1, description="N branch points per expanded response (§6.2).")
+    continuations_per_branch: int = Field(default=2, ge=1, description="T continuations per branch point (§6.4).")
+    fci_delta: int = Field(default=4, ge=1, description="Δ: only steps at least Δ later count toward FCI (§5.2).")
+    fci_quantile: float = Field(
+        default=0.8, gt=0, lt=1, description="Candidate threshold quantile; 0.8 = top 20% (AMBIG-3: paper writes ρ=0.2)."
+    )
+    fci_mask_first_step: bool = Field(default=True, description="Zero FCI of the first response step (AMBIG-4: code only).")
+    fci_mask_after_think: bool = Field(
+        default=True, description="Zero FCI of the </think> step and later (AMBIG-4: code only)."
+    )
+    step_attention: Literal["mean_mean", "mean_sum"] = Field(
+        default="mean_mean",
+        description="Step-to-step attention: mean over query × mean over key tokens (code), or mean over "
+        "query × sum over key tokens (attention mass). AMBIG-5; default follows the code.",
+    )
+    min_branch_position: int = Field(
+        default=512, ge=0, description="Branch steps start at absolute token position >= this (§6.2, code only)."
+    )
+    min_branch_spacing: int = Field(
+        default=512, ge=0, description="Token gap between accepted branch steps (§6.2, code only)."
+    )
+    expansion: Literal["adaptive", "uniform"] = Field(
+        default="adaptive", description="ADS trees per problem (§7.3) or all responses ('uniform', TreeRL)."
+    )
+    tree_count_rounding: Literal["ceil", "round"] = Field(
+        default="ceil", description="num_trees = ceil (code) or round (paper Eq. 9) of n·exp(−z). AMBIG-1."
+    )
+    easy_filter: Literal["all_correct", "all", "off"] = Field(
+        default="all_correct",
+        description="Attention-based easy filter applies to all-correct problems only (code), to every "
+        "problem (paper Eq. 8), or is off. AMBIG-2.",
+    )
+    zero_advantage_filter: bool = Field(default=True, description="Drop questions whose leaves share one reward (§7.6).")
+    adaptive_batch: bool = Field(default=True, description="Adapt the prompt batch size (§7.5).")
+    prompt_batch_size: int = Field(default=64, ge=1, description="Initial prompts per step (§12).")
+    target_train_sequences: int | None = Field(
+        default=None,
+        ge=1,
+        description="B' of §7.5; null = prompt_batch_size × n × (1 + N·T), the code's 64·6·5 = 1920.",
+    )
+    batch_ema_lambda: float = Field(default=0.9, ge=0, le=1, description="λ of §7.5.")
+    batch_size_rounding: Literal["ceil", "round"] = Field(
+        default="ceil", description="§7.5 update rounding: ceil (code) or round (paper Eq. 10). AMBIG-1."
+    )
+    off_policy: bool = Field(default=True, description="One-step off-policy loop (§3.2) vs two-step on-policy (§3.1).")
+    clip_low: float = Field(default=0.2, gt=0, lt=1, description="PPO ε_low (§11).")
+    clip_high: float = Field(default=0.28, gt=0, description="PPO clip-higher ε_high (§11).")
+    dual_clip: float = Field(default=3.0, gt=1, description="Dual-clip c for negative advantages (§11).")
+    kl_coef: float = Field(default=0.001, ge=0, description="k3 KL-to-reference loss weight (§11).")
+    entropy_coef: float = Field(default=0.0, ge=0, description="Entropy bonus weight (§11: 0).")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        default="token_mean", description="Token-mean (code, all methods) or per-sequence mean (paper Eq. 1). AMBIG-11."
+    )
+
+
+class TrainConfig(_Section):
+    """Stage 'train': optimisation of the policy (spec §11, §12)."""
+
+    steps: int = Field(default=500, ge=1, description="Training steps (spec §15.3: 500 for AttnRL).")
+    lr: float = Field(default=1e-6, gt=0, description="AdamW learning rate, constant (§11).")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (§11: 0.01).")
+    grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip (§11: 1.0).")
+    mini_batch_sequences: int = Field(default=192, ge=1, description="Sequences per optimizer step (§11).")
+    save_every: int = Field(default=10, ge=1, description="Checkpoint every N steps (§12 save_freq).")
+
+
+class PathsConfig(_Section):
+    """Where each stage writes (relative paths are relative to the working directory)."""
+
+    data_dir: str = Field(default="data", description="Prepared problems: {data_dir}/prepared/{train,eval}.parquet.")
+    models_dir: str = Field(default="models", description="Initial policy: {models_dir}/init/.")
+    runs_dir: str = Field(default="runs", description="Training and evaluation runs.")
+    reports_dir: str = Field(default="reports", description="HTML report and plots.")
+
+
+class RunConfig(_Section):
+    """Everything one run reads. Serialised as params.yaml, grouped by stage."""
+
+    seed: int = Field(default=1, description="Master seed; every RNG seed is derived from it (spec §12: data.seed=1).")
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Output locations.")
+    data: DataConfig = Field(description="Stage 'prepare'.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Stage 'warmup'.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Grading.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'evaluate'.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL method.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 'train'.")

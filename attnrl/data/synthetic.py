@@ -1,0 +1,128 @@
+"""The embedded default task: step-by-step modular arithmetic chains.
+
+A problem is an expression such as ``3+5-7`` (all arithmetic modulo ``modulus``). The reference
+solution rewrites the remaining expression one operation at a time, one step per paragraph,
+and ends with the boxed answer::
+
+    8-7
+
+    1
+
+    \\boxed{1}
+
+Steps are separated by blank lines (``\\n\\n``), exactly the delimiter AttnRL segments on
+(spec §4), and each step depends only on the previous one, which a tiny model can learn in
+minutes (stack-notes.md). The difficulty level is the number of operations. A fixed share of
+the expression space (chosen by a hash, so independent of the seed) is held out: evaluation
+problems never occur in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator
+
+from attnrl.config.schema import SyntheticTaskConfig
+from attnrl.data.problem import Problem
+from attnrl.errors import DataError
+
+STEP_SEPARATOR = "\n\n"
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def parse_expression(text: str) -> tuple[list[int], list[str]]:
+    """Split ``'3+5-7'`` into numbers ``[3, 5, 7]`` and operators ``['+', '-']``."""
+    numbers, operators = [], []
+    expect_number = True
+    for char in text.strip():
+        if expect_number and char.isdigit():
+            numbers.append(int(char))
+        elif not expect_number and char in _APPLY:
+            operators.append(char)
+        else:
+            raise DataError(f"synthetic expression {text!r}: unexpected character {char!r}")
+        expect_number = not expect_number
+    if expect_number:
+        raise DataError(f"synthetic expression {text!r}: must end with a number")
+    return numbers, operators
+
+
+def format_expression(numbers: list[int], operators: list[str]) -> str:
+    return "".join(f"{n}{op}" for n, op in zip(numbers, operators, strict=False)) + str(numbers[-1])
+
+
+def solution_steps(expression: str, modulus: int) -> list[str]:
+    """The reference steps: each applies the first operation and rewrites what remains."""
+    numbers, operators = parse_expression(expression)
+    steps = []
+    while operators:
+        value = _APPLY[operators[0]](numbers[0], numbers[1]) % modulus
+        numbers, operators = [value, *numbers[2:]], operators[1:]
+        steps.append(format_expression(numbers, operators))
+    steps.append(f"\\boxed{{{numbers[0]}}}")
+    return steps
+
+
+def reference_solution(expression: str, modulus: int) -> str:
+    """The full reference response: steps joined by blank lines, ending in ``\\boxed{answer}``."""
+    return STEP_SEPARATOR.join(solution_steps(expression, modulus))
+
+
+def final_answer(expression: str, modulus: int) -> str:
+    """The value of the expression, as the reference solution boxes it."""
+    numbers, operators = parse_expression(expression)
+    value = numbers[0]
+    for op, number in zip(operators, numbers[1:], strict=True):
+        value = _APPLY[op](value, number) % modulus
+    return str(value)
+
+
+def is_held_out(expression: str, fraction: float) -> bool:
+    """Whether an expression belongs to the evaluation share of the space (seed independent)."""
+    digest = hashlib.blake2b(expression.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def generate_problems(config: SyntheticTaskConfig, *, split: str, seed: int, name: str = "synthetic") -> list[Problem]:
+    """Distinct problems per level for ``split`` ('train' or 'test'), reproducible from ``seed``.
+
+    Levels whose space is smaller than requested yield every expression they have.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"synthetic split must be 'train' or 'test', got {split!r}")
+    per_level = config.train_per_level if split == "train" else config.eval_per_level
+    want_held_out = split == "test"
+    problems = []
+    for level in config.levels:
+        rng = random.Random(f"{seed}/{split}/{level}")
+        for index, expression in enumerate(_distinct_expressions(config, level, rng, want_held_out, per_level)):
+            problems.append(
+                Problem(
+                    id=f"L{level}-{index}",
+                    prompt=({"role": "user", "content": expression},),
+                    answers=(final_answer(expression, config.modulus),),
+                    source=f"{name}-L{level}",
+                    split=split,
+                    level=level,
+                )
+            )
+    return problems
+
+
+def _distinct_expressions(
+    config: SyntheticTaskConfig, level: int, rng: random.Random, held_out: bool, count: int
+) -> Iterator[str]:
+    space = config.modulus ** (level + 1) * len(config.operators) ** level
+    seen: set[str] = set()
+    # Rejection sampling; the attempt cap ends small spaces (level 1 has only a few hundred).
+    for _ in range(max(50 * count, 20 * space if space < 100_000 else 0)):
+        if len(seen) == count:
+            return
+        numbers = [rng.randrange(config.modulus) for _ in range(level + 1)]
+        operators = [rng.choice(config.operators) for _ in range(level)]
+        expression = format_expression(numbers, operators)
+        if expression in seen or is_held_out(expression, config.holdout_fraction) != held_out:
+            continue
+        seen.add(expression)
+        yield expression

@@ -1,0 +1,17 @@
+"""Errors raised on bad input. Each names the file, row or field at fault."""
+
+
+class AttnRLError(Exception):
+    """Base class for every error attnrl raises on purpose."""
+
+
+class ConfigError(AttnRLError, ValueError):
+    """A configuration key is unknown, missing or out of range."""
+
+
+class DataError(AttnRLError, ValueError):
+    """A data file or record is malformed; the message names the file and row."""
+
+
+class ModelLoadError(AttnRLError, FileNotFoundError):
+    """A model or tokenizer could not be loaded from a local path."""

@@ -1,0 +1,85 @@
+"""The ``RolloutEngine`` protocol (architecture.md, "Engines behind protocols").
+
+One call serves both kinds of generation AttnRL needs in a step (spec §3.2): initial samples
+(``prompt_ids`` = the templated prompt, ``n`` = G) and tree continuations (``prompt_ids`` =
+prompt ⧺ response prefix up to a branch point, ``n`` = T). The loop never knows whether it
+talks to transformers on a CPU or vLLM on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Log-probs are reported under ``temperature`` (no top-p renormalisation)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Sample ``n`` continuations of ``prompt_ids``.
+
+    ``max_new_tokens`` overrides the call's limit for this request (a continuation's budget is
+    the response limit minus its prefix, spec §5.4).
+    """
+
+    prompt_ids: tuple[int, ...]
+    n: int = 1
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("a generation request needs at least one prompt token")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled continuation: its tokens (EOS included when it stopped), the behaviour
+    log-prob of each token, and why it ended."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: FinishReason
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.logprobs):
+            raise ValueError("token_ids and logprobs must have the same length")
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the training loop needs from a generator."""
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        """For each request, its ``n`` completions, in request order. Same inputs and seed ⇒ same
+        outputs."""
+        ...
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load new policy weights (called by the trainer after each update)."""
+        ...

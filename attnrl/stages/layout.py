@@ -1,0 +1,44 @@
+"""Where each stage reads and writes, derived from ``config.paths`` (architecture.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnrl.config.schema import RunConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    data_dir: Path
+    models_dir: Path
+    runs_dir: Path
+    reports_dir: Path
+
+    @classmethod
+    def of(cls, config: RunConfig, root: str | Path = ".") -> Layout:
+        root = Path(root)
+        return cls(
+            root=root,
+            data_dir=root / config.paths.data_dir,
+            models_dir=root / config.paths.models_dir,
+            runs_dir=root / config.paths.runs_dir,
+            reports_dir=root / config.paths.reports_dir,
+        )
+
+    @property
+    def prepared_train(self) -> Path:
+        return self.data_dir / "prepared" / "train.parquet"
+
+    def prepared_eval(self, benchmark: str) -> Path:
+        """One file per configured benchmark, so each keeps its own K (spec §14)."""
+        return self.data_dir / "prepared" / "eval" / f"{benchmark}.parquet"
+
+    @property
+    def init_model(self) -> Path:
+        return self.models_dir / "init"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.runs_dir / "eval"

@@ -1,0 +1,88 @@
+"""Stage 'prepare': load every configured source, drop overlong prompts, write verl parquet.
+
+Outputs ``data/prepared/train.parquet`` and ``data/prepared/eval/<benchmark>.parquet``.
+Prompts longer than ``data.max_prompt_tokens`` after templating are dropped, as verl's
+``filter_overlong_prompts`` does (spec §2.2). Duplicate problem ids within a source are an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from attnrl.config.schema import RunConfig, SourceSpec
+from attnrl.data.loaders import load_source, write_problems
+from attnrl.data.problem import Problem
+from attnrl.errors import DataError
+from attnrl.model.policy import policy_tokenizer
+from attnrl.rollout.prompts import encode_prompt
+from attnrl.stages.layout import Layout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train_path: Path
+    train_count: int
+    eval_paths: dict[str, Path]
+    eval_counts: dict[str, int]
+    dropped_overlong: int
+
+
+def benchmark_name(spec: SourceSpec) -> str:
+    """The name a benchmark's file and metrics go by."""
+    return spec.name or Path(spec.path or spec.kind).stem
+
+
+def prepare(config: RunConfig, root: str | Path = ".") -> PreparedData:
+    layout = Layout.of(config, root)
+    tokenizer = policy_tokenizer(config)
+    dropped = 0
+    train: list[Problem] = []
+    for spec in config.data.train:
+        kept, n_dropped = _within_prompt_limit(load_source(spec, config.data, split="train", seed=config.seed),
+                                               tokenizer, config.data.max_prompt_tokens)
+        train.extend(kept)
+        dropped += n_dropped
+    _check_unique(train, "training data")
+    if not train:
+        raise DataError("prepare: the training sources yielded no problems")
+    write_problems(train, layout.prepared_train)
+
+    eval_paths, eval_counts = {}, {}
+    for spec in config.data.eval:
+        name = benchmark_name(spec)
+        if name in eval_paths:
+            raise DataError(f"prepare: two evaluation benchmarks are named {name!r}; give each a distinct name")
+        problems, n_dropped = _within_prompt_limit(
+            load_source(spec, config.data, split="test", seed=config.seed), tokenizer, config.data.max_prompt_tokens
+        )
+        dropped += n_dropped
+        _check_unique(problems, f"benchmark {name!r}")
+        if not problems:
+            raise DataError(f"prepare: benchmark {name!r} has no problems left")
+        eval_paths[name] = write_problems(problems, layout.prepared_eval(name))
+        eval_counts[name] = len(problems)
+    logger.info("prepared %d training problems, %s evaluation problems", len(train), eval_counts)
+    return PreparedData(layout.prepared_train, len(train), eval_paths, eval_counts, dropped)
+
+
+def _within_prompt_limit(
+    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, limit: int
+) -> tuple[list[Problem], int]:
+    kept = [p for p in problems if len(encode_prompt(tokenizer, p.prompt)) <= limit]
+    if len(kept) < len(problems):
+        logger.warning("dropped %d prompts longer than %d tokens", len(problems) - len(kept), limit)
+    return kept, len(problems) - len(kept)
+
+
+def _check_unique(problems: list[Problem], what: str) -> None:
+    seen: set[str] = set()
+    for problem in problems:
+        if problem.uid in seen:
+            raise DataError(f"{what}: duplicate problem id {problem.uid!r}")
+        seen.add(problem.uid)

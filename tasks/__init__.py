@@ -1,0 +1,1 @@
+"""Prefect ``@task`` wrappers (retries, timeouts, artifacts) around stage steps; no algorithm logic."""

@@ -1,0 +1,54 @@
+"""Shared fixtures: the benchmarks folder, a tiny model, small configurations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = PROJECT_ROOT.parent / "shared" / "benchmarks"
+
+
+def require_benchmarks() -> Path:
+    """The real benchmark folder; skipped with a reason when absent, but never under CI."""
+    if not BENCHMARKS.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{BENCHMARKS} is missing, and CI must run the real-data tests")
+        pytest.skip(f"real benchmark data not found at {BENCHMARKS} (../shared/benchmarks)")
+    return BENCHMARKS
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    """A small randomly initialised tiny model and its tokenizer (fast to run)."""
+    from attnrl.config.schema import TinyModelConfig
+    from attnrl.model.tiny import build_tiny_model
+    from attnrl.model.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return build_tiny_model(config, tokenizer, seed=0), tokenizer
+
+
+def small_overrides() -> list[str]:
+    """Overrides that make the tiny preset run end to end in seconds."""
+    return [
+        "data.synthetic.levels=[1, 2]",
+        "data.synthetic.train_per_level=40",
+        "data.synthetic.eval_per_level=6",
+        "model.tiny.hidden_size=32",
+        "model.tiny.num_layers=2",
+        "model.tiny.intermediate_size=64",
+        "warmup.steps=5",
+        "warmup.batch_size=4",
+        "warmup.threads=1",
+        "warmup.log_every=5",
+        "rollout.progress=false",
+        "eval.max_new_tokens=16",
+    ]

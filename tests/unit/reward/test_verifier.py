@@ -1,0 +1,166 @@
+"""The verifier's scoring rules and its hard per-response timeout (spec §8)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+from collections.abc import Iterator
+
+import pytest
+
+from attnrl.errors import ConfigError, DataError
+from attnrl.reward import Verifier
+
+HELPERS = "tests.unit.reward.hanging_grader"
+
+
+@pytest.fixture(scope="module")
+def verifier() -> Iterator[Verifier]:
+    # Generous limit: these tests check grading rules, not speed, on a possibly loaded machine.
+    with Verifier(timeout_s=30.0) as v:
+        yield v
+
+
+def _answer(text: str) -> str:
+    return f"Let me think.</think>So the answer is $\\boxed{{{text}}}$."
+
+
+class TestScoringRules:
+    def test_correct_integer(self, verifier: Verifier) -> None:
+        assert verifier.score(_answer("42"), ["42"]) == 1.0
+
+    def test_incorrect_integer(self, verifier: Verifier) -> None:
+        assert verifier.score(_answer("41"), ["42"]) == 0.0
+
+    @pytest.mark.parametrize(
+        ("pred", "gold"), [("\\frac12", "0.5"), ("\\frac12", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}")]
+    )
+    def test_equivalent_forms_via_math_verify(self, verifier: Verifier, pred: str, gold: str) -> None:
+        assert verifier.score(_answer(pred), [gold]) == 1.0
+
+    def test_inequivalent_fraction(self, verifier: Verifier) -> None:
+        assert verifier.score(_answer("\\frac13"), ["0.5"]) == 0.0
+
+    def test_any_of_several_accepted_answers(self, verifier: Verifier) -> None:
+        answers = ["12", "\\frac{3}{4}"]
+        assert verifier.score(_answer("0.75"), answers) == 1.0
+        assert verifier.score(_answer("12"), answers) == 1.0
+        assert verifier.score(_answer("13"), answers) == 0.0
+
+    def test_single_string_ground_truth(self, verifier: Verifier) -> None:
+        assert verifier.score(_answer("7"), "7\n") == 1.0
+
+    def test_ground_truth_containing_boxed(self, verifier: Verifier) -> None:
+        answers = ["The answer is $\\boxed{\\frac{\\pi}{2}}$."]
+        assert verifier.score(_answer("\\frac{\\pi}{2}"), answers) == 1.0
+        assert verifier.score(_answer("\\pi/2"), answers) == 1.0
+        assert verifier.score(_answer("\\pi"), answers) == 0.0
+
+    def test_unboxed_solution_is_parsed_whole(self, verifier: Verifier) -> None:
+        assert verifier.score("</think>The answer is $\\frac{1}{2}$.", ["0.5"]) == 1.0
+
+    def test_empty_response(self, verifier: Verifier) -> None:
+        assert verifier.score("", ["0"]) == 0.0
+
+    def test_nothing_after_think_end(self, verifier: Verifier) -> None:
+        assert verifier.score("I get \\boxed{3}</think>", ["3"]) == 0.0
+        assert verifier.score("</think>   \n", ["3"]) == 0.0
+
+    def test_box_inside_thinking_does_not_count(self, verifier: Verifier) -> None:
+        assert verifier.score("\\boxed{3}</think>final: \\boxed{4}", ["3"]) == 0.0
+        assert verifier.score("\\boxed{4}</think>final: \\boxed{3}", ["3"]) == 1.0
+
+    def test_batch_keeps_order(self, verifier: Verifier) -> None:
+        items = [(_answer("1"), ["1"]), (_answer("2"), ["3"]), ("", ["1"]), (_answer("\\frac12"), ["0.5"])]
+        assert verifier.score_batch(items) == [1.0, 0.0, 0.0, 1.0]
+
+    def test_non_string_ground_truth_is_rejected(self, verifier: Verifier) -> None:
+        with pytest.raises(DataError, match="item 0"):
+            verifier.score(_answer("1"), [1])  # type: ignore[list-item]
+
+
+class TestConstruction:
+    @pytest.mark.parametrize("timeout_s", [0, -1.0, float("inf"), float("nan")])
+    def test_bad_timeout(self, timeout_s: float) -> None:
+        with pytest.raises(ConfigError):
+            Verifier(timeout_s)
+
+    @pytest.mark.parametrize("workers", [0, 1.5, True])
+    def test_bad_workers(self, workers: int) -> None:
+        with pytest.raises(ConfigError):
+            Verifier(1.0, workers)
+
+    @pytest.mark.parametrize("path", ["no_colon", "tests.unit.reward.missing_module:grade", f"{HELPERS}:missing"])
+    def test_bad_grade_fn(self, path: str) -> None:
+        with pytest.raises(ConfigError):
+            Verifier(1.0, grade_fn=path)
+
+    def test_closed_verifier_refuses_work(self) -> None:
+        v = Verifier(1.0)
+        v.close()
+        v.close()
+        with pytest.raises(ConfigError, match="closed"):
+            v.score(_answer("1"), ["1"])
+
+
+class TestHardTimeout:
+    def test_fast_path_starts_no_child(self) -> None:
+        before = set(multiprocessing.active_children())
+        with Verifier(1.0, grade_fn=f"{HELPERS}:grade") as v:
+            assert v.score_batch([(_answer("5"), ["5"]), ("", ["5"]), ("x</think>", ["5"])]) == [1.0, 0.0, 0.0]
+            assert v.children_started == 0
+            assert set(multiprocessing.active_children()) == before
+
+    def test_hung_item_scores_zero_and_verifier_stays_usable(self, caplog: pytest.LogCaptureFixture) -> None:
+        before = set(multiprocessing.active_children())
+        with caplog.at_level(logging.WARNING), Verifier(timeout_s=1.0, grade_fn=f"{HELPERS}:grade") as v:
+            scores = v.score_batch([(_answer("5"), ["5"]), (_answer("x+1"), ["5"]), (_answer("7"), ["7"])])
+            assert scores == [1.0, 0.0, 1.0]
+            assert "response 1" in caplog.text and "timeout" in caplog.text
+            # A fresh child is started for the next item that needs one.
+            assert v.score_batch([(_answer("8"), ["8"]), (_answer("y"), ["10"])]) == [1.0, 0.0]
+            assert v.children_started == 2
+        assert set(multiprocessing.active_children()) == before
+
+    def test_fresh_child_grades_after_a_hang(self) -> None:
+        with Verifier(timeout_s=1.0, grade_fn=f"{HELPERS}:grade_or_hang") as v:
+            items = [(_answer("HANG"), ["1"]), (_answer("RIGHT"), ["1"]), (_answer("wrong"), ["1"])]
+            assert v.score_batch(items) == [0.0, 1.0, 0.0]
+            assert v.children_started == 2
+
+    def test_several_workers(self) -> None:
+        before = set(multiprocessing.active_children())
+        with Verifier(timeout_s=1.0, workers=2, grade_fn=f"{HELPERS}:grade_or_hang") as v:
+            items = [(_answer("HANG"), ["1"])]
+            items += [(_answer(f"RIGHT{i}"), ["1"]) for i in range(4)] + [(_answer("1"), ["1"])]
+            assert v.score_batch(items) == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+        assert set(multiprocessing.active_children()) == before
+
+    def test_crashed_child_scores_zero_and_is_replaced(self, caplog: pytest.LogCaptureFixture) -> None:
+        with caplog.at_level(logging.WARNING), Verifier(timeout_s=30.0, grade_fn=f"{HELPERS}:grade_or_crash") as v:
+            items = [(_answer("RIGHT"), ["1"]), (_answer("CRASH"), ["1"]), (_answer("RIGHT"), ["1"])]
+            assert v.score_batch(items) == [1.0, 0.0, 1.0]
+            assert "response 1" in caplog.text
+
+    def test_grader_exception_scores_zero(self) -> None:
+        with Verifier(timeout_s=30.0, grade_fn=f"{HELPERS}:grade_or_raise") as v:
+            items = [(_answer("RAISE"), ["1"]), (_answer("RIGHT"), ["1"])]
+            assert v.score_batch(items) == [0.0, 1.0]
+            assert v.children_started == 1
+
+    def test_child_stopped_when_verifier_is_dropped(self) -> None:
+        before = set(multiprocessing.active_children())
+        v = Verifier(timeout_s=30.0, grade_fn=f"{HELPERS}:grade_or_raise")
+        assert v.score(_answer("RIGHT"), ["1"]) == 1.0
+        assert len(set(multiprocessing.active_children()) - before) == 1
+        del v
+        gc.collect()
+        assert set(multiprocessing.active_children()) == before
+
+
+def test_integer_answers_are_settled_without_a_grading_process():
+    with Verifier(timeout_s=5.0) as verifier:
+        scores = verifier.score_batch([("\\boxed{5}", ["4"]), ("\\boxed{004}", ["4"]), ("\\boxed{+7}", ["1", "7"])])
+        assert scores == [0.0, 1.0, 1.0]
+        assert verifier.children_started == 0

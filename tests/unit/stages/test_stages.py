@@ -1,0 +1,77 @@
+"""The prepare → warmup → evaluate stages on a very small embedded default."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from attnrl.config import resolve_config
+from attnrl.errors import ConfigError, DataError
+from attnrl.stages.evaluate import evaluate
+from attnrl.stages.layout import Layout
+from attnrl.stages.prepare import prepare
+from attnrl.stages.warmup import initial_policy_path, warmup
+from tests.conftest import small_overrides
+
+
+@pytest.fixture()
+def config():
+    return resolve_config(preset="tiny", overrides=small_overrides())
+
+
+def test_prepare_writes_train_and_one_file_per_benchmark(tmp_path, config):
+    result = prepare(config, tmp_path)
+    layout = Layout.of(config, tmp_path)
+    assert result.train_path == layout.prepared_train and result.train_count == 80
+    assert result.eval_paths == {"synthetic": layout.prepared_eval("synthetic")}
+    table = pq.read_table(layout.prepared_eval("synthetic")).to_pylist()
+    assert {row["data_source"] for row in table} == {"synthetic-L1", "synthetic-L2"}
+
+
+def test_prepare_drops_overlong_prompts(tmp_path):
+    config = resolve_config(preset="tiny", overrides=[*small_overrides(), "data.max_prompt_tokens=5"])
+    # "<|user|>a+b<|assistant|>" is 5 tokens, level 2 prompts are 7.
+    result = prepare(config, tmp_path)
+    assert result.train_count == 40 and result.dropped_overlong == 40 + 6
+
+
+def test_prepare_rejects_duplicate_benchmark_names(tmp_path):
+    config = resolve_config(
+        preset="tiny", overrides=[*small_overrides(), 'data.eval=[{"kind": "synthetic"}, {"kind": "synthetic"}]']
+    )
+    with pytest.raises(DataError, match="two evaluation benchmarks are named 'synthetic'"):
+        prepare(config, tmp_path)
+
+
+def test_warmup_then_evaluate_writes_scores_per_level(tmp_path, config):
+    prepare(config, tmp_path)
+    result = warmup(config, tmp_path)
+    assert [row["step"] for row in result.history] == [5]
+    assert (result.model_dir / "config.json").is_file()
+    evaluation = evaluate(config, tmp_path)
+    assert [s.benchmark for s in evaluation.scores] == ["synthetic-L1", "synthetic-L2"]
+    assert all(s.k == 4 for s in evaluation.scores)
+    samples = pq.read_table(evaluation.samples_path).to_pylist()
+    assert len(samples) == 4 * sum(s.problems for s in evaluation.scores)
+    assert {r["reward"] for r in samples} <= {0.0, 1.0}
+    metrics = json.loads(evaluation.metrics_path.read_text())
+    assert set(metrics) == {"benchmarks", "average"}
+
+
+def test_warmup_records_a_real_checkpoint_without_copying_it(tmp_path, config, tiny_policy):
+    from attnrl.model.loading import save_policy
+
+    model, tokenizer = tiny_policy
+    save_policy(model, tokenizer, tmp_path / "base")
+    real = resolve_config(preset="tiny", overrides=[f"model.path={tmp_path / 'base'}", "warmup.enabled=false"])
+    result = warmup(real, tmp_path)
+    assert not (result.model_dir / "config.json").exists()
+    assert initial_policy_path(real, tmp_path) == (tmp_path / "base").resolve()
+
+
+def test_warmup_sft_needs_the_synthetic_task(tmp_path, config):
+    real = resolve_config(preset="tiny", overrides=["model.path=/some/model"])
+    with pytest.raises(ConfigError, match="warmup.enabled"):
+        warmup(real, tmp_path)
