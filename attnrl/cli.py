@@ -1,7 +1,7 @@
 """``attnrl``: run a stage, or the demo, from the command line.
 
-    attnrl demo                          prepare → warmup → evaluate on the embedded default
-    attnrl prepare|warmup|evaluate       one stage
+    attnrl demo                          prepare → warmup → evaluate → train → evaluate (embedded default)
+    attnrl prepare|warmup|evaluate|train one stage
     attnrl config --preset NAME          print a complete params.yaml for a preset
 
 Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=value`` overrides.
@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from attnrl.config import PRESETS, dump_config, resolve_config
+from attnrl.config import METHODS, PRESETS, dump_config, resolve_config
 from attnrl.config.schema import RunConfig
 from attnrl.errors import AttnRLError
 from attnrl.eval.metrics import format_table
@@ -25,6 +25,9 @@ from attnrl.eval.metrics import format_table
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -33,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = resolve_config(preset=args.preset, overrides=args.set)
             sys.stdout.write(dump_config(config))
             return 0
-        config = resolve_config(path=args.config, overrides=args.set)
+        config = resolve_config(path=args.config, method=args.method, overrides=args.set)
         return COMMANDS[args.command](config, args)
     except AttnRLError as exc:
         print(f"attnrl {args.command}: error: {exc}", file=sys.stderr)
@@ -73,19 +76,58 @@ def _evaluate(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(config: RunConfig, args: argparse.Namespace) -> int:
+    from attnrl.stages.train import train
+
+    started = time.perf_counter()
+    result = train(config, args.root)
+    if result.resumed_from is not None:
+        print(f"train: resumed from {result.resumed_from}")
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"train: {len(result.metrics)} steps, last reward {last.get('reward', float('nan')):.3f}, "
+          f"{int(last.get('total_generated_tokens', 0))} tokens generated, "
+          f"{time.perf_counter() - started:.0f}s -> {result.final_model}")
+    return 0
+
+
 def _demo(config: RunConfig, args: argparse.Namespace) -> int:
-    timings = {}
-    for name, stage in (("prepare", _prepare), ("warmup", _warmup), ("evaluate", _evaluate)):
+    """Warm up, evaluate, train with RL, evaluate the trained policy: accuracy before and after."""
+    from attnrl.stages.evaluate import evaluate
+    from attnrl.stages.layout import Layout
+
+    layout = Layout.of(config, args.root)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
         print(f"== {name} ==", flush=True)
         started = time.perf_counter()
-        if stage(config, args):
-            return 1
+        result = fn()
         timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    timed("prepare", lambda: _prepare(config, args))
+    timed("warmup", lambda: _warmup(config, args))
+    before = timed("evaluate warmed-up policy", lambda: evaluate(config, args.root, out_dir=layout.runs_dir / "eval-init"))
+    print(format_table(before.scores))
+    timed("train (RL)", lambda: _train(config, args))
+    after = timed("evaluate trained policy", lambda: evaluate(config, args.root, model_dir=layout.train_dir / "final"))
+    print(format_table(after.scores))
+    print(_before_after(before.scores, after.scores))
     print("stage seconds:", json.dumps(timings))
     return 0
 
 
-COMMANDS = {"prepare": _prepare, "warmup": _warmup, "evaluate": _evaluate, "demo": _demo}
+def _before_after(before, after) -> str:
+    lines = [f"{'benchmark':<24} {'before':>8} {'after':>8} {'change':>8}   (mean@K)"]
+    for b, a in zip(before, after, strict=True):
+        lines.append(f"{b.benchmark:<24} {100 * b.mean_at_k:>7.1f}% {100 * a.mean_at_k:>7.1f}% {100 * (a.mean_at_k - b.mean_at_k):>+7.1f}")
+    mean_b = sum(s.mean_at_k for s in before) / len(before)
+    mean_a = sum(s.mean_at_k for s in after) / len(after)
+    lines.append(f"{'average':<24} {100 * mean_b:>7.1f}% {100 * mean_a:>7.1f}% {100 * (mean_a - mean_b):>+7.1f}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"prepare": _prepare, "warmup": _warmup, "evaluate": _evaluate, "train": _train, "demo": _demo}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", default="params.yaml", help="run configuration (default: params.yaml)")
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         cmd.add_argument("--root", default=".", help="directory the config's relative paths start from")
+        cmd.add_argument("--method", default=None, choices=sorted(METHODS), help="apply a method preset")
         if name == "evaluate":
             cmd.add_argument("--model", default=None, help="model directory (default: the initial policy)")
         if name == "demo":

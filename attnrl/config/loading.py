@@ -1,6 +1,6 @@
 """Reading, merging and writing the run configuration.
 
-Resolution order: schema defaults ⊕ preset delta ⊕ file ⊕ ``--set key=value`` overrides.
+Resolution order: schema defaults ⊕ preset delta ⊕ file ⊕ method ⊕ ``--set key=value`` overrides.
 A file may name its base with a top-level ``preset:`` key; ``params.yaml`` is a complete
 serialisation and needs none. Every error names the key and the file it came from.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from attnrl.config.presets import PRESETS
+from attnrl.config.presets import METHODS, PRESETS
 from attnrl.config.schema import RunConfig
 from attnrl.errors import ConfigError
 
@@ -24,9 +24,10 @@ def resolve_config(
     *,
     preset: str | None = None,
     path: str | Path | None = None,
+    method: str | None = None,
     overrides: Iterable[str] = (),
 ) -> RunConfig:
-    """Build a validated ``RunConfig`` from a preset, a YAML file and dotted overrides."""
+    """Build a validated ``RunConfig`` from a preset, a YAML file, a method and dotted overrides."""
     tree: dict[str, Any] = {}
     origin = "defaults"
     file_tree: dict[str, Any] = {}
@@ -40,6 +41,10 @@ def resolve_config(
         tree = copy.deepcopy(PRESETS[preset])
         origin = f"preset {preset!r}" if path is None else origin
     _deep_merge(tree, file_tree)
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+        _deep_merge(tree, METHODS[method])
     for override in overrides:
         _apply_override(tree, override)
     return validate_config(tree, origin=origin)

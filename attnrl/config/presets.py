@@ -52,3 +52,32 @@ R1_DISTILL_1_5B: dict[str, Any] = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "r1-distill-1.5b": R1_DISTILL_1_5B}
+
+
+# Methods (issue "AttnRL core", spec §13): deltas over the algorithm section, applied after a
+# preset, so `--method treerl` compares methods at otherwise identical settings.
+METHODS: dict[str, dict[str, Any]] = {
+    # FCI branching + ADS + one-step off-policy pipeline (spec §1, §12).
+    "attnrl": {
+        "algorithm": {
+            "method": "attnrl", "advantage": "tree", "branching": "fci", "expansion": "adaptive",
+            "easy_filter": "all_correct", "zero_advantage_filter": True, "adaptive_batch": True, "off_policy": True,
+        }
+    },
+    # TreeRL as reproduced in the AttnRL codebase (spec §13.2): entropy branching, every response
+    # expanded, two-step on-policy. Dynamic batching off: the on-policy trainer cannot use it
+    # (AMBIG-13). The zero-advantage filter stays on (AMBIG-7: unstated).
+    "treerl": {
+        "algorithm": {
+            "method": "treerl", "advantage": "tree", "branching": "entropy", "expansion": "uniform",
+            "easy_filter": "off", "zero_advantage_filter": True, "adaptive_batch": False, "off_policy": False,
+        }
+    },
+    # GRPO (spec §13.1): group-normalised outcome advantages, no branching, no filtering.
+    "grpo": {
+        "algorithm": {
+            "method": "grpo", "advantage": "grpo", "branching": "none", "expansion": "uniform",
+            "easy_filter": "off", "zero_advantage_filter": False, "adaptive_batch": False, "off_policy": False,
+        }
+    },
+}

@@ -192,6 +192,9 @@ class AlgorithmConfig(_Section):
     method: Literal["attnrl", "treerl", "grpo"] = Field(
         default="attnrl", description="Method preset label recorded with results."
     )
+    advantage: Literal["tree", "grpo"] = Field(
+        default="tree", description="Advantage estimator: tree MC values (§9) or GRPO group normalisation (§13.1)."
+    )
     branching: Literal["fci", "entropy", "random", "none"] = Field(
         default="fci", description="Branch-point criterion (spec §6; 'entropy' = TreeRL §6.6, 'none' = GRPO)."
     )
@@ -258,7 +261,21 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (§11: 0.01).")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip (§11: 1.0).")
     mini_batch_sequences: int = Field(default=192, ge=1, description="Sequences per optimizer step (§11).")
+    micro_batch_sequences: int = Field(
+        default=24, ge=1, description="Sequences per forward/backward; gradients accumulate to a mini-batch."
+    )
+    backend: Literal["deepspeed", "torch"] = Field(
+        default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."
+    )
+    zero_stage: int = Field(default=0, ge=0, le=3, description="DeepSpeed ZeRO stage (0 on CPU).")
+    bf16: Literal["auto", "on", "off"] = Field(
+        default="auto", description="bf16 autocast in DeepSpeed: 'auto' = on where the device supports it (GPU)."
+    )
+    max_generated_tokens: int | None = Field(
+        default=None, ge=1, description="Stop once this many tokens were generated (equal budgets across methods)."
+    )
     save_every: int = Field(default=10, ge=1, description="Checkpoint every N steps (§12 save_freq).")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Most recent checkpoints kept on disk.")
 
 
 class PathsConfig(_Section):

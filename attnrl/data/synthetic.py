@@ -1,20 +1,23 @@
 """The embedded default task: step-by-step modular arithmetic chains.
 
-A problem is an expression such as ``3+5-7`` (all arithmetic modulo ``modulus``). The reference
-solution rewrites the remaining expression one operation at a time, one step per paragraph,
+A problem is an expression such as ``3+5-7`` (all arithmetic modulo ``modulus``, evaluated left
+to right). The reference solution takes one operation per step: it writes that operation with
+its value, followed by the rest of the chain still to be evaluated, one step per paragraph,
 and ends with the boxed answer::
 
-    8-7
+    3+5=8-7
 
-    1
+    8-7=1
 
     \\boxed{1}
 
-Steps are separated by blank lines (``\\n\\n``), exactly the delimiter AttnRL segments on
-(spec §4), and each step depends only on the previous one, which a tiny model can learn in
-minutes (stack-notes.md). The difficulty level is the number of operations. A fixed share of
-the expression space (chosen by a hash, so independent of the seed) is held out: evaluation
-problems never occur in training.
+(read the first step as "3+5 gives 8, leaving 8-7"). Steps are separated by blank lines
+(``\\n\\n``), exactly the delimiter AttnRL segments on (spec §4). Writing the value right after
+its operands keeps every computation at a fixed distance from its inputs, which a ~1 M
+parameter model learns in a few hundred steps; rewriting the chain without the ``a+b=`` prefix
+(stack-notes.md) left it at chance on held-out problems. The difficulty level is the number of
+operations. A fixed share of the expression space (chosen by a hash, so independent of the
+seed) is held out: evaluation problems never occur in training.
 """
 
 from __future__ import annotations
@@ -52,21 +55,35 @@ def format_expression(numbers: list[int], operators: list[str]) -> str:
     return "".join(f"{n}{op}" for n, op in zip(numbers, operators, strict=False)) + str(numbers[-1])
 
 
-def solution_steps(expression: str, modulus: int) -> list[str]:
-    """The reference steps: each applies the first operation and rewrites what remains."""
+def solution_steps(
+    expression: str, modulus: int, *, error_rate: float = 0.0, rng: random.Random | None = None
+) -> list[str]:
+    """The reference steps: ``a op b = value`` for the first operation, then the remaining chain.
+
+    With ``error_rate`` > 0 each operation is, with that probability, given a wrong value (drawn
+    uniformly from the other residues) and the chain goes on from it, like a fallible teacher's
+    worked solution: the trace stays self-consistent but its final answer is wrong.
+    """
+    if error_rate and rng is None:
+        raise ValueError("an error_rate needs an rng")
     numbers, operators = parse_expression(expression)
     steps = []
     while operators:
         value = _APPLY[operators[0]](numbers[0], numbers[1]) % modulus
+        if error_rate and rng.random() < error_rate:
+            value = (value + rng.randrange(1, modulus)) % modulus
+        remaining = format_expression([value, *numbers[2:]], operators[1:])
+        steps.append(f"{numbers[0]}{operators[0]}{numbers[1]}={remaining}")
         numbers, operators = [value, *numbers[2:]], operators[1:]
-        steps.append(format_expression(numbers, operators))
     steps.append(f"\\boxed{{{numbers[0]}}}")
     return steps
 
 
-def reference_solution(expression: str, modulus: int) -> str:
+def reference_solution(
+    expression: str, modulus: int, *, error_rate: float = 0.0, rng: random.Random | None = None
+) -> str:
     """The full reference response: steps joined by blank lines, ending in ``\\boxed{answer}``."""
-    return STEP_SEPARATOR.join(solution_steps(expression, modulus))
+    return STEP_SEPARATOR.join(solution_steps(expression, modulus, error_rate=error_rate, rng=rng))
 
 
 def final_answer(expression: str, modulus: int) -> str:

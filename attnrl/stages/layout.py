@@ -40,5 +40,9 @@ class Layout:
         return self.models_dir / "init"
 
     @property
+    def train_dir(self) -> Path:
+        return self.runs_dir / "train"
+
+    @property
     def eval_dir(self) -> Path:
         return self.runs_dir / "eval"

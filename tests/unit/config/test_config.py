@@ -140,3 +140,14 @@ def test_every_field_is_documented():
 )
 def test_paper_code_disagreements_are_documented_fields(field, ambig):
     assert ambig in AlgorithmConfig.model_fields[field].description
+
+
+def test_method_presets_set_the_algorithm_and_nothing_else():
+    base = resolve_config(preset="tiny")
+    for name, expected in [("attnrl", ("fci", True, "tree")), ("treerl", ("entropy", False, "tree")), ("grpo", ("none", False, "grpo"))]:
+        config = resolve_config(preset="tiny", method=name)
+        assert (config.algorithm.branching, config.algorithm.off_policy, config.algorithm.advantage) == expected
+        assert config.algorithm.method == name
+        assert config.model_dump(exclude={"algorithm"}) == base.model_dump(exclude={"algorithm"})
+    with pytest.raises(ConfigError, match="known methods: attnrl, grpo, treerl"):
+        resolve_config(preset="tiny", method="ppo")

@@ -16,8 +16,8 @@ from attnrl.errors import DataError
 
 
 def test_reference_solution_rewrites_one_operation_per_step():
-    assert reference_solution("3+5-7", 10) == "8-7\n\n1\n\n\\boxed{1}"
-    assert solution_steps("9*9", 10) == ["1", "\\boxed{1}"]
+    assert reference_solution("3+5-7", 10) == "3+5=8-7\n\n8-7=1\n\n\\boxed{1}"
+    assert solution_steps("9*9", 10) == ["9*9=1", "\\boxed{1}"]
     assert reference_solution("4", 10) == "\\boxed{4}"
 
 

@@ -1,0 +1,93 @@
+"""Stage 'train': RL from the initial policy, resumable from the newest checkpoint (spec §3).
+
+Writes ``runs/train/checkpoints/step_*/`` (model, optimizer, loop state), ``runs/train/metrics.jsonl``
+(one row of spec §15.4 metrics per step) and ``runs/train/final/`` (the last policy, a plain
+``save_pretrained`` directory the evaluate stage reads). A re-run continues from the newest
+checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnrl.config.schema import RunConfig
+from attnrl.data.loaders import load_verl_parquet
+from attnrl.model.loading import load_policy, save_policy
+from attnrl.reward.verifier import Verifier
+from attnrl.rollout.factory import build_engine
+from attnrl.model.loading import PolicyBundle
+from attnrl.stages.layout import Layout
+from attnrl.stages.warmup import initial_policy_path
+from attnrl.training.backend import build_backend
+from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
+from attnrl.training.loop import RLLoop
+from attnrl.training.trainer import PolicyTrainer
+from attnrl.utils.atomic import atomic_path
+from attnrl.utils.seeding import seed_everything
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    final_model: Path
+    metrics_path: Path
+    metrics: list[dict[str, float]]
+    resumed_from: Path | None
+
+
+def train(config: RunConfig, root: str | Path = ".", *, run_dir: str | Path | None = None) -> TrainResult:
+    layout = Layout.of(config, root)
+    run = Path(run_dir) if run_dir is not None else layout.train_dir
+    checkpoints = run / "checkpoints"
+    seed_everything(config.seed)
+    init = initial_policy_path(config, root)
+    resume = latest_checkpoint(checkpoints)
+    policy = load_policy(resume / "model" if resume else init, dtype=config.model.dtype, device=config.model.device)
+    reference = None
+    if config.algorithm.kl_coef > 0:
+        reference = load_policy(init, dtype=config.model.dtype, device=config.model.device).model
+    engine = build_engine(
+        PolicyBundle(copy.deepcopy(policy.model), policy.tokenizer, policy.path), config.rollout
+    )
+    backend = build_backend(config.train.backend, policy.model, config.train)
+    trainer = PolicyTrainer(
+        policy.model,
+        backend,
+        reference=reference,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        algorithm=config.algorithm,
+        train=config.train,
+        temperature=config.rollout.sampling.temperature,
+    )
+    problems = load_verl_parquet(layout.prepared_train)
+    with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+        loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
+                      verifier=verifier)
+        if resume is not None:
+            loop.load_state_dict(load_loop_state(resume))
+            backend.load_state_dict(load_optimizer_state(resume))
+            logger.info("resuming from %s (step %d)", resume, loop.state.step)
+
+        def on_step(stats: dict[str, float]) -> None:
+            _write_metrics(run / "metrics.jsonl", loop.state.metrics)
+            step = loop.state.step
+            if step % config.train.save_every == 0 or step == config.train.steps:
+                save_checkpoint(checkpoints, step=step, model=policy.model, tokenizer=policy.tokenizer,
+                                optimizer_state=backend.state_dict(), loop_state=loop.state_dict(),
+                                keep=config.train.keep_checkpoints)
+            logger.info("step %d: reward %.3f, %d sequences", step, stats["reward"], stats["train_sequences"])
+
+        metrics = loop.run(config.train.steps, on_step=on_step)
+    final = save_policy(policy.model, policy.tokenizer, run / "final")
+    _write_metrics(run / "metrics.jsonl", metrics)
+    return TrainResult(final, run / "metrics.jsonl", metrics, resume)
+
+
+def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

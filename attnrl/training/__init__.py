@@ -1,0 +1,1 @@
+"""Policy training: batching sequences, the optimisation backend protocol, the PPO trainer and the RL loops."""

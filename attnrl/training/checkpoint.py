@@ -1,0 +1,72 @@
+"""Training checkpoints: weights, optimizer, loop state; written atomically, newest found on resume.
+
+Layout: ``<run>/checkpoints/step_000010/{model/, optimizer.pt, loop_state.pt}`` plus
+``<run>/checkpoints/latest`` naming the newest complete one. A checkpoint directory appears
+only once complete (temporary path, then rename), so a killed save never leaves a half one
+that a resume would pick up.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnrl.training.loop import LoopState
+from attnrl.utils.atomic import atomic_path
+
+LATEST = "latest"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    step: int,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer_state: dict,
+    loop_state: LoopState,
+    keep: int,
+) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / checkpoint_name(step)
+
+    def _validate(tmp: Path) -> None:
+        for required in ("model/config.json", "optimizer.pt", "loop_state.pt"):
+            if not (tmp / required).is_file():
+                raise RuntimeError(f"checkpoint {target}: {required} was not written")
+
+    with atomic_path(target, validate=_validate) as tmp:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(loop_state, tmp / "loop_state.pt")
+    with atomic_path(directory / LATEST) as tmp:
+        tmp.write_text(target.name)
+    for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    path = directory / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_loop_state(checkpoint: Path) -> LoopState:
+    # Our own file, written by save_checkpoint: it holds dataclasses, not only tensors.
+    return torch.load(checkpoint / "loop_state.pt", weights_only=False)
+
+
+def load_optimizer_state(checkpoint: Path) -> dict:
+    return torch.load(checkpoint / "optimizer.pt", weights_only=False)

@@ -1,0 +1,244 @@
+"""The RL loops of spec §3: one-step off-policy (one generation call per step) and two-step on-policy.
+
+One training step, off-policy (spec §3.2, §3.3)::
+
+    E        <- sample prompts (adaptive size, §7.5)
+    plan     <- ADS + branch points for C (initial samples from the previous policy)
+    out      <- ONE engine call: n initial samples for D  ++  T continuations per branch point of C
+    D        <- reward, segment, score (log-probs, entropy, FCI) with the current policy
+    trees(C) <- values and advantages (§9), zero-advantage filter (§7.6)
+    update on C's paths (behaviour log-probs per token, §10.2), push weights to the engine
+    C, D     <- D, E
+
+On-policy (TreeRL-style, §3.1) samples a batch, scores it, and makes a second call for its
+continuations, all with the same weights. Every random choice is seeded from (seed, call
+index), and the whole state (weights, optimizer, sampler cursor, ADS running mean, batch-size
+controller, pending batches) is checkpointed, so N steps equal N/2 steps + resume + N/2 steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from attnrl.config.schema import RunConfig
+from attnrl.data.problem import Problem
+from attnrl.reward.verifier import Verifier
+from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
+from attnrl.rollout.prompts import decode_response, encode_prompt
+from attnrl.sampling import BatchSizeController, RunningMean
+from attnrl.steps import SeparatorVocab
+from attnrl.training.metrics import step_metrics
+from attnrl.training.prompts import PromptSampler
+from attnrl.training.rollouts import (
+    ScoredQuestion,
+    build_trees,
+    continuation_requests,
+    plan_branches,
+    score_initial,
+    training_sequences,
+)
+from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from attnrl.utils.seeding import derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    step: int = 0                   # training steps done (updates applied)
+    generation_calls: int = 0
+    generated_tokens: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)
+    easy_mean: dict[str, Any] = field(default_factory=dict)
+    controller: dict[str, Any] = field(default_factory=dict)
+    pending_scored: list[ScoredQuestion] | None = None  # C: initial samples awaiting their tree
+    pending_prompts: list[Problem] | None = None        # D: sampled, not generated yet
+    metrics: list[dict[str, float]] = field(default_factory=list)
+
+
+class RLLoop:
+    """Runs training steps over a ``RolloutEngine`` and a ``PolicyTrainer``."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        problems: list[Problem],
+        engine: RolloutEngine,
+        trainer: PolicyTrainer,
+        tokenizer: PreTrainedTokenizerBase,
+        verifier: Verifier,
+    ) -> None:
+        self.config = config
+        self.algorithm = config.algorithm
+        self.engine = engine
+        self.trainer = trainer
+        self.tokenizer = tokenizer
+        self.verifier = verifier
+        self.vocab = SeparatorVocab.from_tokenizer(tokenizer)
+        self.sampler = PromptSampler(problems, derive_seed(config.seed, "prompts"))
+        self.easy_mean = RunningMean()
+        self.controller = BatchSizeController.from_config(config.algorithm, n=config.rollout.sampling.n)
+        self.state = LoopState()
+        self._prompt_ids: dict[str, tuple[int, ...]] = {}
+        sampling = config.rollout.sampling
+        self.params = SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens
+        )
+        # FCI costs a blocked attention pass; only compute it when something reads it.
+        self.with_fci = self.algorithm.branching == "fci" or self.algorithm.easy_filter != "off"
+
+    # -- state
+
+    def state_dict(self) -> LoopState:
+        self.state.sampler = self.sampler.state_dict()
+        self.state.easy_mean = self.easy_mean.state_dict()
+        self.state.controller = self.controller.state_dict()
+        return self.state
+
+    def load_state_dict(self, state: LoopState) -> None:
+        self.state = state
+        self.sampler.load_state_dict(state.sampler)
+        self.easy_mean.load_state_dict(state.easy_mean)
+        self.controller.load_state_dict(state.controller)
+
+    # -- the loop
+
+    def run(self, steps: int, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        """Train until ``steps`` training steps are done in total (or the token budget is spent)."""
+        budget = self.config.train.max_generated_tokens
+        while self.state.step < steps and (budget is None or self.state.generated_tokens < budget):
+            started = time.perf_counter()
+            stats = self._off_policy_step() if self.algorithm.off_policy else self._on_policy_step()
+            if stats is None:  # a bootstrapping call of the off-policy pipeline: no update yet
+                continue
+            stats["step_time_s"] = time.perf_counter() - started
+            self.state.metrics.append(stats)
+            if on_step is not None:
+                on_step(stats)
+        return self.state.metrics
+
+    def _batch_size(self) -> int:
+        return self.controller.size if self.algorithm.adaptive_batch else self.algorithm.prompt_batch_size
+
+    def _prompts(self, problems: list[Problem]) -> list[tuple[int, ...]]:
+        out = []
+        for problem in problems:
+            if problem.uid not in self._prompt_ids:
+                self._prompt_ids[problem.uid] = tuple(encode_prompt(self.tokenizer, problem.prompt))
+            out.append(self._prompt_ids[problem.uid])
+        return out
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        if not requests:
+            return []
+        seed = derive_seed(self.config.seed, "generate", self.state.generation_calls)
+        self.state.generation_calls += 1
+        out = self.engine.generate(requests, self.params, seed)
+        self.state.generated_tokens += sum(len(c.token_ids) for group in out for c in group)
+        return out
+
+    def _initial_requests(self, problems: list[Problem]) -> list[GenerationRequest]:
+        n = self.config.rollout.sampling.n
+        return [GenerationRequest(ids, n=n) for ids in self._prompts(problems)]
+
+    def _score(self, problems: list[Problem], completions: list[list[Completion]]) -> list[ScoredQuestion]:
+        return score_initial(
+            problems,
+            self._prompts(problems),
+            completions,
+            trainer=self.trainer,
+            tokenizer=self.tokenizer,
+            verifier=self.verifier,
+            vocab=self.vocab,
+            with_fci=self.with_fci,
+        )
+
+    def _plan(self, batch: list[ScoredQuestion]):
+        rng = random.Random(derive_seed(self.config.seed, "plan", self.state.generation_calls))
+        if self.algorithm.advantage == "grpo":
+            from attnrl.sampling import ExpansionPlan
+
+            return [ExpansionPlan(str(q), False, ()) for q in range(len(batch))], []
+        return plan_branches(batch, self.algorithm, self.easy_mean, rng)
+
+    def _off_policy_step(self) -> dict[str, float] | None:
+        state = self.state
+        if state.pending_prompts is None:  # the very first call only samples (spec §3.2 bootstrapping)
+            state.pending_prompts = self.sampler.take(self._batch_size())
+        current, upcoming = state.pending_scored, state.pending_prompts
+        next_prompts = self.sampler.take(self._batch_size())
+        plans, points = self._plan(current) if current else ([], [])
+        tokens_before = state.generated_tokens
+        initial_requests = self._initial_requests(upcoming)
+        mc_requests = continuation_requests(
+            current or [], points, n=self.algorithm.continuations_per_branch, max_new_tokens=self.params.max_new_tokens
+        )
+        out = self._generate(initial_requests + mc_requests)
+        scored_next = self._score(upcoming, out[: len(initial_requests)])
+        stats = None
+        if current:
+            stats = self._train(current, plans, points, out[len(initial_requests) :])
+            stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
+            stats["prompt_batch_size"] = float(len(current))
+        state.pending_scored, state.pending_prompts = scored_next, next_prompts
+        return stats
+
+    def _on_policy_step(self) -> dict[str, float]:
+        state = self.state
+        tokens_before = state.generated_tokens
+        problems = self.sampler.take(self._batch_size())
+        scored = self._score(problems, self._generate(self._initial_requests(problems)))
+        plans, points = self._plan(scored)
+        mc_requests = continuation_requests(
+            scored, points, n=self.algorithm.continuations_per_branch, max_new_tokens=self.params.max_new_tokens
+        )
+        stats = self._train(scored, plans, points, self._generate(mc_requests))
+        stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
+        stats["prompt_batch_size"] = float(len(problems))
+        return stats
+
+    def _train(self, batch, plans, points, continuations) -> dict[str, float]:
+        flat = [(p, c) for p, group in zip(points, continuations, strict=True) for c in group]
+        prefixes = [batch[p.question].prompt_ids + batch[p.question].responses[p.response].token_ids[: p.offset] for p, _ in flat]
+        texts = [decode_response(self.tokenizer, c.token_ids) for _, c in flat]
+        # The verifier sees the continuation only (spec §8: MC samples decode continuation tokens).
+        mc_rewards = self.verifier.score_batch(
+            [(text, batch[p.question].problem.answers) for (p, _), text in zip(flat, texts, strict=True)]
+        )
+        # Behaviour log-probs of continuation tokens: a fresh forward with the current policy,
+        # which sampled them; prefix tokens keep their stored values (spec §10.2).
+        mc_logprobs = self.trainer.logprobs(prefixes, [c.token_ids for _, c in flat]) if flat else []
+        trees, dropped_zero = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
+        sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in batch})
+        if self.algorithm.kl_coef > 0 and sequences:
+            refs = self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], reference=True)
+            sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r) for s, r in zip(sequences, refs, strict=True)]
+        update = self.trainer.update(sequences)
+        if sequences:
+            self.engine.update_weights(self.trainer.policy_state())
+        self.state.step += 1
+        if self.algorithm.adaptive_batch:
+            self.controller.next_size(len(sequences))
+        return step_metrics(
+            step=self.state.step,
+            batch=batch,
+            plans=plans,
+            points=points,
+            mc_rewards=mc_rewards,
+            trees=trees,
+            dropped_zero=dropped_zero,
+            sequences=sequences,
+            update=update,
+            continuations_per_point=self.algorithm.continuations_per_branch,
+            total_generated=self.state.generated_tokens,
+        )

@@ -1,0 +1,72 @@
+"""Per-step training metrics (spec §15.4; code names in brackets where the paper plots them).
+
+* reward / accuracy of the initial samples, their entropy and response length;
+* solve_all_ratio_mc / solve_none_ratio_mc: among questions that got continuations, the share
+  whose continuations were all correct / all wrong [batch/solve_*_ratio_mc, Fig. 6];
+* valid_prompt_ratio: questions left after the easy and zero-advantage filters over the batch
+  [batch/valid_ratio_all];
+* valid_token_ratio: tokens of sequences with any non-zero advantage over all tokens
+  [batch/valid_train_token_ratio, Fig. 7(b)];
+* filtered_ratio: questions dropped by the attention-based easy filter [Fig. 7(c)];
+* prompt_batch_size [batch/real_train_bs, Fig. 7(d)], generated tokens, step time (set by the loop).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from statistics import fmean
+
+from attnrl.sampling import ExpansionPlan
+from attnrl.training.trainer import TrainSequence
+from attnrl.tree import QuestionTree
+
+
+def _mean(values: Sequence[float]) -> float:
+    return fmean(values) if values else 0.0
+
+
+def step_metrics(
+    *,
+    step: int,
+    batch,
+    plans: Sequence[ExpansionPlan],
+    points,
+    mc_rewards: Sequence[float],
+    trees: Sequence[QuestionTree],
+    dropped_zero: int,
+    sequences: Sequence[TrainSequence],
+    update: dict[str, float],
+    continuations_per_point: int,
+    total_generated: int,
+) -> dict[str, float]:
+    rewards = [r.reward for sq in batch for r in sq.responses]
+    per_question: dict[int, list[float]] = defaultdict(list)
+    for i, point in enumerate(points):
+        per_question[point.question].extend(mc_rewards[i * continuations_per_point : (i + 1) * continuations_per_point])
+    mc_groups = [g for g in per_question.values() if g]
+    tokens = [len(s.response_ids) for s in sequences]
+    valid_tokens = [len(s.response_ids) for s in sequences if any(a != 0 for a in s.advantages)]
+    questions = max(1, len(batch))
+    metrics = {
+        "step": float(step),
+        "reward": _mean(rewards),
+        "accuracy": _mean(rewards),
+        "solve_all_ratio_initial": _mean([float(all(r == 1.0 for r in sq.rewards)) for sq in batch]),
+        "solve_none_ratio_initial": _mean([float(all(r == 0.0 for r in sq.rewards)) for sq in batch]),
+        "entropy": _mean([e for sq in batch for r in sq.responses for e in r.entropies]),
+        "response_length": _mean([float(len(r.token_ids)) for sq in batch for r in sq.responses]),
+        "mc_reward": _mean(list(mc_rewards)),
+        "solve_all_ratio_mc": _mean([float(all(r == 1.0 for r in g)) for g in mc_groups]),
+        "solve_none_ratio_mc": _mean([float(all(r == 0.0 for r in g)) for g in mc_groups]),
+        "filtered_ratio": sum(p.drop for p in plans) / questions,
+        "valid_prompt_ratio": len(trees) / questions,
+        "zero_advantage_dropped": float(dropped_zero),
+        "branch_points": float(len(points)),
+        "train_sequences": float(len(sequences)),
+        "train_tokens": float(sum(tokens)),
+        "valid_token_ratio": sum(valid_tokens) / sum(tokens) if tokens else 0.0,
+        "total_generated_tokens": float(total_generated),
+    }
+    metrics.update({f"update/{k}": v for k, v in update.items()})
+    return metrics

@@ -1,0 +1,95 @@
+"""DeepSpeed as the trainer's optimisation backend (spec §11; architecture.md: infra adapters).
+
+A single process initialises ``torch.distributed`` itself (gloo on CPU, nccl on GPU); a
+launcher (``deepspeed``/``torchrun``) that already set ``RANK`` etc. is respected. Two CPU
+pitfalls are avoided (stack-notes.md): the optimizer is a torch AdamW passed in (a DeepSpeed
+``optimizer`` section would JIT-compile FusedAdam), and the shared-memory comm op is disabled
+before initialisation (it would JIT-compile too).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+
+from attnrl.config.schema import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _single_process_env() -> None:
+    if "RANK" in os.environ:
+        return
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    )
+
+
+def deepspeed_config(config: TrainConfig, *, bf16: bool) -> dict[str, Any]:
+    """The engine config: ZeRO stage, clipping and precision. Accumulation is driven per step by
+    the trainer (mini-batches vary in size), so DeepSpeed sees one micro-batch per step."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class DeepSpeedBackend:
+    """``OptimizerBackend`` over a DeepSpeed engine."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
+        _single_process_env()
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm is not None:
+            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+        bf16 = config.bf16 == "on" or (
+            config.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        )
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
+        )
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(config, bf16=bf16)
+        )
+        self.module = self.engine
+        self.zero_stage = config.zero_stage
+
+    def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.set_gradient_accumulation_boundary(True)
+        # ZeRO-0 keeps whole gradients on the parameters but does not report their norm.
+        norm = _grad_norm(self.engine.module) if self.zero_stage == 0 else None
+        self.engine.step()
+        reported = self.engine.get_global_grad_norm()
+        if reported is not None:
+            norm = float(reported)
+        return float("nan") if norm is None else norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
