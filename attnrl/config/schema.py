@@ -149,6 +149,14 @@ class WarmupConfig(_Section):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine decay floor as a fraction of lr.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
+    teacher_error_rate: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Chance that a step of a reference solution carries a wrong value (the chain then goes on "
+        "from it), as if distilled from a fallible teacher. The tiny preset uses it so the warmed-up policy "
+        "solves some problems but not all, leaving room for RL.",
+    )
     threads: int = Field(default=2, ge=1, description="torch CPU threads for the warmup.")
     log_every: int = Field(default=100, ge=1, description="Steps between loss log lines.")
 

@@ -82,8 +82,14 @@ def load_policy(
     return PolicyBundle(model=model, tokenizer=tokenizer, path=path)
 
 
-def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
-    """Write model and tokenizer atomically: a killed save leaves the previous directory intact."""
+def save_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write model, tokenizer and ``extra_files`` (name → text) atomically: a killed save leaves
+    the previous directory intact."""
 
     def _validate(tmp: Path) -> None:
         for required in ("config.json", "tokenizer.json"):
@@ -95,6 +101,8 @@ def save_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path
     with atomic_path(path, validate=_validate) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(path)
 
 

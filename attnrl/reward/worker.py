@@ -22,6 +22,9 @@ must keep their work behind ``if __name__ == "__main__":``.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import importlib
 import logging
 import multiprocessing
@@ -95,6 +98,28 @@ def _child_main(conn: Connection, grade_fn: str) -> None:
         conn.send(correct)
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start children without re-running the parent's ``__main__``.
+
+    A spawned child normally re-imports the parent's main script, which re-runs a script without
+    an ``if __name__ == "__main__"`` guard (or fails for ``python - <<EOF``). The grader needs
+    nothing from ``__main__``: it imports its function by path. So the main module's file and
+    spec are hidden from multiprocessing while the child starts.
+    """
+    main = sys.modules.get("__main__")
+    saved_file, saved_spec = getattr(main, "__file__", None), getattr(main, "__spec__", None)
+    try:
+        if saved_file is not None:
+            del main.__file__
+        main.__spec__ = None  # multiprocessing reads it unconditionally
+        yield
+    finally:
+        main.__spec__ = saved_spec
+        if saved_file is not None:
+            main.__file__ = saved_file
+
+
 class _Child:
     """One spawned grading process and the parent's end of its pipe."""
 
@@ -104,7 +129,8 @@ class _Child:
         self.process = ctx.Process(
             target=_child_main, args=(child_conn, grade_fn), name="attnrl-grader", daemon=True
         )
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()
         # Dropping our copy of the child's end lets recv() see EOF if the child dies.
         child_conn.close()
         self.conn: Connection = parent_conn

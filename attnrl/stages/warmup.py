@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from attnrl.model.policy import fresh_tiny_policy
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.stages.layout import Layout
 from attnrl.utils.atomic import atomic_path
-from attnrl.utils.seeding import seed_everything
+from attnrl.utils.seeding import derive_seed, seed_everything
 from attnrl.warmup import run_warmup, sft_example
 
 logger = logging.getLogger(__name__)
@@ -56,13 +57,18 @@ def warmup(config: RunConfig, root: str | Path = ".") -> WarmupResult:
                 f"sources without them: {non_synthetic}"
             )
         modulus = config.data.synthetic.modulus
+        teacher = random.Random(derive_seed(config.seed, "teacher"))
+        error_rate = config.warmup.teacher_error_rate
         examples = [
-            sft_example(tokenizer, encode_prompt(tokenizer, p.prompt), reference_solution(p.question, modulus))
+            sft_example(
+                tokenizer,
+                encode_prompt(tokenizer, p.prompt),
+                reference_solution(p.question, modulus, error_rate=error_rate, rng=teacher),
+            )
             for p in problems
         ]
         history = run_warmup(model, examples, config.warmup, pad_token_id=tokenizer.pad_token_id, seed=config.seed)
-    save_policy(model, tokenizer, layout.init_model)
-    (layout.init_model / "warmup_history.json").write_text(json.dumps(history, indent=2))
+    save_policy(model, tokenizer, layout.init_model, {"warmup_history.json": json.dumps(history, indent=2)})
     return WarmupResult(layout.init_model, history)
 
 

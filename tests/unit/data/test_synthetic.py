@@ -72,3 +72,20 @@ def test_small_levels_yield_every_expression_they_have():
 def test_unknown_split_is_an_error():
     with pytest.raises(DataError, match="split"):
         generate_problems(SyntheticTaskConfig(), split="dev", seed=1)
+
+
+def test_a_fallible_teacher_writes_self_consistent_wrong_chains():
+    import random
+
+    rng = random.Random(0)
+    solutions = [reference_solution("1+2+3+4", 10, error_rate=0.5, rng=rng) for _ in range(200)]
+    wrong = [s for s in solutions if not s.endswith("\\boxed{0}")]
+    assert 0 < len(wrong) < 200
+    for solution in solutions:
+        steps = solution.split(STEP_SEPARATOR)
+        # Each step continues from the value the previous step wrote, right or wrong.
+        for before, after in zip(steps, steps[1:-1]):
+            assert after.startswith(before.split("=")[1][:1])
+        assert steps[-1] == f"\\boxed{{{steps[-2].split('=')[1]}}}"
+    with pytest.raises(ValueError, match="rng"):
+        reference_solution("1+2", 10, error_rate=0.1)

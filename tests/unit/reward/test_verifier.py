@@ -164,3 +164,21 @@ def test_integer_answers_are_settled_without_a_grading_process():
         scores = verifier.score_batch([("\\boxed{5}", ["4"]), ("\\boxed{004}", ["4"]), ("\\boxed{+7}", ["1", "7"])])
         assert scores == [0.0, 1.0, 1.0]
         assert verifier.children_started == 0
+
+
+def test_scripts_without_a_main_guard_can_grade(tmp_path) -> None:
+    # The grading child must not re-run the parent's script (spawn re-imports __main__ by default).
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from attnrl.reward import Verifier\n"
+        "with Verifier(timeout_s=5.0) as v:\n"
+        "    print('score', v.score('so \\\\boxed{\\\\frac12}', ['0.5']))\n"
+    )
+    for command in ([sys.executable, str(script)], [sys.executable, "-"]):
+        stdin = script.read_text() if command[-1] == "-" else None
+        out = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["score 1.0"]
