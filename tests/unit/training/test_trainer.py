@@ -1,0 +1,67 @@
+"""The trainer's scoring forward and PPO update on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from attnrl.config import resolve_config
+from attnrl.rollout import GenerationRequest, SamplingParams, encode_prompt
+from attnrl.rollout.hf_engine import HFRolloutEngine
+from attnrl.steps import SeparatorVocab, segment_response
+from attnrl.training.backend import TorchBackend, build_backend
+from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from attnrl.errors import ConfigError
+
+
+def _trainer(model, tokenizer, *overrides, temperature=1.0):
+    config = resolve_config(preset="tiny", overrides=["train.micro_batch_sequences=2", "train.mini_batch_sequences=3", *overrides])
+    return PolicyTrainer(model, TorchBackend(model, config.train), reference=copy.deepcopy(model),
+                         pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm, train=config.train,
+                         temperature=temperature)
+
+
+def test_scoring_forward_matches_the_engines_behaviour_logprobs(tiny_policy):
+    model, tokenizer = tiny_policy
+    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    prompts = [tuple(encode_prompt(tokenizer, [{"role": "user", "content": q}])) for q in ("1+2", "3+4+5+6")]
+    params = SamplingParams(temperature=0.8, max_new_tokens=20)
+    groups = engine.generate([GenerationRequest(p, n=3) for p in prompts], params, seed=4)
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    responses = [c.token_ids for group in groups for c in group]
+    vocab = SeparatorVocab.from_tokenizer(tokenizer)
+    segmentations = [segment_response(r, len(p), vocab) for p, r in zip(flat_prompts, responses)]
+    scored = _trainer(copy.deepcopy(model), tokenizer, temperature=0.8).score(flat_prompts, responses, segmentations)
+    for completion, score, seg in zip([c for g in groups for c in g], scored, segmentations):
+        assert torch.allclose(torch.tensor(score.logprobs), torch.tensor(completion.logprobs), atol=1e-5)
+        assert len(score.entropies) == len(completion.token_ids) and min(score.entropies) >= 0
+        assert score.fci is not None and len(score.fci) == seg.num_steps + 1 and score.fci[0] == 0.0
+
+
+def test_update_runs_one_optimizer_step_per_mini_batch_and_moves_the_policy(tiny_policy):
+    model, tokenizer = tiny_policy
+    model = copy.deepcopy(model)
+    trainer = _trainer(model, tokenizer, "train.lr=1e-2")
+    before = copy.deepcopy(model.state_dict())
+    prompt = tuple(encode_prompt(tokenizer, [{"role": "user", "content": "1+2"}]))
+    sequences = [TrainSequence(prompt, (10, 11, 12), (-4.0, -4.0, -4.0), (1.0, 1.0, 1.0)) for _ in range(7)]
+    refs = trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], reference=True)
+    sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r) for s, r in zip(sequences, refs)]
+    stats = trainer.update(sequences)
+    assert stats["optimizer_steps"] == 3  # ceil(7 / 3)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Positive advantages on these tokens make them more likely.
+    after = trainer.logprobs([prompt], [(10, 11, 12)])[0]
+    assert sum(after) > sum(refs[0])
+
+
+def test_kl_needs_a_reference_and_unknown_backends_are_listed(tiny_policy):
+    model, tokenizer = tiny_policy
+    config = resolve_config(preset="tiny")
+    with pytest.raises(ValueError, match="reference"):
+        PolicyTrainer(model, TorchBackend(model, config.train), reference=None, pad_token_id=0,
+                      algorithm=config.algorithm, train=config.train, temperature=1.0)
+    with pytest.raises(ConfigError, match="known: deepspeed, torch"):
+        build_backend("fsdp", model, config.train)
