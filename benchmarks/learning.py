@@ -12,6 +12,7 @@ methods, so the comparison starts from the same policy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -79,7 +80,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="attnrl-learning-"))
     try:
-        seeds = {seed: run_seed(seed, args.budget, args.methods, args.set, workdir) for seed in args.seeds}
+        # Libraries print progress on stdout; keep stdout for the JSON result alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            seeds = {seed: run_seed(seed, args.budget, args.methods, args.set, workdir) for seed in args.seeds}
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -56,6 +56,9 @@ class DeepSpeedBackend:
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
         _single_process_env()
+        if not torch.cuda.is_available():
+            # Name the accelerator: otherwise DeepSpeed probes and prints a warning on stdout.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
