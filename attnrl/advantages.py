@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from attnrl.tree import InitialResponse, QuestionTree, TrainingPath, build_question_tree
+from attnrl.utils.registry import lookup
 
 GRPO_EPS = 1e-6
 
@@ -92,8 +93,4 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """The estimator registered under ``name``; ValueError listing the known names otherwise."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        known = ", ".join(sorted(ADVANTAGE_ESTIMATORS))
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {known}") from None
+    return lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from attnrl.utils.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -244,8 +245,4 @@ BRANCH_SELECTORS: dict[str, BranchSelector] = {
 
 def get_branch_selector(name: str) -> BranchSelector:
     """The selector registered under ``name`` (``AlgorithmConfig.branching``)."""
-    try:
-        return BRANCH_SELECTORS[name]
-    except KeyError:
-        known = ", ".join(sorted(BRANCH_SELECTORS))
-        raise ValueError(f"unknown branch selector {name!r}; known: {known}") from None
+    return lookup(BRANCH_SELECTORS, name, "branch selector")

@@ -1,7 +1,7 @@
 """``attnrl``: run a stage, or the demo, from the command line.
 
     attnrl demo                          prepare → warmup → evaluate → train → evaluate (embedded default)
-    attnrl prepare|warmup|evaluate|train one stage
+    attnrl prepare|warmup|difficulty|train|evaluate   one stage
     attnrl config --preset NAME          print a complete params.yaml for a preset
 
 Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=value`` overrides.
@@ -76,11 +76,29 @@ def _evaluate(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _difficulty(config: RunConfig, args: argparse.Namespace) -> int:
+    from attnrl.stages.difficulty import estimate_difficulty
+
+    started = time.perf_counter()
+    result = estimate_difficulty(config, args.root)
+    print(f"difficulty: kept {result.kept} of {result.estimated} problems; ADS easy mean "
+          f"{result.easy_mean.mean:.4f} over {result.easy_mean.count} always-solved; "
+          f"{time.perf_counter() - started:.0f}s -> {result.table_path}")
+    return 0
+
+
 def _train(config: RunConfig, args: argparse.Namespace) -> int:
     from attnrl.stages.train import train
 
     started = time.perf_counter()
-    result = train(config, args.root)
+
+    def report(stats: dict[str, float]) -> None:
+        print(f"  step {int(stats['step'])}/{config.train.steps}  reward {stats['reward']:.3f}  "
+              f"mc reward {stats['mc_reward']:.3f}  sequences {int(stats['train_sequences'])}  "
+              f"prompts {int(stats['prompt_batch_size'])}  tokens {int(stats['generated_tokens'])}  "
+              f"{stats['step_time_s']:.1f}s", flush=True)
+
+    result = train(config, args.root, on_step=report)
     if result.resumed_from is not None:
         print(f"train: resumed from {result.resumed_from}")
     last = result.metrics[-1] if result.metrics else {}
@@ -107,6 +125,8 @@ def _demo(config: RunConfig, args: argparse.Namespace) -> int:
 
     timed("prepare", lambda: _prepare(config, args))
     timed("warmup", lambda: _warmup(config, args))
+    if config.difficulty.enabled:
+        timed("difficulty", lambda: _difficulty(config, args))
     before = timed("evaluate warmed-up policy", lambda: evaluate(config, args.root, out_dir=layout.runs_dir / "eval-init"))
     print(format_table(before.scores))
     timed("train (RL)", lambda: _train(config, args))
@@ -127,7 +147,8 @@ def _before_after(before, after) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"prepare": _prepare, "warmup": _warmup, "evaluate": _evaluate, "train": _train, "demo": _demo}
+COMMANDS = {"prepare": _prepare, "warmup": _warmup, "difficulty": _difficulty, "evaluate": _evaluate,
+            "train": _train, "demo": _demo}
 
 
 def _parser() -> argparse.ArgumentParser:

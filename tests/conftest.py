@@ -51,4 +51,9 @@ def small_overrides() -> list[str]:
         "warmup.log_every=5",
         "rollout.progress=false",
         "eval.max_new_tokens=16",
+        "train.steps=2",
+        "train.mini_batch_sequences=16",
+        "algorithm.prompt_batch_size=4",
+        "rollout.sampling.n=4",
+        "rollout.sampling.max_new_tokens=16",
     ]

@@ -36,6 +36,8 @@ TINY: dict[str, Any] = {
         "engine": "hf",
         "sampling": {"n": 6, "max_new_tokens": 64},
         "batch_size": 256,
+        # The demo prints one line per training step instead of a bar per generation call.
+        "progress": False,
     },
     # Evaluate the sampling policy RL trains (temperature 1): at 0.6 sharpening alone hides most
     # of the teacher's errors.

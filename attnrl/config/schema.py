@@ -161,6 +161,27 @@ class WarmupConfig(_Section):
     log_every: int = Field(default=100, ge=1, description="Steps between loss log lines.")
 
 
+class DifficultyConfig(_Section):
+    """Stage 'difficulty': per-problem pass rate and mean FCI under the initial policy (spec §7).
+
+    Problems never or always solved carry no advantage for any method; dropping them before
+    training spends the RL budget where it can learn. The mean FCI of the always-solved problems
+    seeds the ADS running mean of the easy filter (spec §7.2).
+    """
+
+    enabled: bool = Field(default=False, description="Run the stage and train on the problems it keeps.")
+    samples_per_problem: int = Field(default=6, ge=1, description="k samples per problem (training sampling settings).")
+    max_problems: int | None = Field(
+        default=None, ge=1, description="Estimate only this many training problems (a seeded random subset)."
+    )
+    min_pass_rate: float = Field(
+        default=0.0, ge=0, lt=1, description="Keep problems whose pass rate is above this (0 drops never-solved)."
+    )
+    max_pass_rate: float = Field(
+        default=1.0, gt=0, le=1, description="Keep problems whose pass rate is below this (1 drops always-solved)."
+    )
+
+
 class SamplingConfig(_Section):
     """Sampling parameters for one generation call."""
 
@@ -303,6 +324,7 @@ class RunConfig(_Section):
     data: DataConfig = Field(description="Stage 'prepare'.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The policy.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig, description="Stage 'warmup'.")
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig, description="Stage 'difficulty'.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Grading.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'evaluate'.")

@@ -22,6 +22,7 @@ from attnrl.config.schema import DataConfig, SourceSpec
 from attnrl.data.problem import Problem, make_problem
 from attnrl.data.synthetic import generate_problems
 from attnrl.errors import DataError
+from attnrl.utils.registry import lookup
 
 logger = logging.getLogger(__name__)
 InvalidRowPolicy = Literal["error", "skip"]
@@ -212,9 +213,7 @@ LOADERS: dict[str, Loader] = {"synthetic": _synthetic, "verl_parquet": _verl, "j
 
 def load_source(spec: SourceSpec, data: DataConfig, *, split: str, seed: int) -> list[Problem]:
     """Load one configured source. ``split`` says which side (train/test) the synthetic task draws."""
-    if spec.kind not in LOADERS:
-        raise DataError(f"unknown source kind {spec.kind!r}; known: {', '.join(sorted(LOADERS))}")
-    return LOADERS[spec.kind](spec, data, split, seed)
+    return lookup(LOADERS, spec.kind, "source kind", DataError)(spec, data, split, seed)
 
 
 def problems_to_table(problems: list[Problem]) -> pa.Table:

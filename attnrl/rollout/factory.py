@@ -9,6 +9,7 @@ from attnrl.errors import ConfigError
 from attnrl.model.loading import PolicyBundle
 from attnrl.rollout.engine import RolloutEngine
 from attnrl.rollout.hf_engine import HFRolloutEngine
+from attnrl.utils.registry import lookup
 
 
 def _hf(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
@@ -32,6 +33,4 @@ ENGINES: dict[str, Callable[[PolicyBundle, RolloutConfig], RolloutEngine]] = {"h
 
 
 def build_engine(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
-    if config.engine not in ENGINES:
-        raise ConfigError(f"rollout.engine: unknown engine {config.engine!r}; known: {', '.join(sorted(ENGINES))}")
-    return ENGINES[config.engine](policy, config)
+    return lookup(ENGINES, config.engine, "rollout.engine", ConfigError)(policy, config)

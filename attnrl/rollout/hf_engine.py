@@ -58,7 +58,9 @@ class HFRolloutEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            for chunk_index, chunk in enumerate(tqdm(chunks, desc="generate", disable=not self.progress or len(chunks) < 2)):
+            # leave=False: one bar per call would otherwise pile up over a training run.
+            bar = tqdm(chunks, desc="generate", leave=False, disable=not self.progress or len(chunks) < 2)
+            for chunk_index, chunk in enumerate(bar):
                 chunk_requests = [requests[rows[k][0]] for k in chunk]
                 completions = self._generate_chunk(chunk_requests, params, derive_seed(seed, chunk_index))
                 results.update(zip(chunk, completions, strict=True))

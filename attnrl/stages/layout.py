@@ -36,6 +36,10 @@ class Layout:
         return self.data_dir / "prepared" / "eval" / f"{benchmark}.parquet"
 
     @property
+    def difficulty_dir(self) -> Path:
+        return self.data_dir / "difficulty"
+
+    @property
     def init_model(self) -> Path:
         return self.models_dir / "init"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from attnrl.model.loading import load_policy, save_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.factory import build_engine
 from attnrl.model.loading import PolicyBundle
+from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import build_backend
@@ -40,7 +42,14 @@ class TrainResult:
     resumed_from: Path | None
 
 
-def train(config: RunConfig, root: str | Path = ".", *, run_dir: str | Path | None = None) -> TrainResult:
+def train(
+    config: RunConfig,
+    root: str | Path = ".",
+    *,
+    run_dir: str | Path | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved."""
     layout = Layout.of(config, root)
     run = Path(run_dir) if run_dir is not None else layout.train_dir
     checkpoints = run / "checkpoints"
@@ -64,25 +73,30 @@ def train(config: RunConfig, root: str | Path = ".", *, run_dir: str | Path | No
         train=config.train,
         temperature=config.rollout.sampling.temperature,
     )
-    problems = load_verl_parquet(layout.prepared_train)
+    # With the difficulty stage on, train on the problems it kept (spec §7: informative batches).
+    problems = load_verl_parquet(
+        layout.difficulty_dir / "train.parquet" if config.difficulty.enabled else layout.prepared_train
+    )
     with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
                       verifier=verifier)
+        loop.easy_mean = ads_seed(config, root)
         if resume is not None:
             loop.load_state_dict(load_loop_state(resume))
             backend.load_state_dict(load_optimizer_state(resume))
             logger.info("resuming from %s (step %d)", resume, loop.state.step)
 
-        def on_step(stats: dict[str, float]) -> None:
+        def record(stats: dict[str, float]) -> None:
             _write_metrics(run / "metrics.jsonl", loop.state.metrics)
             step = loop.state.step
             if step % config.train.save_every == 0 or step == config.train.steps:
                 save_checkpoint(checkpoints, step=step, model=policy.model, tokenizer=policy.tokenizer,
                                 optimizer_state=backend.state_dict(), loop_state=loop.state_dict(),
                                 keep=config.train.keep_checkpoints)
-            logger.info("step %d: reward %.3f, %d sequences", step, stats["reward"], stats["train_sequences"])
+            if on_step is not None:
+                on_step(stats)
 
-        metrics = loop.run(config.train.steps, on_step=on_step)
+        metrics = loop.run(config.train.steps, on_step=record)
     final = save_policy(policy.model, policy.tokenizer, run / "final")
     _write_metrics(run / "metrics.jsonl", metrics)
     return TrainResult(final, run / "metrics.jsonl", metrics, resume)

@@ -14,6 +14,7 @@ import torch
 
 from attnrl.config.schema import TrainConfig
 from attnrl.errors import ConfigError
+from attnrl.utils.registry import lookup
 
 
 @runtime_checkable
@@ -63,7 +64,5 @@ BACKENDS = {"torch": "attnrl.training.backend:TorchBackend", "deepspeed": "infra
 
 
 def build_backend(name: str, model: torch.nn.Module, config: TrainConfig) -> OptimizerBackend:
-    if name not in BACKENDS:
-        raise ConfigError(f"train.backend: unknown backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
-    module_name, _, class_name = BACKENDS[name].partition(":")
+    module_name, _, class_name = lookup(BACKENDS, name, "train.backend", ConfigError).partition(":")
     return getattr(importlib.import_module(module_name), class_name)(model, config)

@@ -47,12 +47,15 @@ class TrainSequence:
 
 
 class PolicyTrainer:
-    """Drives an ``OptimizerBackend`` over a causal LM, with an optional frozen reference."""
+    """Drives an ``OptimizerBackend`` over a causal LM, with an optional frozen reference.
+
+    Without a backend it only scores (the difficulty stage uses it that way).
+    """
 
     def __init__(
         self,
         model: PreTrainedModel,
-        backend: OptimizerBackend,
+        backend: OptimizerBackend | None,
         *,
         reference: PreTrainedModel | None,
         pad_token_id: int,
@@ -140,6 +143,8 @@ class PolicyTrainer:
         """One PPO epoch over ``sequences`` in order (spec §11: no shuffling); mean stats per optimizer step."""
         if not sequences:
             return {}
+        if self.backend is None:
+            raise ValueError("this trainer only scores: it was built without an optimizer backend")
         self.model.train()
         totals: dict[str, float] = defaultdict(float)
         steps = 0

@@ -19,6 +19,10 @@ def test_demo_runs_every_stage_and_prints_accuracy_per_level(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "synthetic-L1" in out and "synthetic-L2" in out and "average" in out
+    # Accuracy before and after RL, per level, and one line per training step.
+    assert "before" in out and "after" in out and "step 2/2" in out
+    assert (tmp_path / "runs" / "eval-init" / "metrics.json").is_file()
+    assert len((tmp_path / "runs" / "train" / "metrics.jsonl").read_text().splitlines()) == 2
     metrics = json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())
     assert [b["benchmark"] for b in metrics["benchmarks"]] == ["synthetic-L1", "synthetic-L2"]
     assert (tmp_path / "models" / "init" / "model.safetensors").is_file()

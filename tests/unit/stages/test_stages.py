@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from attnrl.config import resolve_config
+from attnrl.data.loaders import load_verl_parquet
 from attnrl.errors import ConfigError, DataError
 from attnrl.stages.evaluate import evaluate
 from attnrl.stages.layout import Layout
@@ -75,3 +76,38 @@ def test_warmup_sft_needs_the_synthetic_task(tmp_path, config):
     real = resolve_config(preset="tiny", overrides=["model.path=/some/model"])
     with pytest.raises(ConfigError, match="warmup.enabled"):
         warmup(real, tmp_path)
+
+
+def test_difficulty_refuses_to_leave_nothing_to_train_on(tmp_path, config):
+    from attnrl.stages.difficulty import ads_seed, estimate_difficulty
+
+    config = resolve_config(preset="tiny", overrides=[*small_overrides(), "difficulty.enabled=true",
+                                                      "difficulty.max_problems=6", "difficulty.samples_per_problem=2",
+                                                      "rollout.sampling.max_new_tokens=8"])
+    prepare(config, tmp_path)
+    warmup(config, tmp_path)
+    # Five warmup steps solve nothing: every problem is never-solved and dropped.
+    with pytest.raises(DataError, match=r"no problem has a pass rate in \(0.0, 1.0\)"):
+        estimate_difficulty(config, tmp_path)
+    assert not (tmp_path / "data" / "difficulty").exists()
+    with pytest.raises(DataError, match="run the difficulty stage first"):
+        ads_seed(config, tmp_path)
+
+
+def test_difficulty_table_and_ads_seed_from_a_policy_that_solves_some(tmp_path, config):
+    """A policy warmed up on the exact answers of level 1 solves some problems and not others."""
+    from attnrl.stages.difficulty import ads_seed, estimate_difficulty
+
+    overrides = [*small_overrides(), "difficulty.enabled=true", "difficulty.samples_per_problem=4",
+                 "data.synthetic.levels=[1]", "data.synthetic.train_per_level=90", "warmup.steps=400",
+                 "warmup.batch_size=16", "warmup.lr=3e-3", "rollout.sampling.max_new_tokens=12"]
+    config = resolve_config(preset="tiny", overrides=overrides)
+    prepare(config, tmp_path)
+    warmup(config, tmp_path)
+    result = estimate_difficulty(config, tmp_path)
+    table = pq.read_table(result.table_path).to_pylist()
+    assert len(table) == result.estimated == len(load_verl_parquet(Layout.of(config, tmp_path).prepared_train))
+    assert all(0.0 <= row["pass_rate"] <= 1.0 and row["correct"] <= row["samples"] == 4 for row in table)
+    kept = [row for row in table if row["kept"]]
+    assert len(kept) == result.kept and all(0.0 < row["pass_rate"] < 1.0 for row in kept)
+    assert ads_seed(config, tmp_path).count == sum(row["pass_rate"] == 1.0 for row in table)

@@ -14,10 +14,7 @@ from attnrl.training.trainer import PolicyTrainer
 from tests.conftest import small_overrides
 
 SETTINGS = [
-    "algorithm.prompt_batch_size=4",
-    "rollout.sampling.n=4",
     "rollout.sampling.max_new_tokens=12",
-    "train.mini_batch_sequences=16",
     "train.micro_batch_sequences=8",
     "train.lr=1e-3",
     "algorithm.min_branch_position=0",

@@ -17,12 +17,8 @@ from tests.conftest import small_overrides
 TRAIN = [
     "train.backend=torch",
     "train.save_every=2",
-    "train.mini_batch_sequences=16",
     "train.micro_batch_sequences=8",
     "train.lr=1e-3",
-    "algorithm.prompt_batch_size=4",
-    "rollout.sampling.n=4",
-    "rollout.sampling.max_new_tokens=16",
 ]
 
 

@@ -1,0 +1,109 @@
+"""Stage 'difficulty': estimate each training problem's difficulty under the initial policy.
+
+k samples per problem (the training sampling settings), graded, and scored in the same forward
+that gives FCI (spec §5.1). Writes ``data/difficulty/``:
+
+* ``difficulty.parquet``: one row per problem: source, id, samples, correct, pass_rate,
+  mean_fci (mean over responses of their mean step FCI, spec §7.2), kept;
+* ``train.parquet``: the kept problems (pass rate strictly between the configured bounds), which
+  the train stage reads when ``difficulty.enabled``;
+* ``ads_seed.json``: the ADS running mean (spec §7.2) seeded with the always-solved problems'
+  mean FCI, so the easy filter has a reference from the first training step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnrl.config.schema import RunConfig
+from attnrl.data.loaders import load_verl_parquet, write_problems
+from attnrl.errors import DataError
+from attnrl.model.loading import load_policy
+from attnrl.reward.verifier import Verifier
+from attnrl.rollout.engine import GenerationRequest, SamplingParams
+from attnrl.rollout.factory import build_engine
+from attnrl.rollout.prompts import encode_prompt
+from attnrl.sampling import RunningMean, response_mean_fci
+from attnrl.stages.layout import Layout
+from attnrl.stages.warmup import initial_policy_path
+from attnrl.steps import SeparatorVocab
+from attnrl.training.rollouts import score_initial
+from attnrl.training.trainer import PolicyTrainer
+from attnrl.utils.atomic import atomic_path
+from attnrl.utils.seeding import derive_seed
+
+ADS_SEED_FILE = "ads_seed.json"
+
+
+@dataclass(frozen=True)
+class DifficultyResult:
+    table_path: Path
+    train_path: Path
+    estimated: int
+    kept: int
+    easy_mean: RunningMean
+
+
+def estimate_difficulty(config: RunConfig, root: str | Path = ".") -> DifficultyResult:
+    layout = Layout.of(config, root)
+    settings = config.difficulty
+    problems = load_verl_parquet(layout.prepared_train)
+    if settings.max_problems is not None and settings.max_problems < len(problems):
+        problems = random.Random(derive_seed(config.seed, "difficulty")).sample(problems, settings.max_problems)
+    policy = load_policy(initial_policy_path(config, root), dtype=config.model.dtype, device=config.model.device)
+    engine = build_engine(policy, config.rollout)
+    scorer = PolicyTrainer(policy.model, None, reference=None, pad_token_id=policy.tokenizer.pad_token_id,
+                           algorithm=config.algorithm.model_copy(update={"kl_coef": 0.0}), train=config.train,
+                           temperature=config.rollout.sampling.temperature)
+    sampling = config.rollout.sampling
+    prompt_ids = [tuple(encode_prompt(policy.tokenizer, p.prompt)) for p in problems]
+    completions = engine.generate(
+        [GenerationRequest(ids, n=settings.samples_per_problem) for ids in prompt_ids],
+        SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens),
+        seed=derive_seed(config.seed, "difficulty", "generate"),
+    )
+    with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+        scored = score_initial(problems, prompt_ids, completions, trainer=scorer, tokenizer=policy.tokenizer,
+                               verifier=verifier, vocab=SeparatorVocab.from_tokenizer(policy.tokenizer), with_fci=True)
+    rows, kept, easy_mean = [], [], RunningMean()
+    for question in scored:
+        rewards = question.rewards
+        pass_rate = sum(rewards) / len(rewards)
+        mean_fci = sum(response_mean_fci(r.fci or ()) for r in question.responses) / len(question.responses)
+        keep = settings.min_pass_rate < pass_rate < settings.max_pass_rate
+        if pass_rate == 1.0:
+            easy_mean.update([mean_fci])
+        if keep:
+            kept.append(question.problem)
+        rows.append({"source": question.problem.source, "problem_id": question.problem.id, "level": question.problem.level,
+                     "samples": len(rewards), "correct": int(sum(rewards)), "pass_rate": pass_rate,
+                     "mean_fci": mean_fci, "kept": keep})
+    if not kept:
+        raise DataError(
+            f"difficulty: no problem has a pass rate in ({settings.min_pass_rate}, {settings.max_pass_rate}); "
+            "nothing is left to train on"
+        )
+    out = layout.difficulty_dir
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), tmp / "difficulty.parquet")
+        write_problems(kept, tmp / "train.parquet")
+        (tmp / ADS_SEED_FILE).write_text(json.dumps({"easy_mean": easy_mean.state_dict()}, indent=2))
+    return DifficultyResult(out / "difficulty.parquet", out / "train.parquet", len(rows), len(kept), easy_mean)
+
+
+def ads_seed(config: RunConfig, root: str | Path = ".") -> RunningMean:
+    """The running mean the difficulty stage measured (empty when the stage is off)."""
+    mean = RunningMean()
+    if config.difficulty.enabled:
+        path = Layout.of(config, root).difficulty_dir / ADS_SEED_FILE
+        if not path.is_file():
+            raise DataError(f"{path} is missing: run the difficulty stage first (difficulty.enabled is true)")
+        mean.load_state_dict(json.loads(path.read_text())["easy_mean"])
+    return mean

@@ -1,0 +1,13 @@
+import pytest
+
+from attnrl.errors import ConfigError
+from attnrl.utils.registry import lookup
+
+
+def test_lookup_returns_the_entry_or_lists_the_known_names():
+    registry = {"b": 2, "a": 1}
+    assert lookup(registry, "a", "thing") == 1
+    with pytest.raises(ValueError, match="unknown thing 'c'; known: a, b"):
+        lookup(registry, "c", "thing")
+    with pytest.raises(ConfigError, match="unknown rollout.engine 'x'"):
+        lookup(registry, "x", "rollout.engine", ConfigError)
