@@ -1,7 +1,7 @@
 """``attnrl``: run a stage, or the demo, from the command line.
 
-    attnrl demo                          prepare → warmup → evaluate → train → evaluate (embedded default)
-    attnrl prepare|warmup|difficulty|train|evaluate   one stage
+    attnrl demo          prepare → warmup → evaluate → train → evaluate → report (embedded default)
+    attnrl prepare|warmup|difficulty|train|evaluate|report   one stage
     attnrl config --preset NAME          print a complete params.yaml for a preset
 
 Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=value`` overrides.
@@ -108,6 +108,14 @@ def _train(config: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(config: RunConfig, args: argparse.Namespace) -> int:
+    from attnrl.stages.report import build_report
+
+    result = build_report(config, args.root)
+    print(f"report: {result.html_path} ({', '.join(p.name for p in result.figures)})")
+    return 0
+
+
 def _demo(config: RunConfig, args: argparse.Namespace) -> int:
     """Warm up, evaluate, train with RL, evaluate the trained policy: accuracy before and after."""
     from attnrl.stages.evaluate import evaluate
@@ -133,6 +141,7 @@ def _demo(config: RunConfig, args: argparse.Namespace) -> int:
     after = timed("evaluate trained policy", lambda: evaluate(config, args.root, model_dir=layout.train_dir / "final"))
     print(format_table(after.scores))
     print(_before_after(before.scores, after.scores))
+    timed("report", lambda: _report(config, args))
     print("stage seconds:", json.dumps(timings))
     return 0
 
@@ -148,7 +157,7 @@ def _before_after(before, after) -> str:
 
 
 COMMANDS = {"prepare": _prepare, "warmup": _warmup, "difficulty": _difficulty, "evaluate": _evaluate,
-            "train": _train, "demo": _demo}
+            "train": _train, "report": _report, "demo": _demo}
 
 
 def _parser() -> argparse.ArgumentParser:

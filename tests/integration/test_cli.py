@@ -23,6 +23,9 @@ def test_demo_runs_every_stage_and_prints_accuracy_per_level(tmp_path, capsys):
     assert "before" in out and "after" in out and "step 2/2" in out
     assert (tmp_path / "runs" / "eval-init" / "metrics.json").is_file()
     assert len((tmp_path / "runs" / "train" / "metrics.jsonl").read_text().splitlines()) == 2
+    report = (tmp_path / "reports" / "report.html").read_text()
+    assert "synthetic-L2" in report and 'src="training_curves.png"' in report and 'src="evaluation.png"' in report
+    assert (tmp_path / "reports" / "training_curves.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())
     assert [b["benchmark"] for b in metrics["benchmarks"]] == ["synthetic-L1", "synthetic-L2"]
     assert (tmp_path / "models" / "init" / "model.safetensors").is_file()

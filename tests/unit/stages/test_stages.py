@@ -111,3 +111,22 @@ def test_difficulty_table_and_ads_seed_from_a_policy_that_solves_some(tmp_path, 
     kept = [row for row in table if row["kept"]]
     assert len(kept) == result.kept and all(0.0 < row["pass_rate"] < 1.0 for row in kept)
     assert ads_seed(config, tmp_path).count == sum(row["pass_rate"] == 1.0 for row in table)
+
+
+def test_report_needs_an_evaluation_and_names_the_missing_file(tmp_path, config):
+    from attnrl.stages.report import build_report
+
+    with pytest.raises(DataError, match=r"runs/eval/metrics.json is missing"):
+        build_report(config, tmp_path)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_report_without_training_shows_the_evaluation(tmp_path, config):
+    from attnrl.stages.report import build_report
+
+    prepare(config, tmp_path)
+    warmup(config, tmp_path)
+    evaluate(config, tmp_path)
+    result = build_report(config, tmp_path)
+    assert [p.name for p in result.figures] == ["evaluation.png"]
+    assert "synthetic-L1" in result.html_path.read_text()
