@@ -9,6 +9,7 @@ before initialisation (it would JIT-compile too).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from attnrl.config.schema import TrainConfig
+from attnrl.errors import ConfigError
 
 
 def _free_port() -> int:
@@ -32,15 +34,17 @@ def _single_process_env() -> None:
     )
 
 
-def deepspeed_config(config: TrainConfig, *, bf16: bool) -> dict[str, Any]:
-    """The engine config: ZeRO stage, clipping and precision. Accumulation is driven per step by
-    the trainer (mini-batches vary in size), so DeepSpeed sees one micro-batch per step."""
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The engine config: ZeRO stage and clipping. Accumulation is driven per step by the trainer
+    (mini-batches vary in size), so DeepSpeed sees one micro-batch per step. Precision stays fp32
+    here: the trainer runs its forwards under bf16 autocast where the device allows, so master
+    weights and accumulated gradients are fp32 (DeepSpeed's own bf16 mode at ZeRO-0 would
+    accumulate gradients in bf16)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.grad_clip,
         "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -55,6 +59,10 @@ class DeepSpeedBackend:
     """``OptimizerBackend`` over a DeepSpeed engine."""
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
+        if config.zero_stage == 3:
+            # Stage 3 partitions the parameters themselves: save_pretrained, the scoring forward
+            # and the weight push to the rollout engine would all need gathering first.
+            raise ConfigError("train.zero_stage: 3 is not supported yet (parameters would need gathering); use 0-2")
         _single_process_env()
         if not torch.cuda.is_available():
             # Name the accelerator: otherwise DeepSpeed probes and prints a warning on stdout.
@@ -65,14 +73,11 @@ class DeepSpeedBackend:
         shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if shm is not None:
             deepspeed.ops.__compatible_ops__[shm.NAME] = False
-        bf16 = config.bf16 == "on" or (
-            config.bf16 == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        )
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config, bf16=bf16)
+            model=model, optimizer=optimizer, config=deepspeed_config(config)
         )
         self.module = self.engine
         self.zero_stage = config.zero_stage
@@ -85,6 +90,10 @@ class DeepSpeedBackend:
         self.engine.set_gradient_accumulation_boundary(True)
         # ZeRO-0 keeps whole gradients on the parameters but does not report their norm.
         norm = _grad_norm(self.engine.module) if self.zero_stage == 0 else None
+        if norm is not None and not math.isfinite(norm):
+            # Spec §11: a non-finite gradient norm skips the step (fp32 DeepSpeed does not check).
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            return norm
         self.engine.step()
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
@@ -95,4 +104,9 @@ class DeepSpeedBackend:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+        if self.zero_stage == 0:
+            self.optimizer.load_state_dict(state)
+        else:
+            # ZeRO optimizers take one state per data-parallel rank; their fp32 partitions are
+            # rebuilt from the module, which was loaded from the same checkpoint.
+            self.optimizer.load_state_dict([state], load_optimizer_states=True, load_from_fp32_weights=False)

@@ -297,8 +297,10 @@ class TrainConfig(_Section):
         default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."
     )
     zero_stage: int = Field(default=0, ge=0, le=3, description="DeepSpeed ZeRO stage (0 on CPU).")
-    bf16: Literal["auto", "on", "off"] = Field(
-        default="auto", description="bf16 autocast in DeepSpeed: 'auto' = on where the device supports it (GPU)."
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="Compute precision of the trainer's forwards: 'bf16' autocast over fp32 master weights and "
+        "gradients, 'fp32', or 'auto' = bf16 where the device supports it (CUDA).",
     )
     max_generated_tokens: int | None = Field(
         default=None, ge=1, description="Stop once this many tokens were generated (equal budgets across methods)."

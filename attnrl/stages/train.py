@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.model.loading import load_policy, save_policy
@@ -24,7 +26,7 @@ from attnrl.model.loading import PolicyBundle
 from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import Layout
 from attnrl.stages.warmup import initial_policy_path
-from attnrl.training.backend import build_backend
+from attnrl.training.backend import autocast_dtype, build_backend
 from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer
@@ -56,13 +58,14 @@ def train(
     seed_everything(config.seed)
     init = initial_policy_path(config, root)
     resume = latest_checkpoint(checkpoints)
-    policy = load_policy(resume / "model" if resume else init, dtype=config.model.dtype, device=config.model.device)
+    # The trained copy holds fp32 master weights (bf16 only inside autocast, see train.precision); the
+    # rollout engine and the frozen reference use model.dtype.
+    policy = load_policy(resume / "model" if resume else init, dtype="float32", device=config.model.device)
     reference = None
     if config.algorithm.kl_coef > 0:
         reference = load_policy(init, dtype=config.model.dtype, device=config.model.device).model
-    engine = build_engine(
-        PolicyBundle(copy.deepcopy(policy.model), policy.tokenizer, policy.path), config.rollout
-    )
+    engine_model = copy.deepcopy(policy.model).to(dtype=getattr(torch, config.model.dtype))
+    engine = build_engine(PolicyBundle(engine_model, policy.tokenizer, policy.path), config.rollout)
     backend = build_backend(config.train.backend, policy.model, config.train)
     trainer = PolicyTrainer(
         policy.model,
@@ -72,6 +75,7 @@ def train(
         algorithm=config.algorithm,
         train=config.train,
         temperature=config.rollout.sampling.temperature,
+        autocast=autocast_dtype(config.train, policy.model.device),
     )
     # With the difficulty stage on, train on the problems it kept (spec §7: informative batches).
     problems = load_verl_parquet(

@@ -34,7 +34,10 @@ class OptimizerBackend(Protocol):
 
 
 class TorchBackend:
-    """Plain torch AdamW with gradient clipping (spec §11: a non-finite norm skips the step)."""
+    """Plain torch AdamW with gradient clipping (spec §11: a non-finite norm skips the step).
+
+    The model's parameters are the fp32 master weights; bf16 happens only inside autocast.
+    """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
         self.module = model
@@ -58,6 +61,16 @@ class TorchBackend:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 compute under fp32 master weights and gradients (verl's FSDP mixed precision, spec §11):
+    'bf16', or 'auto' where the device supports it (CUDA with bf16); None = plain fp32."""
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 BACKENDS = {"torch": "attnrl.training.backend:TorchBackend", "deepspeed": "infra.deepspeed_backend:DeepSpeedBackend"}

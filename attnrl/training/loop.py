@@ -42,6 +42,7 @@ from attnrl.training.rollouts import (
     continuation_requests,
     plan_branches,
     score_initial,
+    trainable_trees,
     training_sequences,
 )
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
@@ -218,7 +219,8 @@ class RLLoop:
         # Behaviour log-probs of continuation tokens: a fresh forward with the current policy,
         # which sampled them; prefix tokens keep their stored values (spec §10.2).
         mc_logprobs = self.trainer.logprobs(prefixes, [c.token_ids for _, c in flat]) if flat else []
-        trees, dropped_zero = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
+        built = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
+        trees, dropped_zero = trainable_trees(built, self.algorithm)
         sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in batch})
         if self.algorithm.kl_coef > 0 and sequences:
             refs = self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], reference=True)
@@ -235,6 +237,7 @@ class RLLoop:
             plans=plans,
             points=points,
             mc_rewards=mc_rewards,
+            built=built,
             trees=trees,
             dropped_zero=dropped_zero,
             sequences=sequences,

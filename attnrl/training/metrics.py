@@ -5,8 +5,9 @@
   whose continuations were all correct / all wrong [batch/solve_*_ratio_mc, Fig. 6];
 * valid_prompt_ratio: questions left after the easy and zero-advantage filters over the batch
   [batch/valid_ratio_all];
-* valid_token_ratio: tokens of sequences with any non-zero advantage over all tokens
-  [batch/valid_train_token_ratio, Fig. 7(b)];
+* valid_token_ratio: tokens of paths with any non-zero advantage over all tokens of the paths
+  built (before the zero-advantage filter, which would make it 1 by construction, spec §7.6)
+  [batch/valid_train_token_ratio, Fig. 7(b)]; valid_tokens counts them (Table 3 "# Valid Tokens");
 * filtered_ratio: questions dropped by the attention-based easy filter [Fig. 7(c)];
 * prompt_batch_size [batch/real_train_bs, Fig. 7(d)], generated tokens, step time (set by the loop).
 """
@@ -33,6 +34,7 @@ def step_metrics(
     plans: Sequence[ExpansionPlan],
     points,
     mc_rewards: Sequence[float],
+    built: Sequence[QuestionTree],
     trees: Sequence[QuestionTree],
     dropped_zero: int,
     sequences: Sequence[TrainSequence],
@@ -46,7 +48,9 @@ def step_metrics(
         per_question[point.question].extend(mc_rewards[i * continuations_per_point : (i + 1) * continuations_per_point])
     mc_groups = [g for g in per_question.values() if g]
     tokens = [len(s.response_ids) for s in sequences]
-    valid_tokens = [len(s.response_ids) for s in sequences if any(a != 0 for a in s.advantages)]
+    built_paths = [path for tree in built for path in tree.paths]
+    built_tokens = sum(len(path.token_ids) for path in built_paths)
+    valid_tokens = sum(len(path.token_ids) for path in built_paths if any(a != 0 for a in path.advantages))
     questions = max(1, len(batch))
     metrics = {
         "step": float(step),
@@ -65,7 +69,8 @@ def step_metrics(
         "branch_points": float(len(points)),
         "train_sequences": float(len(sequences)),
         "train_tokens": float(sum(tokens)),
-        "valid_token_ratio": sum(valid_tokens) / sum(tokens) if tokens else 0.0,
+        "valid_token_ratio": valid_tokens / built_tokens if built_tokens else 0.0,
+        "valid_tokens": float(valid_tokens),
         "total_generated_tokens": float(total_generated),
     }
     metrics.update({f"update/{k}": v for k, v in update.items()})

@@ -149,8 +149,8 @@ def build_trees(
     continuation_logprobs: Sequence[tuple[float, ...]],
     continuation_rewards: Sequence[float],
     algorithm: AlgorithmConfig,
-) -> tuple[list[QuestionTree], int]:
-    """Trees for the kept questions and the zero-advantage filter (spec §9, §7.6)."""
+) -> list[QuestionTree]:
+    """Trees (values, advantages, paths) for the questions the easy filter kept (spec §9, §10)."""
     estimator = get_advantage_estimator(algorithm.advantage)
     attached: dict[tuple[int, int], list[Continuation]] = {}
     flat = [(point, c) for point, group in zip(points, continuations, strict=True) for c in group]
@@ -167,8 +167,13 @@ def build_trees(
             for i, r in enumerate(sq.responses)
         ]
         trees.append(estimator(sq.problem.uid, responses))
+    return trees
+
+
+def trainable_trees(trees: Sequence[QuestionTree], algorithm: AlgorithmConfig) -> tuple[list[QuestionTree], int]:
+    """The zero-advantage question filter when configured (spec §7.6): kept trees and the count dropped."""
     if not algorithm.zero_advantage_filter:
-        return trees, 0
+        return list(trees), 0
     return filter_zero_advantage_questions(trees)
 
 

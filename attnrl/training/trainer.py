@@ -11,6 +11,7 @@ engine's.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class PolicyTrainer:
         algorithm: AlgorithmConfig,
         train: TrainConfig,
         temperature: float,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -69,6 +71,7 @@ class PolicyTrainer:
         self.algorithm = algorithm
         self.train_config = train
         self.temperature = temperature
+        self.autocast = autocast
         if algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model (the initial policy, spec §11)")
         # Frozen: the KL term anchors the policy to where it started, also after a resume.
@@ -77,6 +80,12 @@ class PolicyTrainer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast over fp32 master weights when configured; log-softmax stays fp32."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
     def _chunks(self, count: int) -> list[range]:
         size = self.train_config.micro_batch_sequences
@@ -102,14 +111,15 @@ class PolicyTrainer:
                     [segmentations[i] for i in chunk],
                     delta=self.algorithm.fci_delta,
                     aggregation=self.algorithm.step_attention,
-                ) as collector:
+                ) as collector, self._precision():
                     logits = self.model(**inputs).logits
                 fci = collector.scores(
                     mask_first_step=self.algorithm.fci_mask_first_step,
                     mask_after_think=self.algorithm.fci_mask_after_think,
                 )
             else:
-                logits = self.model(**inputs).logits
+                with self._precision():
+                    logits = self.model(**inputs).logits
             logits = response_logits(logits, batch).float() / self.temperature
             targets = batch.response_ids.to(self.device)
             logprobs = unpack_rows(token_logprobs(logits, targets).cpu(), batch.response_lengths)
@@ -134,7 +144,10 @@ class PolicyTrainer:
         out: list[tuple[float, ...]] = []
         for chunk in self._chunks(len(prompts)):
             batch = pack([prompts[i] for i in chunk], [responses[i] for i in chunk], self.pad_token_id)
-            logits = model(input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)).logits
+            with self._precision():
+                logits = model(
+                    input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
+                ).logits
             values = token_logprobs(response_logits(logits, batch).float() / self.temperature, batch.response_ids.to(self.device))
             out.extend(tuple(row) for row in unpack_rows(values.cpu(), batch.response_lengths))
         return out
@@ -166,9 +179,10 @@ class PolicyTrainer:
     def _micro_step(self, sequences: Sequence[TrainSequence], *, weight: float, boundary: bool) -> dict[str, float]:
         batch = pack([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], self.pad_token_id)
         width = batch.response_width
-        logits = self.backend.module(
-            input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
-        ).logits
+        with self._precision():
+            logits = self.backend.module(
+                input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
+            ).logits
         logits = response_logits(logits, batch).float() / self.temperature
         logprobs = token_logprobs(logits, batch.response_ids.to(self.device))
         entropy = entropy_from_logits(logits) if self.algorithm.entropy_coef > 0 else None

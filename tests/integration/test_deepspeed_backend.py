@@ -43,3 +43,28 @@ def test_deepspeed_zero0_update_matches_torch_adamw(tiny_policy):
     state = backend.state_dict()
     backend.load_state_dict(state)
     assert backend.state_dict()["state"].keys() == state["state"].keys()
+
+
+def test_zero_stage_1_trains_and_its_optimizer_state_round_trips(tiny_policy):
+    model, tokenizer = tiny_policy
+    config = resolve_config(preset="tiny", overrides=[
+        "algorithm.kl_coef=0", "train.zero_stage=1", "train.mini_batch_sequences=2", "train.micro_batch_sequences=1",
+    ])
+    ds_model = copy.deepcopy(model)
+    backend = build_backend("deepspeed", ds_model, config.train)
+    trainer = _trainer(ds_model, backend, config, tokenizer)
+    sequences = [TrainSequence((5, 6), (8, 9), (-2.0, -2.0), (1.0, 1.0)), TrainSequence((7,), (9,), (-1.0,), (-1.0,))]
+    assert trainer.update(sequences)["optimizer_steps"] == 1
+    state = backend.state_dict()
+    backend.load_state_dict(state)
+    assert trainer.update(sequences)["optimizer_steps"] == 1
+
+
+def test_zero_stage_3_is_refused_with_the_field_named(tiny_policy):
+    import pytest
+
+    from attnrl.errors import ConfigError
+
+    config = resolve_config(preset="tiny", overrides=["train.zero_stage=3"])
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        build_backend("deepspeed", copy.deepcopy(tiny_policy[0]), config.train)

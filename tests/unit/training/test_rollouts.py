@@ -15,6 +15,7 @@ from attnrl.training.rollouts import (
     build_trees,
     continuation_requests,
     plan_branches,
+    trainable_trees,
     training_sequences,
 )
 
@@ -63,7 +64,7 @@ def test_minority_responses_branch_at_the_high_fci_step_and_sequences_carry_beha
     continuations = [[Completion((50, 51), (-1.0, -2.0), "stop"), Completion((60,), (-3.0,), "stop")] for _ in points]
     flat_logprobs = [(-5.0, -6.0), (-7.0,)] * len(points)
     rewards = [1.0, 0.0] * len(points)
-    trees, dropped = build_trees(batch, plans, points, continuations, flat_logprobs, rewards, algorithm)
+    trees, dropped = trainable_trees(build_trees(batch, plans, points, continuations, flat_logprobs, rewards, algorithm), algorithm)
     assert dropped == 0 and len(trees) == 1
     sequences = training_sequences(trees, {batch[0].problem.uid: PROMPT})
     # Per expanded response: the original path plus two continuation paths.
@@ -83,9 +84,13 @@ def test_questions_with_one_outcome_everywhere_are_filtered():
     algorithm = _algorithm()
     plans, points = plan_branches(batch, algorithm, RunningMean(), random.Random(0))
     continuations = [[Completion((50,), (-1.0,), "stop")] * 2 for _ in points]
-    trees, dropped = build_trees(batch, plans, points, continuations, [(-1.0,)] * (2 * len(points)),
-                                 [0.0] * (2 * len(points)), algorithm)
+    built = build_trees(batch, plans, points, continuations, [(-1.0,)] * (2 * len(points)),
+                        [0.0] * (2 * len(points)), algorithm)
+    assert len(built) == 1
+    trees, dropped = trainable_trees(built, algorithm)
     assert trees == [] and dropped == 1
+    kept, dropped = trainable_trees(built, _algorithm("algorithm.zero_advantage_filter=false"))
+    assert kept == built and dropped == 0
 
 
 def test_easy_questions_below_the_running_mean_are_dropped_before_branching():

@@ -65,3 +65,25 @@ def test_kl_needs_a_reference_and_unknown_backends_are_listed(tiny_policy):
                       algorithm=config.algorithm, train=config.train, temperature=1.0)
     with pytest.raises(ConfigError, match="known: deepspeed, torch"):
         build_backend("fsdp", model, config.train)
+
+
+def test_mixed_precision_is_bf16_autocast_over_fp32_weights(tiny_policy):
+    from attnrl.training.backend import autocast_dtype
+
+    model, tokenizer = tiny_policy
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    settings = {mode: resolve_config(preset="tiny", overrides=[f"train.precision={mode}"]).train for mode in ("bf16", "fp32", "auto")}
+    assert autocast_dtype(settings["bf16"], cpu) is torch.bfloat16
+    assert autocast_dtype(settings["fp32"], cuda) is None
+    assert autocast_dtype(settings["auto"], cpu) is None
+    fp32 = _trainer(copy.deepcopy(model), tokenizer)
+    bf16 = PolicyTrainer(copy.deepcopy(model), None, reference=None, pad_token_id=tokenizer.pad_token_id,
+                         algorithm=fp32.algorithm.model_copy(update={"kl_coef": 0.0}), train=fp32.train_config,
+                         temperature=1.0, autocast=torch.bfloat16)
+    prompt = tuple(encode_prompt(tokenizer, [{"role": "user", "content": "1+2"}]))
+    exact = fp32.logprobs([prompt], [(10, 11, 12)])[0]
+    approx = bf16.logprobs([prompt], [(10, 11, 12)])[0]
+    assert next(bf16.model.parameters()).dtype is torch.float32
+    assert exact != approx and max(abs(a - b) for a, b in zip(exact, approx)) < 0.1
+    with pytest.raises(ValueError, match="only scores"):
+        bf16.update([TrainSequence(prompt, (10,), (-1.0,), (1.0,))])
