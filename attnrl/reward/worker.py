@@ -16,22 +16,22 @@ an object, because under ``spawn`` the child imports it afresh. If the named mod
 a ``warm_up()`` function, the child runs it once before reporting ready, so slow imports
 (sympy) are not charged to the first response's timeout.
 
-Under ``spawn`` the child re-imports the parent's ``__main__`` script: entry-point scripts
-must keep their work behind ``if __name__ == "__main__":``.
+Under ``spawn`` a child normally re-imports the parent's ``__main__`` script; the grader hides
+it while starting children (``_main_module_hidden``), so scripts without an
+``if __name__ == "__main__":`` guard, and ``python -`` sessions, can grade too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-
 import importlib
 import logging
 import multiprocessing
 import signal
+import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any
