@@ -32,11 +32,12 @@ from attnrl.data.problem import Problem
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
 from attnrl.rollout.prompts import decode_response, encode_prompt
-from attnrl.sampling import BatchSizeController, RunningMean
+from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
 from attnrl.training.metrics import step_metrics
 from attnrl.training.prompts import PromptSampler
 from attnrl.training.rollouts import (
+    BranchPoint,
     ScoredQuestion,
     build_trees,
     continuation_requests,
@@ -164,11 +165,9 @@ class RLLoop:
             with_fci=self.with_fci,
         )
 
-    def _plan(self, batch: list[ScoredQuestion]):
+    def _plan(self, batch: list[ScoredQuestion]) -> tuple[list[ExpansionPlan], list[BranchPoint]]:
         rng = random.Random(derive_seed(self.config.seed, "plan", self.state.generation_calls))
-        if self.algorithm.advantage == "grpo":
-            from attnrl.sampling import ExpansionPlan
-
+        if self.algorithm.advantage == "grpo":  # outcome-only: every question kept, nothing branched
             return [ExpansionPlan(str(q), False, ()) for q in range(len(batch))], []
         return plan_branches(batch, self.algorithm, self.easy_mean, rng)
 
@@ -208,7 +207,13 @@ class RLLoop:
         stats["prompt_batch_size"] = float(len(problems))
         return stats
 
-    def _train(self, batch, plans, points, continuations) -> dict[str, float]:
+    def _train(
+        self,
+        batch: list[ScoredQuestion],
+        plans: list[ExpansionPlan],
+        points: list[BranchPoint],
+        continuations: list[list[Completion]],
+    ) -> dict[str, float]:
         flat = [(p, c) for p, group in zip(points, continuations, strict=True) for c in group]
         prefixes = [batch[p.question].prompt_ids + batch[p.question].responses[p.response].token_ids[: p.offset] for p, _ in flat]
         texts = [decode_response(self.tokenizer, c.token_ids) for _, c in flat]

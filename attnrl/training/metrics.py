@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from statistics import fmean
 
 from attnrl.sampling import ExpansionPlan
+from attnrl.training.rollouts import BranchPoint, ScoredQuestion
 from attnrl.training.trainer import TrainSequence
 from attnrl.tree import QuestionTree
 
@@ -30,9 +31,9 @@ def _mean(values: Sequence[float]) -> float:
 def step_metrics(
     *,
     step: int,
-    batch,
+    batch: Sequence[ScoredQuestion],
     plans: Sequence[ExpansionPlan],
-    points,
+    points: Sequence[BranchPoint],
     mc_rewards: Sequence[float],
     built: Sequence[QuestionTree],
     trees: Sequence[QuestionTree],
