@@ -1,6 +1,7 @@
 """Prefect flows, one per stage plus ``pipeline`` (issue "Orchestration").
 
-Each flow will be a thin wrapper around the stage functions in ``attnrl.stages``; until then
-the CLI (``attnrl prepare|warmup|evaluate|demo``) calls those functions directly, so there is
-still exactly one implementation of every stage.
+``flows.stages``: ``prepare_flow``, ``warmup_flow``, ``difficulty_flow``, ``train_flow``, ``evaluate_flow``,
+``report_flow``; each resolves the config (``config_path``, ``overrides``, ``root``, ``method``, as the CLI)
+and calls its stage's task, which calls the one stage function in ``attnrl.stages``.
+``flows.pipeline``: ``pipeline`` runs them in order as subflows, with a check between stages.
 """

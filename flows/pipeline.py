@@ -1,0 +1,70 @@
+"""The ``pipeline`` flow: every stage as a subflow, in order, with a check between stages.
+
+prepare → warmup → (difficulty) → evaluate the warmed-up policy (``runs/eval-init``) → train →
+evaluate the trained policy (``runs/eval``) → report. After each stage its outputs are read back and
+validated (:mod:`tasks.checks`); a failed check raises and the next stage never starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from attnrl.stages.layout import Layout
+from flows.stages import (
+    DEFAULT_CONFIG,
+    difficulty_flow,
+    evaluate_flow,
+    load_flow_config,
+    prepare_flow,
+    report_flow,
+    train_flow,
+    warmup_flow,
+)
+from tasks.checks import (
+    check_difficulty_task,
+    check_eval_metrics_task,
+    check_model_dir_task,
+    check_prepared_task,
+    check_report_task,
+    check_train_metrics_task,
+)
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+             method: str | None = None) -> dict[str, Any]:
+    """Run every stage; returns the before/after evaluation averages and the report path."""
+    config = load_flow_config(config_path, overrides, method)  # fail fast, before any stage starts
+    layout = Layout.of(config, root)
+    logger = get_run_logger()
+    common = {"config_path": config_path, "overrides": overrides, "root": root, "method": method}
+
+    prepare_flow(**common)
+    logger.info("prepared data: %s", check_prepared_task(config, root))
+
+    warmed = warmup_flow(**common)
+    check_model_dir_task(warmed.model_dir)
+
+    if config.difficulty.enabled:
+        difficulty_flow(**common)
+        check_difficulty_task(config, root)
+
+    before = evaluate_flow(**common, out_dir=str(layout.runs_dir / "eval-init"))
+    before_metrics = check_eval_metrics_task(before.metrics_path)
+
+    trained = train_flow(**common)
+    check_model_dir_task(trained.final_model)
+    check_train_metrics_task(trained.metrics_path, config.train.steps)
+
+    after = evaluate_flow(**common, model_dir=str(trained.final_model))
+    after_metrics = check_eval_metrics_task(after.metrics_path)
+
+    report = report_flow(**common)
+    check_report_task(report.html_path)
+    return {
+        "before": before_metrics["average"],
+        "after": after_metrics["average"],
+        "report": str(report.html_path),
+    }

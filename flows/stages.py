@@ -1,0 +1,70 @@
+"""One Prefect flow per stage. Each resolves the typed config itself (a bad key or value fails the flow at
+once, naming the field, before any task runs) and calls that stage's task, which calls the one stage
+function in ``attnrl.stages``.
+
+Every flow takes the same parameters as the CLI: ``config_path`` (``--config``), ``overrides``
+(``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow
+
+from attnrl.config import resolve_config
+from attnrl.config.schema import RunConfig
+from attnrl.stages.difficulty import DifficultyResult
+from attnrl.stages.evaluate import EvaluationResult
+from attnrl.stages.prepare import PreparedData
+from attnrl.stages.report import ReportResult
+from attnrl.stages.train import TrainResult
+from attnrl.stages.warmup import WarmupResult
+from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+
+DEFAULT_CONFIG = "params.yaml"
+
+
+def load_flow_config(config_path: str, overrides: list[str] | None, method: str | None) -> RunConfig:
+    """Resolve the config inside the flow run, so a bad config is that run's failure (no retries)."""
+    return resolve_config(path=config_path, method=method, overrides=overrides or [])
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+                 method: str | None = None) -> PreparedData:
+    return prepare_task(load_flow_config(config_path, overrides, method), root)
+
+
+@flow(name="warmup", log_prints=True)
+def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+                method: str | None = None) -> WarmupResult:
+    return warmup_task(load_flow_config(config_path, overrides, method), root)
+
+
+@flow(name="difficulty", log_prints=True)
+def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+                    method: str | None = None) -> DifficultyResult:
+    return difficulty_task(load_flow_config(config_path, overrides, method), root)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+               method: str | None = None) -> TrainResult:
+    return train_task(load_flow_config(config_path, overrides, method), root)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+                  method: str | None = None, model_dir: str | None = None,
+                  out_dir: str | None = None) -> EvaluationResult:
+    """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
+    return evaluate_task(load_flow_config(config_path, overrides, method), root, model_dir, out_dir)
+
+
+@flow(name="report", log_prints=True)
+def report_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
+                method: str | None = None) -> ReportResult:
+    return report_task(load_flow_config(config_path, overrides, method), root)

@@ -1,0 +1,150 @@
+"""The Prefect flows against a real Prefect API: the pipeline end to end, retries, fail-fast configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow, task
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+)
+
+from attnrl.errors import ConfigError, DataError
+from flows.pipeline import pipeline
+from flows.stages import train_flow, warmup_flow
+from tasks import checks
+from tasks.retry import RETRIES, retry_unless_deterministic
+from tasks.stages import evaluate_task, train_task, warmup_task
+from tests.conftest import PROJECT_ROOT, small_overrides
+
+pytestmark = pytest.mark.integration
+CONFIG = str(PROJECT_ROOT / "params.yaml")
+
+
+def _flow_run(client, state):
+    return client.read_flow_run(state.state_details.flow_run_id)
+
+
+def _task_runs(client, flow_run_id):
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path):
+    state = pipeline(config_path=CONFIG, overrides=small_overrides(), root=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert set(summary["before"]) == {"mean_at_k", "pass_at_k"} and set(summary["after"]) == {"mean_at_k", "pass_at_k"}
+
+    parent = _flow_run(prefect_api, state)
+    subflows = prefect_api.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
+    )
+    names = sorted(prefect_api.read_flow(run.flow_id).name for run in subflows)
+    assert names == ["evaluate", "evaluate", "prepare", "report", "train", "warmup"]  # difficulty is off in params.yaml
+    assert all(run.state.is_completed() for run in subflows), [(run.name, run.state) for run in subflows]
+
+    # Every stage's outputs, where the before/after evaluations and the report expect them.
+    assert json.loads((tmp_path / "runs" / "eval-init" / "metrics.json").read_text())["benchmarks"]
+    assert json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())["average"]
+    assert (tmp_path / "runs" / "train" / "final" / "config.json").is_file()
+    assert (tmp_path / "reports" / "report.html").is_file()
+
+    # The artifacts a person looks at: the evaluation tables, the last training steps, stage summaries.
+    keys = ["evaluation-eval", "evaluation-eval-init", "train-last-steps", "prepare-summary", "report-summary"]
+    artifacts = prefect_api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in artifacts} == set(keys)
+    table = json.loads(next(a for a in artifacts if a.key == "evaluation-eval").data)
+    assert [row["benchmark"] for row in table] == ["synthetic-L1", "synthetic-L2", "average"]
+    assert {"mean@k", "pass@k"} <= set(table[0])
+    steps = json.loads(next(a for a in artifacts if a.key == "train-last-steps").data)
+    assert [row["step"] for row in steps] == [1, 2]
+
+
+@task(name="flaky read", retries=RETRIES, retry_delay_seconds=0, retry_condition_fn=retry_unless_deterministic)
+def _flaky_read(counter: Path, source: Path, error: str) -> str:
+    """Fails on its first call (a real exception, counted on disk), then reads ``source``."""
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
+    if calls == 1:
+        if error == "os":
+            raise OSError(f"{source}: transient read error (injected)")
+        raise DataError(f"{source}: malformed row 3 (injected)")
+    return source.read_text()
+
+
+@flow(name="flaky-read-test")
+def _flaky_flow(counter: Path, source: Path, error: str) -> str:
+    return _flaky_read(counter, source, error)
+
+
+def test_a_transient_task_failure_is_retried_and_the_flow_completes(prefect_api, tmp_path):
+    counter, source = tmp_path / "calls", tmp_path / "source.txt"
+    source.write_text("ok")
+    state = _flaky_flow(counter, source, "os", return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == "ok"
+    assert counter.read_text() == "2"
+    [run] = _task_runs(prefect_api, state.state_details.flow_run_id)
+    assert run.run_count == 2 and run.state.is_completed()
+
+
+def test_a_deterministic_task_failure_is_not_retried(prefect_api, tmp_path):
+    counter, source = tmp_path / "calls", tmp_path / "source.txt"
+    source.write_text("ok")
+    state = _flaky_flow(counter, source, "data", return_state=True)
+    assert state.is_failed()
+    assert counter.read_text() == "1"
+    [run] = _task_runs(prefect_api, state.state_details.flow_run_id)
+    assert run.run_count == 1 and run.state.is_failed()
+
+
+def test_stage_tasks_retry_only_transient_failures():
+    for stage_task in (warmup_task, train_task, evaluate_task):
+        assert stage_task.retries == RETRIES == 2
+        assert stage_task.retry_condition_fn is retry_unless_deterministic
+
+
+def test_a_config_error_inside_a_real_stage_task_is_not_retried(prefect_api, tmp_path):
+    # model.path with warmup.enabled is a ConfigError the warmup stage itself raises, inside the task.
+    overrides = [*small_overrides(), f"model.path={tmp_path / 'some-model'}", "warmup.enabled=true"]
+    state = warmup_flow(config_path=CONFIG, overrides=overrides, root=str(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert "warmup.enabled" in state.message
+    [run] = _task_runs(prefect_api, state.state_details.flow_run_id)
+    assert run.run_count == 1 and run.state.is_failed()
+
+
+@pytest.mark.parametrize(("stage_flow", "override", "field"), [
+    (warmup_flow, "warmup.stepz=3", "warmup.stepz"),
+    (train_flow, "train.lr=-1", "train.lr"),
+])
+def test_a_bad_config_fails_the_stage_flow_fast_naming_the_field(prefect_api, tmp_path, stage_flow, override, field):
+    state = stage_flow(config_path=CONFIG, overrides=[*small_overrides(), override], root=str(tmp_path),
+                       return_state=True)
+    assert state.is_failed()
+    assert field in state.message
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        state.result()
+    run = _flow_run(prefect_api, state)
+    assert run.run_count == 1 and run.state.is_failed()
+    assert _task_runs(prefect_api, run.id) == []  # failed before any stage task started
+    assert not (tmp_path / "models").exists()
+
+
+def test_between_stage_checks_reject_bad_outputs(tmp_path):
+    bad_jsonl = tmp_path / "metrics.jsonl"
+    bad_jsonl.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(DataError, match="line 2"):
+        checks.check_train_metrics(bad_jsonl)
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"benchmarks": [{"benchmark": "x"}]}))
+    with pytest.raises(DataError, match="average"):
+        checks.check_eval_metrics(metrics)
+    with pytest.raises(DataError, match="config.json"):
+        checks.check_model_dir(tmp_path)
