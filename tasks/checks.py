@@ -51,7 +51,9 @@ def check_difficulty(config: RunConfig, root: str | Path = ".") -> int:
 
 
 def check_train_metrics(path: str | Path, expected_steps: int | None = None) -> int:
-    """Every row of ``metrics.jsonl`` parses as a JSON object with a step number."""
+    """Every row of ``metrics.jsonl`` parses as a JSON object with a step number; with
+    ``expected_steps``, there is one row per step (fewer only when a token budget ended the run
+    early, which the caller signals by passing None)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"check train: {path} is missing")
