@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit lock clean
+.PHONY: install demo test test-unit lock clean server server-stop
 
 install: $(STAMP)
 
@@ -33,6 +33,14 @@ test-unit: install
 lock: install
 	{ head -2 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -vi '^attnrl' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
+
+# A local Prefect server on 127.0.0.1:4200 (UI included) with the prefect.yaml deployments registered and a
+# worker polling the attnrl-process pool; logs and PIDs in .prefect-server/. See scripts/prefect_server.sh.
+server: install
+	VENV=$(VENV) scripts/prefect_server.sh start
+
+server-stop:
+	VENV=$(VENV) scripts/prefect_server.sh stop
 
 clean:
 	rm -rf data models runs reports .pytest_cache

@@ -191,6 +191,41 @@ class SamplingConfig(_Section):
     max_new_tokens: int = Field(default=8192, ge=1, description="Response length limit (spec §12: 8192).")
 
 
+class RayConfig(_Section):
+    """Rollouts spread over Ray actors (``infra/ray_engine.py``), each holding its own copy of the policy.
+
+    Results depend on ``num_actors``: requests are split into contiguous chunks, one per actor, and
+    each actor samples with a seed derived from the call seed and its index.
+    """
+
+    enabled: bool = Field(
+        default=False,
+        description="Generate through a pool of Ray actors instead of in-process (each actor runs the 'hf' engine; "
+        "needs rollout.engine='hf').",
+    )
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address for ray.init (e.g. 'ray://head:10001' or 'auto'); None = RAY_ADDRESS if set, "
+        "else a local Ray started by the pool.",
+    )
+    num_actors: int = Field(
+        default=2, ge=1, description="Rollout actors; the requests of a call are split across them in order."
+    )
+    num_cpus_per_actor: float = Field(
+        default=1.0, gt=0, description="CPUs Ray reserves per actor (may be fractional)."
+    )
+    object_store_mb: int = Field(
+        default=256,
+        ge=64,
+        description="Object store size (MiB) of a local Ray started by the pool; ignored with an address.",
+    )
+    max_actor_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="Dead actors replaced (their requests retried) per call before the call fails.",
+    )
+
+
 class RolloutConfig(_Section):
     """The rollout engine."""
 
@@ -198,6 +233,7 @@ class RolloutConfig(_Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollout sampling.")
     batch_size: int = Field(default=64, ge=1, description="hf engine: sequences per generate() call.")
     progress: bool = Field(default=True, description="Show a progress bar on long generation.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Distributed generation over Ray actors (off by default).")
 
 
 class RewardConfig(_Section):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from attnrl.config.schema import RolloutConfig
 from attnrl.errors import ConfigError
@@ -32,5 +34,27 @@ def _vllm(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
 ENGINES: dict[str, Callable[[PolicyBundle, RolloutConfig], RolloutEngine]] = {"hf": _hf, "vllm": _vllm}
 
 
+# Distributed engines, by import path so the pure core never imports Ray: ``from_policy(policy,
+# config)`` builds one whose workers load ``policy.path`` and then get ``policy.model``'s weights.
+RAY_ENGINE = "infra.ray_engine:RayRolloutPool"
+
+
 def build_engine(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
+    """The configured engine: a Ray actor pool when ``rollout.ray.enabled``, else ``ENGINES[rollout.engine]``."""
+    if config.ray.enabled:
+        if config.engine != "hf":
+            raise ConfigError("rollout.ray.enabled needs rollout.engine: 'hf' (each Ray actor runs the hf engine)")
+        module_name, _, class_name = RAY_ENGINE.partition(":")
+        return getattr(importlib.import_module(module_name), class_name).from_policy(policy, config)
     return lookup(ENGINES, config.engine, "rollout.engine", ConfigError)(policy, config)
+
+
+@contextmanager
+def engine_session(engine: RolloutEngine) -> Iterator[RolloutEngine]:
+    """Yield ``engine``; on exit call its ``close()`` if it has one (a Ray pool kills its actors)."""
+    try:
+        yield engine
+    finally:
+        close = getattr(engine, "close", None)
+        if callable(close):
+            close()

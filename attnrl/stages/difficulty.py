@@ -27,7 +27,7 @@ from attnrl.errors import DataError
 from attnrl.model.loading import load_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import GenerationRequest, SamplingParams
-from attnrl.rollout.factory import build_engine
+from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import RunningMean, response_mean_fci
 from attnrl.stages.layout import Layout
@@ -63,11 +63,13 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".") -> Difficulty
                            temperature=config.rollout.sampling.temperature)
     sampling = config.rollout.sampling
     prompt_ids = [tuple(encode_prompt(policy.tokenizer, p.prompt)) for p in problems]
-    completions = engine.generate(
-        [GenerationRequest(ids, n=settings.samples_per_problem) for ids in prompt_ids],
-        SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens),
-        seed=derive_seed(config.seed, "difficulty", "generate"),
-    )
+    with engine_session(engine):
+        completions = engine.generate(
+            [GenerationRequest(ids, n=settings.samples_per_problem) for ids in prompt_ids],
+            SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_new_tokens=sampling.max_new_tokens),
+            seed=derive_seed(config.seed, "difficulty", "generate"),
+        )
     with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         scored = score_initial(problems, prompt_ids, completions, trainer=scorer, tokenizer=policy.tokenizer,
                                verifier=verifier, vocab=SeparatorVocab.from_tokenizer(policy.tokenizer), with_fci=True)

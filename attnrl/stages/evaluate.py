@@ -22,7 +22,7 @@ from attnrl.eval.metrics import BenchmarkScore, SampleResult, benchmark_scores, 
 from attnrl.model.loading import load_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
-from attnrl.rollout.factory import build_engine
+from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import benchmark_name
@@ -48,7 +48,7 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
                          device=config.model.device)
     engine = build_engine(policy, config.rollout)
     rows: list[dict[str, object]] = []
-    with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+    with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         for spec in config.data.eval:
             name = benchmark_name(spec)
             problems = load_verl_parquet(layout.prepared_eval(name))

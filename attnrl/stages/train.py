@@ -21,7 +21,7 @@ from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.model.loading import load_policy, save_policy
 from attnrl.reward.verifier import Verifier
-from attnrl.rollout.factory import build_engine
+from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.model.loading import PolicyBundle
 from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import Layout
@@ -81,7 +81,7 @@ def train(
     problems = load_verl_parquet(
         layout.difficulty_dir / "train.parquet" if config.difficulty.enabled else layout.prepared_train
     )
-    with Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+    with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
                       verifier=verifier)
         loop.easy_mean = ads_seed(config, root)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import PROJECT_ROOT
 
-FORBIDDEN = {"prefect", "flows", "tasks"}
+FORBIDDEN = {"prefect", "flows", "tasks", "ray"}
 
 
 def _imported_roots(path: Path) -> set[str]:
