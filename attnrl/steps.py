@@ -100,6 +100,12 @@ class StepSegmentation:
         return [start - prompt_len for start in self.boundaries[1:-1]]
 
     @property
+    def response_step_ends(self) -> list[int]:
+        """End (exclusive) of each response step, relative to the first response token."""
+        prompt_len = self.prompt_len
+        return [end - prompt_len for end in self.boundaries[2:]]
+
+    @property
     def think_step(self) -> int:
         """Index of the range holding the last ``</think>`` (``stop_think_step_idx``), or -1."""
         if self.think_position < 0:

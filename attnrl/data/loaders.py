@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from attnrl.config.schema import DataConfig, SourceSpec
 from attnrl.data.problem import Problem, make_problem
 from attnrl.data.synthetic import generate_problems
 from attnrl.errors import DataError
+from attnrl.utils.atomic import atomic_path
 from attnrl.utils.registry import lookup
 
 logger = logging.getLogger(__name__)
@@ -203,8 +205,6 @@ def _hf(spec: SourceSpec, data: DataConfig, split: str, seed: int) -> list[Probl
 def _named(problems: list[Problem], spec: SourceSpec) -> list[Problem]:
     if spec.name is None:
         return problems
-    from dataclasses import replace
-
     return [replace(p, source=spec.name) for p in problems]
 
 
@@ -234,8 +234,6 @@ def problems_to_table(problems: list[Problem]) -> pa.Table:
 
 def write_problems(problems: list[Problem], path: str | Path) -> Path:
     """Write problems as verl parquet atomically, reading the file back before it replaces ``path``."""
-    from attnrl.utils.atomic import atomic_path
-
     with atomic_path(path, validate=lambda tmp: _check_roundtrip(tmp, len(problems))) as tmp:
         pq.write_table(problems_to_table(problems), tmp)
     return Path(path)

@@ -37,6 +37,7 @@ from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 from attnrl.errors import AttnRLError, ConfigError
+from attnrl.utils.registry import load_object
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +58,9 @@ def resolve_grade_fn(path: str) -> Callable[..., Any]:
     attribute is missing or not callable. The parent calls this at construction so a typo
     fails at once rather than inside a child.
     """
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"grade_fn must look like 'package.module:function', got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"grade_fn {path!r}: cannot import module {module_name!r}: {exc}") from exc
-    fn = getattr(module, attr, None)
+    fn = load_object(path, "grade_fn")
     if not callable(fn):
-        raise ConfigError(f"grade_fn {path!r}: module {module_name!r} has no callable {attr!r}")
+        raise ConfigError(f"grade_fn {path!r} is not callable")
     return fn
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -11,7 +10,7 @@ from attnrl.errors import ConfigError
 from attnrl.model.loading import PolicyBundle
 from attnrl.rollout.engine import RolloutEngine
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.utils.registry import lookup
+from attnrl.utils.registry import load_object, lookup
 
 
 def _hf(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
@@ -44,8 +43,7 @@ def build_engine(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
     if config.ray.enabled:
         if config.engine != "hf":
             raise ConfigError("rollout.ray.enabled needs rollout.engine: 'hf' (each Ray actor runs the hf engine)")
-        module_name, _, class_name = RAY_ENGINE.partition(":")
-        return getattr(importlib.import_module(module_name), class_name).from_policy(policy, config)
+        return load_object(RAY_ENGINE, "rollout.ray").from_policy(policy, config)
     return lookup(ENGINES, config.engine, "rollout.engine", ConfigError)(policy, config)
 
 

@@ -59,7 +59,7 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".") -> Difficulty
     policy = load_policy(initial_policy_path(config, root), dtype=config.model.dtype, device=config.model.device)
     engine = build_engine(policy, config.rollout)
     scorer = PolicyTrainer(policy.model, None, reference=None, pad_token_id=policy.tokenizer.pad_token_id,
-                           algorithm=config.algorithm.model_copy(update={"kl_coef": 0.0}), train=config.train,
+                           algorithm=config.algorithm, train=config.train,
                            temperature=config.rollout.sampling.temperature)
     sampling = config.rollout.sampling
     prompt_ids = [tuple(encode_prompt(policy.tokenizer, p.prompt)) for p in problems]

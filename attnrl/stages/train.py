@@ -19,10 +19,9 @@ import torch
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
-from attnrl.model.loading import load_policy, save_policy
+from attnrl.model.loading import PolicyBundle, load_policy, save_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.factory import build_engine, engine_session
-from attnrl.model.loading import PolicyBundle
 from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import Layout
 from attnrl.stages.warmup import initial_policy_path

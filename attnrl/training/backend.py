@@ -7,14 +7,13 @@ lists the known ones.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from attnrl.config.schema import TrainConfig
 from attnrl.errors import ConfigError
-from attnrl.utils.registry import lookup
+from attnrl.utils.registry import load_object, lookup
 
 
 @runtime_checkable
@@ -77,5 +76,4 @@ BACKENDS = {"torch": "attnrl.training.backend:TorchBackend", "deepspeed": "infra
 
 
 def build_backend(name: str, model: torch.nn.Module, config: TrainConfig) -> OptimizerBackend:
-    module_name, _, class_name = lookup(BACKENDS, name, "train.backend", ConfigError).partition(":")
-    return getattr(importlib.import_module(module_name), class_name)(model, config)
+    return load_object(lookup(BACKENDS, name, "train.backend", ConfigError), "train.backend")(model, config)

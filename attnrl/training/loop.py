@@ -171,6 +171,13 @@ class RLLoop:
             return [ExpansionPlan(str(q), False, ()) for q in range(len(batch))], []
         return plan_branches(batch, self.algorithm, self.easy_mean, rng)
 
+    def _continuation_requests(
+        self, batch: list[ScoredQuestion], points: list[BranchPoint]
+    ) -> list[GenerationRequest]:
+        return continuation_requests(
+            batch, points, n=self.algorithm.continuations_per_branch, max_new_tokens=self.params.max_new_tokens
+        )
+
     def _off_policy_step(self) -> dict[str, float] | None:
         state = self.state
         if state.pending_prompts is None:  # the very first call only samples (spec §3.2 bootstrapping)
@@ -180,9 +187,7 @@ class RLLoop:
         plans, points = self._plan(current) if current else ([], [])
         tokens_before = state.generated_tokens
         initial_requests = self._initial_requests(upcoming)
-        mc_requests = continuation_requests(
-            current or [], points, n=self.algorithm.continuations_per_branch, max_new_tokens=self.params.max_new_tokens
-        )
+        mc_requests = self._continuation_requests(current or [], points)
         out = self._generate(initial_requests + mc_requests)
         scored_next = self._score(upcoming, out[: len(initial_requests)])
         stats = None
@@ -199,9 +204,7 @@ class RLLoop:
         problems = self.sampler.take(self._batch_size())
         scored = self._score(problems, self._generate(self._initial_requests(problems)))
         plans, points = self._plan(scored)
-        mc_requests = continuation_requests(
-            scored, points, n=self.algorithm.continuations_per_branch, max_new_tokens=self.params.max_new_tokens
-        )
+        mc_requests = self._continuation_requests(scored, points)
         stats = self._train(scored, plans, points, self._generate(mc_requests))
         stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
         stats["prompt_batch_size"] = float(len(problems))

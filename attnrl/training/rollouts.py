@@ -119,7 +119,7 @@ def plan_branches(
                 prompt_len=len(sq.prompt_ids),
                 response_len=len(response.token_ids),
                 step_offsets=tuple(response.segmentation.response_step_offsets),
-                step_ends=tuple(end - len(sq.prompt_ids) for _, end in response.segmentation.ranges[1:]),
+                step_ends=tuple(response.segmentation.response_step_ends),
                 fci=response.fci,
                 entropies=response.entropies,
             )

@@ -72,7 +72,7 @@ class PolicyTrainer:
         self.train_config = train
         self.temperature = temperature
         self.autocast = autocast
-        if algorithm.kl_coef > 0 and reference is None:
+        if backend is not None and algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model (the initial policy, spec §11)")
         # Frozen: the KL term anchors the policy to where it started, also after a resume.
         self.reference = reference.eval().requires_grad_(False) if reference is not None else None

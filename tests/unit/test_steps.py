@@ -131,3 +131,10 @@ def test_empty_response_and_bad_prompt_are_rejected():
         StepSegmentation(boundaries=(0, 3))
     with pytest.raises(ValueError):
         StepSegmentation(boundaries=(0, 3, 3, 5))
+
+
+def test_response_step_ends_pair_with_the_offsets():
+    from attnrl.steps import StepSegmentation
+
+    seg = StepSegmentation((0, 3, 6, 9, 11))
+    assert seg.response_step_offsets == [0, 3, 6] and seg.response_step_ends == [3, 6, 8]

@@ -78,7 +78,7 @@ def test_mixed_precision_is_bf16_autocast_over_fp32_weights(tiny_policy):
     assert autocast_dtype(settings["auto"], cpu) is None
     fp32 = _trainer(copy.deepcopy(model), tokenizer)
     bf16 = PolicyTrainer(copy.deepcopy(model), None, reference=None, pad_token_id=tokenizer.pad_token_id,
-                         algorithm=fp32.algorithm.model_copy(update={"kl_coef": 0.0}), train=fp32.train_config,
+                         algorithm=fp32.algorithm, train=fp32.train_config,
                          temperature=1.0, autocast=torch.bfloat16)
     prompt = tuple(encode_prompt(tokenizer, [{"role": "user", "content": "1+2"}]))
     exact = fp32.logprobs([prompt], [(10, 11, 12)])[0]

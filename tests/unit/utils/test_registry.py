@@ -11,3 +11,13 @@ def test_lookup_returns_the_entry_or_lists_the_known_names():
         lookup(registry, "c", "thing")
     with pytest.raises(ConfigError, match="unknown rollout.engine 'x'"):
         lookup(registry, "x", "rollout.engine", ConfigError)
+
+
+def test_load_object_imports_by_path_and_names_what_failed():
+    from attnrl.utils.registry import load_object
+
+    assert load_object("attnrl.utils.registry:lookup", "thing") is lookup
+    for path, message in [("no_colon", "must look like"), ("attnrl.nowhere:x", "cannot import"),
+                          ("attnrl.utils.registry:missing", "has no 'missing'")]:
+        with pytest.raises(ConfigError, match=message):
+            load_object(path, "train.backend")
