@@ -182,24 +182,11 @@ class RayRolloutPool:
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int
     ) -> list[list[Completion]]:
-        requests = list(requests)
-        if not requests:
-            return []
-        chunks = [(i, start, stop) for i, (start, stop) in
-                  enumerate(split_contiguous(len(requests), len(self.actors))) if stop > start]
-        refs = {i: self._submit(i, requests[start:stop], params, derive_seed(seed, i)) for i, start, stop in chunks}
-        restarts = 0
-        results: list[list[Completion]] = []
-        for i, start, stop in chunks:
-            while True:
-                try:
-                    results.extend(ray.get(refs[i]))
-                    break
-                except RayActorError as exc:
-                    restarts += 1
-                    self._handle_death(i, exc, restarts, "generate")
-                    refs[i] = self._submit(i, requests[start:stop], params, derive_seed(seed, i))
-        return results
+        return self.submit(requests, params, seed).result()
+
+    def submit(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int) -> PendingRollout:
+        """Send the chunks to the actors and return at once; ``result()`` collects (and retries) them."""
+        return PendingRollout(self, list(requests), params, seed)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         cpu_state = {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
@@ -268,3 +255,36 @@ class RayRolloutPool:
             ray.get(actor.update_weights.remote(self._weights_ref))
         self.actors[index] = actor
         self.replaced_actors += 1
+
+
+class PendingRollout:
+    """One ``generate`` call in flight on a pool; the driver is free until ``result()``."""
+
+    def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
+                 seed: int) -> None:
+        self._pool, self._requests, self._params, self._seed = pool, requests, params, seed
+        self._chunks = [(i, start, stop) for i, (start, stop) in
+                        enumerate(split_contiguous(len(requests), len(pool.actors))) if stop > start]
+        self._refs = {i: self._send(i, start, stop) for i, start, stop in self._chunks}
+        self._results: list[list[Completion]] | None = None
+
+    def _send(self, index: int, start: int, stop: int) -> ray.ObjectRef:
+        return self._pool._submit(index, self._requests[start:stop], self._params, derive_seed(self._seed, index))
+
+    def result(self) -> list[list[Completion]]:
+        """The completions in request order; a chunk whose actor died is resent to its replacement."""
+        if self._results is not None:
+            return self._results
+        restarts = 0
+        results: list[list[Completion]] = []
+        for i, start, stop in self._chunks:
+            while True:
+                try:
+                    results.extend(ray.get(self._refs[i]))
+                    break
+                except RayActorError as exc:
+                    restarts += 1
+                    self._pool._handle_death(i, exc, restarts, "generate")
+                    self._refs[i] = self._send(i, start, stop)
+        self._results = results
+        return results

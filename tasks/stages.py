@@ -8,8 +8,9 @@ steps. Generation- and I/O-heavy stages retry transient failures; deterministic 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -37,6 +38,7 @@ TRAIN_METRIC_COLUMNS = (
     "train_sequences", "generated_tokens", "step_time_s",
 )
 LAST_STEPS = 10
+T = TypeVar("T")
 
 
 def _summary(stage: str, rows: list[tuple[str, Any]]) -> None:
@@ -77,9 +79,17 @@ def difficulty_task(config: RunConfig, root: str | Path = ".") -> DifficultyResu
     return result
 
 
+@task(name="train-phase", task_run_name="{name}", **_COMMON)
+def train_phase(name: str, fn: Callable[[], T]) -> T:
+    """One training step (``step-N``) or a phase inside it (``generate``, ``score``, ``update``): a task
+    run each, nested, so the UI shows where every step's time goes. No retries of their own: the
+    train task's retry resumes from the newest checkpoint."""
+    return fn()
+
+
 @task(name="train", **_RETRYING)
 def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
-    """RL training; a retry resumes from the newest checkpoint (the stage is resumable)."""
+    """RL training, each step and phase a nested task run; a retry resumes from the newest checkpoint."""
     logger = get_run_logger()
 
     def on_step(stats: dict[str, float]) -> None:
@@ -87,7 +97,7 @@ def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
                     stats.get("reward", float("nan")), int(stats.get("generated_tokens", 0)),
                     stats.get("step_time_s", float("nan")))
 
-    result = train(config, root, on_step=on_step)
+    result = train(config, root, on_step=on_step, phases=train_phase)
     last = result.metrics[-LAST_STEPS:]
     if last:
         columns = [c for c in TRAIN_METRIC_COLUMNS if any(c in row for row in last)]

@@ -83,3 +83,34 @@ class RolloutEngine(Protocol):
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load new policy weights (called by the trainer after each update)."""
         ...
+
+
+class PendingGeneration(Protocol):
+    """A generation call in flight: ``result()`` blocks until its completions are back."""
+
+    def result(self) -> list[list[Completion]]: ...
+
+
+@dataclass(frozen=True)
+class FinishedGeneration:
+    """A call that already ran (engines without background generation)."""
+
+    completions: list[list[Completion]]
+
+    def result(self) -> list[list[Completion]]:
+        return self.completions
+
+
+def submit_generation(
+    engine: RolloutEngine, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int
+) -> PendingGeneration:
+    """Start ``engine.generate(requests, params, seed)``; return before it finishes where the engine can.
+
+    Engines with a ``submit`` method (the Ray actor pool) generate in the background, so the caller
+    can score or train meanwhile (the overlap of the one-step off-policy loop, spec §3.2); the others
+    run the call here. Either way ``result()`` gives exactly what ``generate`` would.
+    """
+    submit = getattr(engine, "submit", None)
+    if submit is not None:
+        return submit(requests, params, seed)
+    return FinishedGeneration(engine.generate(requests, params, seed))

@@ -27,7 +27,7 @@ from attnrl.stages.layout import Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
 from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
-from attnrl.training.loop import RLLoop
+from attnrl.training.loop import PhaseRunner, RLLoop, run_directly
 from attnrl.training.trainer import PolicyTrainer
 from attnrl.utils.atomic import atomic_path
 from attnrl.utils.seeding import seed_everything
@@ -49,8 +49,13 @@ def train(
     *,
     run_dir: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    phases: PhaseRunner = run_directly,
 ) -> TrainResult:
-    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved."""
+    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved.
+
+    ``phases`` runs each step and its phases (see ``RLLoop``); the train flow passes one that makes
+    them Prefect task runs.
+    """
     layout = Layout.of(config, root)
     run = Path(run_dir) if run_dir is not None else layout.train_dir
     checkpoints = run / "checkpoints"
@@ -82,7 +87,7 @@ def train(
     )
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
-                      verifier=verifier)
+                      verifier=verifier, phases=phases)
         loop.easy_mean = ads_seed(config, root)
         if resume is not None:
             loop.load_state_dict(load_loop_state(resume))

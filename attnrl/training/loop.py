@@ -4,11 +4,18 @@ One training step, off-policy (spec §3.2, §3.3)::
 
     E        <- sample prompts (adaptive size, §7.5)
     plan     <- ADS + branch points for C (initial samples from the previous policy)
-    out      <- ONE engine call: n initial samples for D  ++  T continuations per branch point of C
+    out      <- ONE generation round with the current policy: n initial samples for D and
+                T continuations per branch point of C, sent as two submissions
     D        <- reward, segment, score (log-probs, entropy, FCI) with the current policy
     trees(C) <- values and advantages (§9), zero-advantage filter (§7.6)
     update on C's paths (behaviour log-probs per token, §10.2), push weights to the engine
     C, D     <- D, E
+
+Overlap: on an engine that generates in the background (the Ray actor pool), C's continuations
+are still being generated while the trainer scores D; they are collected only when the update
+needs them. Same weights, same seeds, same samples: only the wall time changes. Each submission
+has its own seed (round, part), so an engine with or without background generation returns the
+same completions.
 
 On-policy (TreeRL-style, §3.1) samples a batch, scores it, and makes a second call for its
 continuations, all with the same weights. Every random choice is seeded from (seed, call
@@ -23,14 +30,22 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.problem import Problem
 from attnrl.reward.verifier import Verifier
-from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
+from attnrl.rollout.engine import (
+    Completion,
+    FinishedGeneration,
+    GenerationRequest,
+    PendingGeneration,
+    RolloutEngine,
+    SamplingParams,
+    submit_generation,
+)
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
@@ -50,6 +65,14 @@ from attnrl.training.trainer import PolicyTrainer, TrainSequence
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PhaseRunner = Callable[[str, Callable[[], T]], T]
+
+
+def run_directly(name: str, fn: Callable[[], T]) -> T:
+    """The default phase runner: just call it (an orchestrator passes one that records each phase)."""
+    return fn()
 
 
 @dataclass
@@ -79,8 +102,12 @@ class RLLoop:
         trainer: PolicyTrainer,
         tokenizer: PreTrainedTokenizerBase,
         verifier: Verifier,
+        phases: PhaseRunner = run_directly,
     ) -> None:
+        """``phases`` runs every training step (named ``step-N``) and each phase inside it
+        (``generate``, ``score``, ``update``, …), so a workflow engine can show and time them."""
         self.config = config
+        self.phases = phases
         self.algorithm = config.algorithm
         self.engine = engine
         self.trainer = trainer
@@ -120,7 +147,9 @@ class RLLoop:
         budget = self.config.train.max_generated_tokens
         while self.state.step < steps and (budget is None or self.state.generated_tokens < budget):
             started = time.perf_counter()
-            stats = self._off_policy_step() if self.algorithm.off_policy else self._on_policy_step()
+            step = self._off_policy_step if self.algorithm.off_policy else self._on_policy_step
+            name = f"step-{self.state.step + 1}" if self._updates_this_call() else "bootstrap"
+            stats = self.phases(name, step)
             if stats is None:  # a bootstrapping call of the off-policy pipeline: no update yet
                 continue
             stats["step_time_s"] = time.perf_counter() - started
@@ -128,6 +157,10 @@ class RLLoop:
             if on_step is not None:
                 on_step(stats)
         return self.state.metrics
+
+    def _updates_this_call(self) -> bool:
+        """False for the off-policy pipeline's first call, which only generates (spec §3.2)."""
+        return not self.algorithm.off_policy or self.state.pending_scored is not None
 
     def _batch_size(self) -> int:
         return self.controller.size if self.algorithm.adaptive_batch else self.algorithm.prompt_batch_size
@@ -140,14 +173,23 @@ class RLLoop:
             out.append(self._prompt_ids[problem.uid])
         return out
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
-        if not requests:
-            return []
-        seed = derive_seed(self.config.seed, "generate", self.state.generation_calls)
+    def _submit(self, *parts: list[GenerationRequest]) -> list[PendingGeneration]:
+        """One generation round (one ``generation_calls`` tick), each part submitted with its own seed."""
+        call = self.state.generation_calls
         self.state.generation_calls += 1
-        out = self.engine.generate(requests, self.params, seed)
+        return [
+            submit_generation(self.engine, requests, self.params, derive_seed(self.config.seed, "generate", call, i))
+            if requests else FinishedGeneration([])
+            for i, requests in enumerate(parts)
+        ]
+
+    def _collect(self, pending: PendingGeneration) -> list[list[Completion]]:
+        out = pending.result()
         self.state.generated_tokens += sum(len(c.token_ids) for group in out for c in group)
         return out
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
+        return self._collect(self._submit(requests)[0])
 
     def _initial_requests(self, problems: list[Problem]) -> list[GenerationRequest]:
         n = self.config.rollout.sampling.n
@@ -186,13 +228,13 @@ class RLLoop:
         next_prompts = self.sampler.take(self._batch_size())
         plans, points = self._plan(current) if current else ([], [])
         tokens_before = state.generated_tokens
-        initial_requests = self._initial_requests(upcoming)
-        mc_requests = self._continuation_requests(current or [], points)
-        out = self._generate(initial_requests + mc_requests)
-        scored_next = self._score(upcoming, out[: len(initial_requests)])
+        # Continuations first: they are needed last, so they generate while D is scored.
+        mc, initial = self.phases("generate", lambda: self._submit(
+            self._continuation_requests(current or [], points), self._initial_requests(upcoming)))
+        scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
         stats = None
         if current:
-            stats = self._train(current, plans, points, out[len(initial_requests) :])
+            stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc)))
             stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
             stats["prompt_batch_size"] = float(len(current))
         state.pending_scored, state.pending_prompts = scored_next, next_prompts
@@ -202,10 +244,12 @@ class RLLoop:
         state = self.state
         tokens_before = state.generated_tokens
         problems = self.sampler.take(self._batch_size())
-        scored = self._score(problems, self._generate(self._initial_requests(problems)))
+        completions = self.phases("generate", lambda: self._generate(self._initial_requests(problems)))
+        scored = self.phases("score", lambda: self._score(problems, completions))
         plans, points = self._plan(scored)
-        mc_requests = self._continuation_requests(scored, points)
-        stats = self._train(scored, plans, points, self._generate(mc_requests))
+        continuations = self.phases(
+            "generate-continuations", lambda: self._generate(self._continuation_requests(scored, points)))
+        stats = self.phases("update", lambda: self._train(scored, plans, points, continuations))
         stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
         stats["prompt_batch_size"] = float(len(problems))
         return stats

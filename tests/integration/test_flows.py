@@ -49,6 +49,14 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
     assert names == ["evaluate", "evaluate", "prepare", "report", "train", "warmup"]  # difficulty is off in params.yaml
     assert all(run.state.is_completed() for run in subflows), [(run.name, run.state) for run in subflows]
 
+    # The train flow shows every step and the phases inside it as task runs, all Completed.
+    train_run = next(run for run in subflows if prefect_api.read_flow(run.flow_id).name == "train")
+    task_runs = _task_runs(prefect_api, train_run.id)
+    names = {run.name for run in task_runs}
+    assert {"bootstrap", "step-1", "step-2", "generate", "score", "update"} <= names, names
+    assert sum(run.name == "update" for run in task_runs) == 2
+    assert all(run.state.is_completed() for run in task_runs), [(r.name, r.state) for r in task_runs]
+
     # Every stage's outputs, where the before/after evaluations and the report expect them.
     assert json.loads((tmp_path / "runs" / "eval-init" / "metrics.json").read_text())["benchmarks"]
     assert json.loads((tmp_path / "runs" / "eval" / "metrics.json").read_text())["average"]

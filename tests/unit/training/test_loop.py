@@ -22,15 +22,32 @@ SETTINGS = [
 ]
 
 
-class CountingEngine(HFRolloutEngine):
-    """The real engine, counting its generation calls and requests."""
+class PhaseRecorder:
+    """A phase runner that remembers which phases ran, nested as the loop runs them."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self):
+        self.stack: list[str] = []
+        self.ran: list[tuple[str, ...]] = []
+
+    def __call__(self, name, fn):
+        self.stack.append(name)
+        self.ran.append(tuple(self.stack))
+        try:
+            return fn()
+        finally:
+            self.stack.pop()
+
+
+class CountingEngine(HFRolloutEngine):
+    """The real engine, recording each call's request count and the phase it ran in."""
+
+    def __init__(self, *args, phases: PhaseRecorder, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls: list[int] = []
+        self.phases = phases
+        self.calls: list[tuple[tuple[str, ...], int]] = []
 
     def generate(self, requests, params, seed):
-        self.calls.append(len(requests))
+        self.calls.append((tuple(self.phases.stack), len(requests)))
         return super().generate(requests, params, seed)
 
 
@@ -38,32 +55,44 @@ def _loop(tiny_policy, method):
     model, tokenizer = tiny_policy
     model = copy.deepcopy(model)
     config = resolve_config(preset="tiny", method=method, overrides=[*small_overrides(), *SETTINGS])
-    engine = CountingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    phases = PhaseRecorder()
+    engine = CountingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, phases=phases)
     trainer = PolicyTrainer(
         model, TorchBackend(model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
         algorithm=config.algorithm, train=config.train, temperature=1.0,
     )
     problems = generate_problems(config.data.synthetic, split="train", seed=1)
     verifier = Verifier(timeout_s=5.0)
-    return RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=tokenizer, verifier=verifier), engine
+    loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=tokenizer, verifier=verifier,
+                  phases=phases)
+    return loop, engine
 
 
-def test_one_step_off_policy_makes_one_generation_call_per_step(tiny_policy):
+def test_one_step_off_policy_makes_one_generation_round_per_step(tiny_policy):
     loop, engine = _loop(tiny_policy, "attnrl")
     metrics = loop.run(3)
-    # Bootstrapping call (initial samples of batch 1), then one call per training step (spec §3.2).
-    assert len(engine.calls) == 4 and len(metrics) == 3
-    # From the first training step on, each call mixes initial samples and continuations.
-    assert all(requests > 4 for requests in engine.calls[1:]) or metrics[0]["branch_points"] == 0
+    # Bootstrapping round (initial samples of batch 1), then one round per training step (spec §3.2):
+    # the continuations of C and the initial samples of D, both inside the step's one "generate" phase.
+    assert loop.state.generation_calls == 4 and len(metrics) == 3
+    assert [phases for phases, _ in engine.calls] == [("bootstrap", "generate")] + [
+        (f"step-{k}", "generate") for k in (1, 1, 2, 2, 3, 3)
+    ] or metrics[0]["branch_points"] == 0
+    steps = [ran for ran in engine.phases.ran if len(ran) == 1]
+    assert steps == [("bootstrap",), ("step-1",), ("step-2",), ("step-3",)]
+    assert ("step-2", "update") in engine.phases.ran and ("step-2", "score") in engine.phases.ran
     assert loop.state.step == 3 and loop.state.pending_scored is not None
 
 
 def test_two_step_on_policy_makes_two_calls_per_step(tiny_policy):
     loop, engine = _loop(tiny_policy, "treerl")
     metrics = loop.run(2)
-    assert len(engine.calls) == 4
+    assert [phases for phases, _ in engine.calls] == [
+        ("step-1", "generate"), ("step-1", "generate-continuations"),
+        ("step-2", "generate"), ("step-2", "generate-continuations"),
+    ]
     # TreeRL expands every response at N entropy points (spec §13.2): 4 prompts × 4 × 2 requests.
-    assert engine.calls[1] == 4 * 4 * 2 and metrics[0]["branch_points"] == 32
+    assert engine.calls[1][1] == 4 * 4 * 2 and metrics[0]["branch_points"] == 32
 
 
 def test_grpo_trains_every_initial_response_with_one_call(tiny_policy):
