@@ -7,11 +7,14 @@ validated (:mod:`tasks.checks`); a failed check raises and the next stage never 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
+from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
+from attnrl.stages.report import ReportResult
+from attnrl.stages.train import TrainResult
 from flows.stages import (
     DEFAULT_CONFIG,
     difficulty_flow,
@@ -32,10 +35,18 @@ from tasks.checks import (
 )
 
 
+@dataclass(frozen=True)
+class PipelineResult:
+    before: EvaluationResult  # the warmed-up policy
+    after: EvaluationResult   # the trained policy
+    train: TrainResult
+    report: ReportResult
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-             method: str | None = None) -> dict[str, Any]:
-    """Run every stage; returns the before/after evaluation averages and the report path."""
+             method: str | None = None) -> PipelineResult:
+    """Run every stage; returns the before/after evaluations, the training run and the report."""
     config = load_flow_config(config_path, overrides, method)  # fail fast, before any stage starts
     layout = Layout.of(config, root)
     logger = get_run_logger()
@@ -52,7 +63,7 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
         check_difficulty_task(config, root)
 
     before = evaluate_flow(**common, out_dir=str(layout.runs_dir / "eval-init"))
-    before_metrics = check_eval_metrics_task(before.metrics_path)
+    check_eval_metrics_task(before.metrics_path)
 
     trained = train_flow(**common)
     check_model_dir_task(trained.final_model)
@@ -61,12 +72,8 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
     check_train_metrics_task(trained.metrics_path, None if budgeted else config.train.steps)
 
     after = evaluate_flow(**common, model_dir=str(trained.final_model))
-    after_metrics = check_eval_metrics_task(after.metrics_path)
+    check_eval_metrics_task(after.metrics_path)
 
     report = report_flow(**common)
     check_report_task(report.html_path)
-    return {
-        "before": before_metrics["average"],
-        "after": after_metrics["average"],
-        "report": str(report.html_path),
-    }
+    return PipelineResult(before=before, after=after, train=trained, report=report)

@@ -26,12 +26,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Names the MASTER_PORT that _single_process_env chose, so a child process that inherits the variables
+# (a flow run started from a process that trained) does not take them for a real launcher's.
+_OWN_PORT = "ATTNRL_SINGLE_PROCESS_MASTER_PORT"
+
+
 def _single_process_env() -> None:
-    if "RANK" in os.environ:
-        return
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-    )
+    """A world of one for DeepSpeed when no launcher (deepspeed, torchrun) set one up."""
+    ours = "MASTER_PORT" in os.environ and os.environ.get(_OWN_PORT) == os.environ["MASTER_PORT"]
+    if "RANK" in os.environ and not ours:
+        return  # a real launcher's world
+    if ours and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return  # this process already set it up
+    port = str(_free_port())  # an inherited port is still held by the parent's store
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                      **{_OWN_PORT: port})
 
 
 def deepspeed_config(config: TrainConfig) -> dict[str, Any]:

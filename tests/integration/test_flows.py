@@ -38,8 +38,10 @@ def _task_runs(client, flow_run_id):
 def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path):
     state = pipeline(config_path=CONFIG, overrides=small_overrides(), root=str(tmp_path), return_state=True)
     assert state.is_completed(), state.message
-    summary = state.result()
-    assert set(summary["before"]) == {"mean_at_k", "pass_at_k"} and set(summary["after"]) == {"mean_at_k", "pass_at_k"}
+    result = state.result()
+    assert [s.benchmark for s in result.before.scores] == [s.benchmark for s in result.after.scores] == [
+        "synthetic-L1", "synthetic-L2"]
+    assert result.report.html_path == tmp_path / "reports" / "report.html"
 
     parent = _flow_run(prefect_api, state)
     subflows = prefect_api.read_flow_runs(

@@ -1,0 +1,153 @@
+"""``attnrl``: run a stage's flow, the whole pipeline, or the demo from the command line.
+
+    attnrl prepare|warmup|difficulty|train|evaluate|report   one stage (its Prefect flow)
+    attnrl pipeline      every stage in order, a check between stages (the ``pipeline`` flow)
+    attnrl demo          the pipeline, then accuracy before and after RL per benchmark
+    attnrl config --preset NAME          print a complete params.yaml for a preset
+
+Every command runs the same flows as the deployments (one implementation per stage): with
+``PREFECT_API_URL`` set, runs are recorded on that server and visible in its UI; without it Prefect
+starts a temporary local API for the run. Every stage reads ``--config`` (default ``params.yaml``)
+plus ``--set key.path=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attnrl.config import METHODS, PRESETS, dump_config, resolve_config
+from attnrl.errors import AttnRLError
+from attnrl.eval.metrics import BenchmarkScore, format_table
+
+STAGES = ("prepare", "warmup", "difficulty", "train", "evaluate", "report")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network from a temporary API
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "config":
+            sys.stdout.write(dump_config(resolve_config(preset=args.preset, overrides=args.set)))
+            return 0
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
+        started = time.perf_counter()
+        COMMANDS[args.command](args)
+        print(f"attnrl {args.command}: done in {time.perf_counter() - started:.0f}s")
+        return 0
+    except AttnRLError as exc:
+        print(f"attnrl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _flow_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"config_path": args.config, "overrides": args.set, "root": args.root, "method": args.method}
+
+
+def _stage(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        import flows.stages as stage_flows
+
+        flow = getattr(stage_flows, f"{name}_flow")
+        extra = {"model_dir": args.model} if name == "evaluate" else {}
+        result = flow(**_flow_args(args), **extra)
+        _print_result(name, result)
+
+    return run
+
+
+def _print_result(stage: str, result: Any) -> None:
+    if stage == "prepare":
+        print(f"prepared {result.train_count} training problems -> {result.train_path}")
+        for name, path in result.eval_paths.items():
+            print(f"prepared {result.eval_counts[name]} evaluation problems ({name}) -> {path}")
+    elif stage == "warmup":
+        loss = f", final loss {result.history[-1]['loss']:.4f}" if result.history else ""
+        print(f"warmup: {len(result.history)} SFT steps{loss} -> {result.model_dir}")
+    elif stage == "difficulty":
+        print(f"difficulty: kept {result.kept} of {result.estimated} problems; ADS easy mean "
+              f"{result.easy_mean.mean:.4f} over {result.easy_mean.count} always-solved -> {result.table_path}")
+    elif stage == "train":
+        last = result.metrics[-1] if result.metrics else {}
+        resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+        print(f"train: {len(result.metrics)} steps{resumed}, last reward {last.get('reward', float('nan')):.3f}, "
+              f"{int(last.get('total_generated_tokens', 0))} tokens generated -> {result.final_model}")
+    elif stage == "evaluate":
+        print(format_table(result.scores))
+        print(f"evaluate -> {result.metrics_path}")
+    elif stage == "report":
+        print(f"report: {result.html_path} ({', '.join(p.name for p in result.figures)})")
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from flows.pipeline import pipeline
+
+    result = pipeline(**_flow_args(args))
+    print(format_table(result.after.scores))
+    print(f"report: {result.report.html_path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    """The pipeline on the embedded default, then mean@K before and after RL, per benchmark."""
+    from flows.pipeline import pipeline
+
+    result = pipeline(**_flow_args(args))
+    print("\n== accuracy of the warmed-up policy ==")
+    print(format_table(result.before.scores))
+    print("\n== accuracy after RL ==")
+    print(format_table(result.after.scores))
+    print()
+    print(before_after(result.before.scores, result.after.scores))
+    steps = [{k: round(v, 3) for k, v in row.items() if k in ("step", "reward", "step_time_s")}
+             for row in result.train.metrics]
+    print("training steps:", json.dumps(steps))
+    print(f"report: {result.report.html_path}")
+
+
+def before_after(before: list[BenchmarkScore], after: list[BenchmarkScore]) -> str:
+    lines = [f"{'benchmark':<24} {'before':>8} {'after':>8} {'change':>8}   (mean@K)"]
+    for b, a in zip(before, after, strict=True):
+        lines.append(f"{b.benchmark:<24} {100 * b.mean_at_k:>7.1f}% {100 * a.mean_at_k:>7.1f}% "
+                     f"{100 * (a.mean_at_k - b.mean_at_k):>+7.1f}")
+    mean_b = sum(s.mean_at_k for s in before) / len(before)
+    mean_a = sum(s.mean_at_k for s in after) / len(after)
+    lines.append(f"{'average':<24} {100 * mean_b:>7.1f}% {100 * mean_a:>7.1f}% {100 * (mean_a - mean_b):>+7.1f}")
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    **{name: _stage(name) for name in STAGES}, "pipeline": _pipeline, "demo": _demo,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--config", default="params.yaml", help="run configuration (default: params.yaml)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        cmd.add_argument("--root", default=".", help="directory the config's relative paths start from")
+        cmd.add_argument("--method", default=None, choices=sorted(METHODS), help="apply a method preset")
+        if name == "evaluate":
+            cmd.add_argument("--model", default=None, help="model directory (default: the initial policy)")
+    config_cmd = sub.add_parser("config", help="print a complete configuration for a preset")
+    config_cmd.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    config_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
