@@ -1,6 +1,7 @@
 """One Prefect flow per stage. Each resolves the typed config itself (a bad key or value fails the flow at
-once, naming the field, before any task runs) and calls that stage's task, which calls the one stage
-function in ``attnrl.stages``.
+once, naming the field, before any task runs), calls that stage's task, which calls the one stage
+function in ``attnrl.stages``, and then runs the stage's data check (``tasks/checks.py``; skipped
+with ``checks.enabled=false``), so a bad output stops the flow before anything consumes it.
 
 Every flow takes the same parameters as the CLI: ``config_path`` (``--config``), ``overrides``
 (``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``).
@@ -20,6 +21,7 @@ from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
+from tasks.checks import gate_difficulty_task, gate_evaluation_task, gate_prepared_task, gate_training_input_task
 from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
@@ -35,7 +37,11 @@ def load_flow_config(config_path: str, overrides: list[str] | None, method: str 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                  method: str | None = None) -> PreparedData:
-    return prepare_task(load_flow_config(config_path, overrides, method), root)
+    config = load_flow_config(config_path, overrides, method)
+    result = prepare_task(config, root)
+    if config.checks.enabled:
+        gate_prepared_task(config, root)
+    return result
 
 
 @flow(name="warmup", log_prints=True)
@@ -47,13 +53,22 @@ def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None =
 @flow(name="difficulty", log_prints=True)
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                     method: str | None = None) -> DifficultyResult:
-    return difficulty_task(load_flow_config(config_path, overrides, method), root)
+    config = load_flow_config(config_path, overrides, method)
+    result = difficulty_task(config, root)
+    if config.checks.enabled:
+        gate_difficulty_task(config, root)
+    return result
 
 
 @flow(name="train", log_prints=True)
 def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                method: str | None = None) -> TrainResult:
-    return train_task(load_flow_config(config_path, overrides, method), root)
+    """RL training; with checks on, the input problems are gated first and every step's rollout batch
+    before its update."""
+    config = load_flow_config(config_path, overrides, method)
+    if config.checks.enabled:
+        gate_training_input_task(config, root)
+    return train_task(config, root)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -61,7 +76,11 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
                   method: str | None = None, model_dir: str | None = None,
                   out_dir: str | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
-    return evaluate_task(load_flow_config(config_path, overrides, method), root, model_dir, out_dir)
+    config = load_flow_config(config_path, overrides, method)
+    result = evaluate_task(config, root, model_dir, out_dir)
+    if config.checks.enabled:
+        gate_evaluation_task(config, result.metrics_path, root)
+    return result
 
 
 @flow(name="report", log_prints=True)

@@ -1,7 +1,11 @@
-"""Checks between pipeline stages: read each stage's outputs back and validate them.
+"""Checks between stages: Great Expectations gates on the data a stage hands on, plain checks elsewhere.
 
-A stop-gap until the data-check issue brings the real data checks: every check raises ``DataError``
-naming the file at fault, so the pipeline stops before the next stage starts.
+Each stage flow runs its gate (``infra/data_gates.py``) right after the stage: prepared problems,
+the difficulty table, evaluation results; the train flow also gates its input problems before
+training and every training step's rollout batch before the update. A failing gate raises
+``DataGateError`` (a ``DataError``: never retried) naming the failing expectation and rows, with
+the GX Data Docs report path, so the flow stops before the next stage starts. Outputs without a
+suite (model directories, training metrics, the report) get plain read-back checks.
 """
 
 from __future__ import annotations
@@ -13,24 +17,76 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from attnrl.config.schema import RunConfig
-from attnrl.data.loaders import load_verl_parquet
 from attnrl.errors import DataError
+from attnrl.model.policy import policy_tokenizer
+from attnrl.rollout.prompts import encode_prompt
 from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import benchmark_name
+from attnrl.stages.train import training_problems_path
+from attnrl.training.loop import BatchCheck
+from infra import data_gates
+from infra.data_gates import GateReport
 
 
-def check_prepared(config: RunConfig, root: str | Path = ".") -> dict[str, int]:
-    """The prepared training file and every benchmark file load as verl parquet and are not empty."""
+def gate_problem_files(config: RunConfig, paths: list[Path], root: str | Path = ".") -> list[GateReport]:
+    """The ``prepared_problems`` suite on each verl parquet file in ``paths``."""
+    tokenizer = policy_tokenizer(config)
+    docs = Layout.of(config, root).data_docs(config)
+    reports = []
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"data check prepared_problems: {path} is missing")
+        frame = data_gates.prepared_frame(path, lambda messages: encode_prompt(tokenizer, messages))
+        reports.append(data_gates.run_gate("prepared_problems", frame, config, target=str(path), docs_dir=docs))
+    return reports
+
+
+def gate_prepared(config: RunConfig, root: str | Path = ".") -> list[GateReport]:
+    """Stage 'prepare': the training file and every benchmark file."""
     layout = Layout.of(config, root)
-    files = {"train": layout.prepared_train}
-    files.update({benchmark_name(spec): layout.prepared_eval(benchmark_name(spec)) for spec in config.data.eval})
-    counts = {}
-    for name, path in files.items():
-        problems = load_verl_parquet(path)
-        if not problems:
-            raise DataError(f"check prepare: {path} has no rows")
-        counts[name] = len(problems)
-    return counts
+    paths = [layout.prepared_train] + [layout.prepared_eval(benchmark_name(spec)) for spec in config.data.eval]
+    return gate_problem_files(config, paths, root)
+
+
+def gate_training_input(config: RunConfig, root: str | Path = ".") -> list[GateReport]:
+    """Stage 'train': the problems it is about to read, whoever wrote them (a pull, an edit)."""
+    return gate_problem_files(config, [training_problems_path(config, root)], root)
+
+
+def gate_difficulty(config: RunConfig, root: str | Path = ".") -> GateReport:
+    layout = Layout.of(config, root)
+    path = layout.difficulty_dir / "difficulty.parquet"
+    if not path.is_file():
+        raise DataError(f"data check difficulty_table: {path} is missing")
+    report = data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(path), config, target=str(path),
+                                 docs_dir=layout.data_docs(config))
+    gate_problem_files(config, [layout.difficulty_dir / "train.parquet"], root)
+    return report
+
+
+def gate_evaluation(config: RunConfig, metrics_path: str | Path, root: str | Path = ".") -> list[GateReport]:
+    """Stage 'evaluate': ``samples.parquet`` beside ``metrics.json``, and the metrics themselves."""
+    metrics_path = Path(metrics_path)
+    samples_path = metrics_path.parent / "samples.parquet"
+    for path in (metrics_path, samples_path):
+        if not path.is_file():
+            raise DataError(f"data check eval_results: {path} is missing")
+    samples, metrics = data_gates.eval_frames(samples_path, metrics_path)
+    docs = Layout.of(config, root).data_docs(config)
+    return [data_gates.run_gate("eval_results", samples, config, target=str(samples_path), docs_dir=docs),
+            data_gates.run_gate("eval_metrics", metrics, config, target=str(metrics_path), docs_dir=docs)]
+
+
+def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:
+    """The ``rollout_batch`` suite on every ``checks.rollout_every``-th training step, before its update."""
+    docs = Layout.of(config, root).data_docs(config)
+
+    def check(step: int, paths) -> None:
+        if paths and step % config.checks.rollout_every == 0:
+            data_gates.run_gate("rollout_batch", data_gates.rollout_frame(paths), config,
+                                target=f"training step {step} rollout batch", docs_dir=docs)
+
+    return check
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -39,15 +95,6 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not (model_dir / "config.json").is_file() and not (model_dir / "source.json").is_file():
         raise DataError(f"check model: {model_dir} has no config.json")
     return model_dir
-
-
-def check_difficulty(config: RunConfig, root: str | Path = ".") -> int:
-    """The kept problems load as verl parquet and at least one remains to train on."""
-    path = Layout.of(config, root).difficulty_dir / "train.parquet"
-    problems = load_verl_parquet(path)
-    if not problems:
-        raise DataError(f"check difficulty: {path} kept no problems to train on")
-    return len(problems)
 
 
 def check_train_metrics(path: str | Path, expected_steps: int | None = None) -> int:
@@ -71,23 +118,6 @@ def check_train_metrics(path: str | Path, expected_steps: int | None = None) -> 
     return rows
 
 
-def check_eval_metrics(path: str | Path) -> dict:
-    """``metrics.json`` holds per-benchmark scores and their average."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"check evaluate: {path} is missing")
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"check evaluate: {path} is not valid JSON: {exc}") from None
-    missing = [key for key in ("benchmarks", "average") if not isinstance(metrics, dict) or key not in metrics]
-    if missing:
-        raise DataError(f"check evaluate: {path} lacks {missing}")
-    if not metrics["benchmarks"]:
-        raise DataError(f"check evaluate: {path} has no benchmarks")
-    return metrics
-
-
 def check_report(html_path: str | Path) -> Path:
     html_path = Path(html_path)
     if not html_path.is_file() or html_path.stat().st_size == 0:
@@ -96,9 +126,10 @@ def check_report(html_path: str | Path) -> Path:
 
 
 _CHECK = {"cache_policy": NO_CACHE, "persist_result": False}
-check_prepared_task = task(name="check prepared data", **_CHECK)(check_prepared)
+gate_prepared_task = task(name="data check: prepared problems", **_CHECK)(gate_prepared)
+gate_training_input_task = task(name="data check: training problems", **_CHECK)(gate_training_input)
+gate_difficulty_task = task(name="data check: difficulty table", **_CHECK)(gate_difficulty)
+gate_evaluation_task = task(name="data check: evaluation results", **_CHECK)(gate_evaluation)
 check_model_dir_task = task(name="check model dir", **_CHECK)(check_model_dir)
-check_difficulty_task = task(name="check difficulty", **_CHECK)(check_difficulty)
 check_train_metrics_task = task(name="check train metrics", **_CHECK)(check_train_metrics)
-check_eval_metrics_task = task(name="check eval metrics", **_CHECK)(check_eval_metrics)
 check_report_task = task(name="check report", **_CHECK)(check_report)

@@ -23,6 +23,7 @@ from attnrl.stages.prepare import PreparedData, prepare
 from attnrl.stages.report import ReportResult, build_report
 from attnrl.stages.train import TrainResult, train
 from attnrl.stages.warmup import WarmupResult, warmup
+from tasks.checks import rollout_batch_gate
 from tasks.retry import RETRIES, RETRY_DELAY_SECONDS, retry_unless_deterministic
 
 # Stages write files: never skip one because an earlier run had the same inputs.
@@ -97,7 +98,8 @@ def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
                     stats.get("reward", float("nan")), int(stats.get("generated_tokens", 0)),
                     stats.get("step_time_s", float("nan")))
 
-    result = train(config, root, on_step=on_step, phases=train_phase)
+    check_batch = rollout_batch_gate(config, root) if config.checks.enabled else None
+    result = train(config, root, on_step=on_step, phases=train_phase, check_batch=check_batch)
     last = result.metrics[-LAST_STEPS:]
     if last:
         columns = [c for c in TRAIN_METRIC_COLUMNS if any(c in row for row in last)]

@@ -354,6 +354,22 @@ class PathsConfig(_Section):
     reports_dir: str = Field(default="reports", description="HTML report and plots.")
 
 
+class ChecksConfig(_Section):
+    """Data checks between stages (Great Expectations gates, ``infra/data_gates.py``)."""
+
+    enabled: bool = Field(default=True, description="Run the gates after each stage and on each training batch.")
+    data_docs_dir: str = Field(
+        default="reports/data-checks", description="GX Data Docs HTML of every gate run (index.html)."
+    )
+    rollout_every: int = Field(
+        default=1, ge=1, description="Validate the rollout batch of every N-th training step (1 = every step)."
+    )
+    min_nonzero_advantage_ratio: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Least fraction of a training batch's paths with a non-zero advantage somewhere.",
+    )
+
+
 class RunConfig(_Section):
     """Everything one run reads. Serialised as params.yaml, grouped by stage."""
 
@@ -368,3 +384,4 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'evaluate'.")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL method.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 'train'.")
+    checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Data checks between stages.")

@@ -50,3 +50,7 @@ class Layout:
     @property
     def eval_dir(self) -> Path:
         return self.runs_dir / "eval"
+
+    def data_docs(self, config: RunConfig) -> Path:
+        """Great Expectations Data Docs of the data checks (``checks.data_docs_dir``)."""
+        return self.root / config.checks.data_docs_dir

@@ -44,8 +44,8 @@ def prepare(config: RunConfig, root: str | Path = ".") -> PreparedData:
     dropped = 0
     train: list[Problem] = []
     for spec in config.data.train:
-        kept, n_dropped = _within_prompt_limit(load_source(spec, config.data, split="train", seed=config.seed),
-                                               tokenizer, config.data.max_prompt_tokens)
+        problems = _check_unique(load_source(spec, config.data, split="train", seed=config.seed), spec.path or spec.kind)
+        kept, n_dropped = _within_prompt_limit(problems, tokenizer, config.data.max_prompt_tokens)
         train.extend(kept)
         dropped += n_dropped
     _check_unique(train, "training data")
@@ -80,9 +80,11 @@ def _within_prompt_limit(
     return kept, len(problems) - len(kept)
 
 
-def _check_unique(problems: list[Problem], what: str) -> None:
-    seen: set[str] = set()
-    for problem in problems:
+def _check_unique(problems: list[Problem], what: str) -> list[Problem]:
+    """Within one source, positions are file rows (with ``on_invalid: error``)."""
+    seen: dict[str, int] = {}
+    for position, problem in enumerate(problems):
         if problem.uid in seen:
-            raise DataError(f"{what}: duplicate problem id {problem.uid!r}")
-        seen.add(problem.uid)
+            raise DataError(f"{what}: row {position} repeats the problem id {problem.uid!r} of row {seen[problem.uid]}")
+        seen[problem.uid] = position
+    return problems

@@ -27,7 +27,7 @@ from attnrl.stages.layout import Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
 from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
-from attnrl.training.loop import PhaseRunner, RLLoop, run_directly
+from attnrl.training.loop import BatchCheck, PhaseRunner, RLLoop, run_directly
 from attnrl.training.trainer import PolicyTrainer
 from attnrl.utils.atomic import atomic_path
 from attnrl.utils.seeding import seed_everything
@@ -43,6 +43,12 @@ class TrainResult:
     resumed_from: Path | None
 
 
+def training_problems_path(config: RunConfig, root: str | Path = ".") -> Path:
+    """What training reads: with the difficulty stage on, the problems it kept (spec §7: informative batches)."""
+    layout = Layout.of(config, root)
+    return layout.difficulty_dir / "train.parquet" if config.difficulty.enabled else layout.prepared_train
+
+
 def train(
     config: RunConfig,
     root: str | Path = ".",
@@ -50,11 +56,13 @@ def train(
     run_dir: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     phases: PhaseRunner = run_directly,
+    check_batch: BatchCheck | None = None,
 ) -> TrainResult:
     """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved.
 
     ``phases`` runs each step and its phases (see ``RLLoop``); the train flow passes one that makes
-    them Prefect task runs.
+    them Prefect task runs. ``check_batch`` sees each step's training paths before the update (the
+    rollout-batch data check) and stops training by raising.
     """
     layout = Layout.of(config, root)
     run = Path(run_dir) if run_dir is not None else layout.train_dir
@@ -81,13 +89,10 @@ def train(
         temperature=config.rollout.sampling.temperature,
         autocast=autocast_dtype(config.train, policy.model.device),
     )
-    # With the difficulty stage on, train on the problems it kept (spec §7: informative batches).
-    problems = load_verl_parquet(
-        layout.difficulty_dir / "train.parquet" if config.difficulty.enabled else layout.prepared_train
-    )
+    problems = load_verl_parquet(training_problems_path(config, root))
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
-                      verifier=verifier, phases=phases)
+                      verifier=verifier, phases=phases, check_batch=check_batch)
         loop.easy_mean = ads_seed(config, root)
         if resume is not None:
             loop.load_state_dict(load_loop_state(resume))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -62,12 +62,14 @@ from attnrl.training.rollouts import (
     training_sequences,
 )
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from attnrl.tree import TrainingPath
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PhaseRunner = Callable[[str, Callable[[], T]], T]
+BatchCheck = Callable[[int, Sequence[TrainingPath]], None]  # (step, the paths it will train on)
 
 
 def run_directly(name: str, fn: Callable[[], T]) -> T:
@@ -103,11 +105,13 @@ class RLLoop:
         tokenizer: PreTrainedTokenizerBase,
         verifier: Verifier,
         phases: PhaseRunner = run_directly,
+        check_batch: BatchCheck | None = None,
     ) -> None:
         """``phases`` runs every training step (named ``step-N``) and each phase inside it
         (``generate``, ``score``, ``update``, …), so a workflow engine can show and time them."""
         self.config = config
         self.phases = phases
+        self.check_batch = check_batch
         self.algorithm = config.algorithm
         self.engine = engine
         self.trainer = trainer
@@ -273,6 +277,8 @@ class RLLoop:
         mc_logprobs = self.trainer.logprobs(prefixes, [c.token_ids for _, c in flat]) if flat else []
         built = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
         trees, dropped_zero = trainable_trees(built, self.algorithm)
+        if self.check_batch is not None:  # before anything is trained on it
+            self.check_batch(self.state.step + 1, [path for tree in trees for path in tree.paths])
         sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in batch})
         if self.algorithm.kl_coef > 0 and sequences:
             refs = self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], reference=True)
