@@ -60,7 +60,7 @@ def _stage(name: str) -> Callable[[argparse.Namespace], None]:
         import flows.stages as stage_flows
 
         flow = getattr(stage_flows, f"{name}_flow")
-        extra = {"model_dir": args.model} if name == "evaluate" else {}
+        extra = {"model_dir": args.model, "out_dir": args.out} if name == "evaluate" else {}
         result = flow(**_flow_args(args), **extra)
         _print_result(name, result)
 
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--method", default=None, choices=sorted(METHODS), help="apply a method preset")
         if name == "evaluate":
             cmd.add_argument("--model", default=None, help="model directory (default: the initial policy)")
+            cmd.add_argument("--out", default=None, help="output directory (default: runs/eval)")
     config_cmd = sub.add_parser("config", help="print a complete configuration for a preset")
     config_cmd.add_argument("--preset", required=True, choices=sorted(PRESETS))
     config_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -107,7 +107,7 @@ def _difficulty_table(config: RunConfig) -> list[Any]:
 
     return [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
+        gxe.ExpectColumnValuesToBeUnique(column="id"),  # source/problem_id
         gxe.ExpectColumnValuesToBeBetween(column="pass_rate", min_value=0, max_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="samples", min_value=1),
         gxe.ExpectColumnValuesToBeBetween(column="correct", min_value=0),
@@ -186,7 +186,7 @@ def prepared_frame(path: Path, encode: Callable[[list[dict[str, str]]], Sequence
 def difficulty_frame(path: Path) -> pd.DataFrame:
     frame = pq.read_table(path).to_pandas()
     frame.insert(0, "row", range(len(frame)))
-    frame["id"] = frame["source"].astype(str) + "/" + frame["id"].astype(str)
+    frame["id"] = frame["source"].astype(str) + "/" + frame["problem_id"].astype(str)
     frame["counts_consistent"] = [
         s >= 1 and 0 <= c <= s and math.isclose(c / s, p, abs_tol=1e-9)
         for c, s, p in zip(frame["correct"], frame["samples"], frame["pass_rate"], strict=True)

@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("out")
     parser.add_argument("--wait-text", default=None, help="wait until this text is on the page")
+    parser.add_argument("--tab", default=None, help="open this tab of a run page first (e.g. 'Task Runs')")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--width", type=int, default=1440)
     parser.add_argument("--height", type=int, default=900)
@@ -37,6 +38,11 @@ def main() -> None:
         if args.wait_text:
             page.get_by_text(args.wait_text).first.wait_for(timeout=60_000)
         page.wait_for_timeout(2_000)  # let charts and the run graph finish drawing
+        if args.tab:  # e.g. "Task Runs": the list below the run graph
+            page.get_by_text(args.tab, exact=True).first.click()
+            page.wait_for_timeout(2_000)
+            page.mouse.wheel(0, 420)
+            page.wait_for_timeout(1_000)
         page.screenshot(path=args.out)
         browser.close()
 

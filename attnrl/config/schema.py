@@ -359,7 +359,7 @@ class ChecksConfig(_Section):
 
     enabled: bool = Field(default=True, description="Run the gates after each stage and on each training batch.")
     data_docs_dir: str = Field(
-        default="reports/data-checks", description="GX Data Docs HTML of every gate run (index.html)."
+        default="runs/data-checks", description="GX Data Docs HTML of every gate run (index.html)."
     )
     rollout_every: int = Field(
         default=1, ge=1, description="Validate the rollout batch of every N-th training step (1 = every step)."

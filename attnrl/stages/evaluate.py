@@ -27,6 +27,7 @@ from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.warmup import initial_policy_path
+from attnrl.lineage import lineage, write_lineage
 from attnrl.utils.atomic import atomic_path
 from attnrl.utils.seeding import derive_seed
 
@@ -44,8 +45,9 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
              out_dir: str | Path | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) on every configured benchmark."""
     layout = Layout.of(config, root)
-    policy = load_policy(model_dir or initial_policy_path(config, root), dtype=config.model.dtype,
-                         device=config.model.device)
+    model_path = Path(model_dir or initial_policy_path(config, root))
+    policy = load_policy(model_path, dtype=config.model.dtype, device=config.model.device)
+    inputs = [model_path] + [layout.prepared_eval(benchmark_name(spec)) for spec in config.data.eval]
     engine = build_engine(policy, config.rollout)
     rows: list[dict[str, object]] = []
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
@@ -58,6 +60,7 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
     )
     out = Path(out_dir) if out_dir is not None else layout.eval_dir
     with atomic_path(out) as tmp:
+        write_lineage(tmp, lineage(config, inputs, root))
         tmp.mkdir()
         pq.write_table(pa.Table.from_pylist(rows), tmp / "samples.parquet")
         (tmp / "metrics.json").write_text(json.dumps(summarise(scores), indent=2))

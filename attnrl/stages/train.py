@@ -1,16 +1,19 @@
 """Stage 'train': RL from the initial policy, resumable from the newest checkpoint (spec §3).
 
-Writes ``runs/train/checkpoints/step_*/`` (model, optimizer, loop state), ``runs/train/metrics.jsonl``
-(one row of spec §15.4 metrics per step) and ``runs/train/final/`` (the last policy, a plain
-``save_pretrained`` directory the evaluate stage reads). A re-run continues from the newest
+Writes ``runs/train/checkpoints/step_*/`` (model, optimizer, loop state, lineage),
+``runs/train/metrics.jsonl`` and ``metrics.csv`` (one row of spec §15.4 metrics per step),
+``runs/train/lineage.json`` and ``runs/train/final/`` (the last policy, a plain ``save_pretrained``
+directory the evaluate stage reads). A re-run continues from the newest
 checkpoint instead of starting over.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
+from attnrl.lineage import LINEAGE_FILE, lineage, write_lineage
 from attnrl.model.loading import PolicyBundle, load_policy, save_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.factory import build_engine, engine_session
@@ -70,6 +74,11 @@ def train(
     seed_everything(config.seed)
     init = initial_policy_path(config, root)
     resume = latest_checkpoint(checkpoints)
+    if resume is not None and (changed := config_changes(resume, config)):
+        # Another configuration's run (e.g. `dvc repro` after a parameter change): start over.
+        logger.warning("%s was trained with different %s; starting a new run in %s", resume, ", ".join(changed), run)
+        shutil.rmtree(checkpoints)
+        resume = None
     # The trained copy holds fp32 master weights (bf16 only inside autocast, see train.precision); the
     # rollout engine and the frozen reference use model.dtype.
     policy = load_policy(resume / "model" if resume else init, dtype="float32", device=config.model.device)
@@ -90,6 +99,7 @@ def train(
         autocast=autocast_dtype(config.train, policy.model.device),
     )
     problems = load_verl_parquet(training_problems_path(config, root))
+    provenance = lineage(config, [training_problems_path(config, root), init], root)
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
                       verifier=verifier, phases=phases, check_batch=check_batch)
@@ -105,16 +115,51 @@ def train(
             if step % config.train.save_every == 0 or step == config.train.steps:
                 save_checkpoint(checkpoints, step=step, model=policy.model, tokenizer=policy.tokenizer,
                                 optimizer_state=backend.state_dict(), loop_state=loop.state_dict(),
-                                keep=config.train.keep_checkpoints)
+                                keep=config.train.keep_checkpoints, lineage=provenance)
             if on_step is not None:
                 on_step(stats)
 
         metrics = loop.run(config.train.steps, on_step=record)
     final = save_policy(policy.model, policy.tokenizer, run / "final")
     _write_metrics(run / "metrics.jsonl", metrics)
+    write_lineage(run, provenance)
     return TrainResult(final, run / "metrics.jsonl", metrics, resume)
 
 
+# What may change between a run and its resumption: how far to train and how often to save.
+RESUMABLE_CHANGES = ("train.steps", "train.max_generated_tokens", "train.save_every", "train.keep_checkpoints")
+IGNORED_SECTIONS = ("checks", "eval", "paths")  # read by other stages or not at all by training
+
+
+def config_changes(checkpoint: Path, config: RunConfig) -> list[str]:
+    """Config keys whose values differ from those recorded in ``checkpoint``'s lineage (none recorded: [])."""
+    path = checkpoint / LINEAGE_FILE
+    if not path.is_file():
+        return []
+    before = _flatten(json.loads(path.read_text())["config"])
+    now = _flatten(config.model_dump(mode="json"))
+    keys = sorted(set(before) | set(now))
+    return [k for k in keys if before.get(k) != now.get(k)
+            and k not in RESUMABLE_CHANGES and k.split(".")[0] not in IGNORED_SECTIONS]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    """``metrics.jsonl`` and the same rows as ``metrics.csv`` (what ``dvc plots`` reads)."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path.with_suffix(".csv")) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

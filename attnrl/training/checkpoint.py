@@ -1,6 +1,6 @@
 """Training checkpoints: weights, optimizer, loop state; written atomically, newest found on resume.
 
-Layout: ``<run>/checkpoints/step_000010/{model/, optimizer.pt, loop_state.pt}`` plus
+Layout: ``<run>/checkpoints/step_000010/{model/, optimizer.pt, loop_state.pt, lineage.json}`` plus
 ``<run>/checkpoints/latest`` naming the newest complete one. A checkpoint directory appears
 only once complete (temporary path, then rename), so a killed save never leaves a half one
 that a resume would pick up.
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from attnrl.lineage import write_lineage
 from attnrl.training.loop import LoopState
 from attnrl.utils.atomic import atomic_path
 
@@ -33,6 +34,7 @@ def save_checkpoint(
     optimizer_state: dict,
     loop_state: LoopState,
     keep: int,
+    lineage: dict | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / checkpoint_name(step)
@@ -48,6 +50,8 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp / "model")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(loop_state, tmp / "loop_state.pt")
+        if lineage is not None:
+            write_lineage(tmp, lineage)
     with atomic_path(directory / LATEST) as tmp:
         tmp.write_text(target.name)
     for old in sorted(p for p in directory.glob("step_*") if p.is_dir())[:-keep]:

@@ -77,8 +77,8 @@ def test_bad_training_problems_stop_the_train_flow_naming_the_row(prefect_api, t
     assert f"row {BAD_ROW} (id aime24/" in message, message
     if case == "duplicate id":
         assert "row 0 (id aime24/" in message  # both copies are named
-    assert (tmp_path / "reports" / "data-checks" / "index.html").is_file()
-    assert not (tmp_path / "runs").exists()  # nothing downstream ran
+    assert (tmp_path / "runs" / "data-checks" / "index.html").is_file()
+    assert not (tmp_path / "runs" / "train").exists()  # nothing downstream ran
     assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == earlier
 
 
@@ -93,7 +93,7 @@ def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_ap
     with pytest.raises(DataError) as error:
         state.result()
     assert f"row {BAD_ROW}" in str(error.value), str(error.value)
-    assert not (root / "models").exists() and not (root / "runs").exists()  # no later stage started
+    assert not (root / "models").exists() and not (root / "runs" / "eval-init").exists()  # no later stage
 
 
 def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tmp_path, monkeypatch):
@@ -129,9 +129,9 @@ def test_difficulty_and_evaluation_gates_name_the_bad_rows(tmp_path):
 
     config = resolve_config(path=CONFIG)
     table = pa.Table.from_pylist([
-        {"source": "aime24", "id": "0", "samples": 4, "correct": 2, "pass_rate": 0.5, "mean_fci": 0.1, "kept": True},
-        {"source": "aime24", "id": "1", "samples": 4, "correct": 3, "pass_rate": 0.5, "mean_fci": 0.1, "kept": True},
-        {"source": "aime24", "id": "2", "samples": 4, "correct": 6, "pass_rate": 1.5, "mean_fci": 0.1, "kept": False},
+        {"source": "aime24", "problem_id": "0", "samples": 4, "correct": 2, "pass_rate": 0.5, "mean_fci": 0.1, "kept": True},
+        {"source": "aime24", "problem_id": "1", "samples": 4, "correct": 3, "pass_rate": 0.5, "mean_fci": 0.1, "kept": True},
+        {"source": "aime24", "problem_id": "2", "samples": 4, "correct": 6, "pass_rate": 1.5, "mean_fci": 0.1, "kept": False},
     ])
     pq.write_table(table, tmp_path / "difficulty.parquet")
     with pytest.raises(DataGateError) as error:
