@@ -1,6 +1,6 @@
 """DVC from the pipeline: record a stage's outputs after it ran, push them, and read artifacts on S3.
 
-``record_stage`` is ``dvc commit <stage> --force`` through DVC's Python API: it hashes the
+``record_stage`` is ``dvc commit <stage> --force`` (run in the project directory): it hashes the
 stage's deps, params and outs as they are now, copies the outs into the cache and writes
 ``dvc.lock``, so after a pipeline run ``dvc status`` is clean and ``dvc repro`` has nothing to do.
 When the project has a default remote, the stage's outputs are pushed to it. Errors name the stage
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,40 +36,37 @@ def is_dvc_project(root: str | Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
-def default_remote(root: str | Path) -> str | None:
-    from dvc.repo import Repo
+def _dvc(root: str | Path, *args: str) -> subprocess.CompletedProcess:
+    # A subprocess in the project directory: DVC resolves stage paths against the working directory,
+    # which in a flow run is not necessarily the project.
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
 
-    with Repo(str(root)) as repo:
-        return repo.config["core"].get("remote")
+
+def _failure(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return "\n".join(lines[-8:]) or f"exit status {done.returncode}"
+
+
+def default_remote(root: str | Path) -> str | None:
+    done = _dvc(root, "remote", "default")
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def record_stage(root: str | Path, stage: str) -> None:
     """``dvc commit <stage> --force``: outs into the cache, hashes into ``dvc.lock``."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            repo.commit(stage, force=True)
-    except DvcException as exc:
-        raise VersioningError(f"dvc commit {stage} in {root} failed: {exc}") from exc
+    done = _dvc(root, "commit", stage, "--force")
+    if done.returncode != 0:
+        raise VersioningError(f"dvc commit {stage} in {root} failed: {_failure(done)}")
     logger.info("dvc: recorded stage %s", stage)
 
 
-def push_stage(root: str | Path, stage: str, remote: str | None = None) -> int:
-    """``dvc push <stage>`` to ``remote`` (default: the project's default remote); files pushed."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
-
-    try:
-        with Repo(str(root)) as repo:
-            remote = remote or repo.config["core"].get("remote")
-            pushed = repo.push(targets=[stage], remote=remote)
-    except Exception as exc:  # DvcException, or botocore's connection errors raised through s3fs
-        kind = "" if isinstance(exc, DvcException) else f"{type(exc).__name__}: "
-        raise VersioningError(f"dvc push {stage} to remote {remote!r} failed: {kind}{exc}") from exc
-    logger.info("dvc: pushed %s files of stage %s to %s", pushed, stage, remote)
-    return pushed
+def push_stage(root: str | Path, stage: str, remote: str | None = None) -> None:
+    """``dvc push <stage>`` to ``remote`` (default: the project's default remote)."""
+    done = _dvc(root, "push", stage, *(["--remote", remote] if remote else []))
+    if done.returncode != 0:
+        raise VersioningError(f"dvc push {stage} to remote {remote or 'default'!r} failed: {_failure(done)}")
+    logger.info("dvc: pushed stage %s: %s", stage, done.stdout.strip().splitlines()[-1:] or "")
 
 
 @dataclass(frozen=True)

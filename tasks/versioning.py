@@ -38,8 +38,8 @@ def record_stage_task(root: str | Path, stage: str) -> None:
 
 @task(name="dvc push", cache_policy=NO_CACHE, persist_result=False, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_SECONDS)
-def push_stage_task(root: str | Path, stage: str) -> int:
-    return dvc_store.push_stage(root, stage)
+def push_stage_task(root: str | Path, stage: str) -> None:
+    dvc_store.push_stage(root, stage)
 
 
 def record(root: str | Path, stage: str, stages: set[str], remote: str | None) -> None:

@@ -60,8 +60,8 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
     )
     out = Path(out_dir) if out_dir is not None else layout.eval_dir
     with atomic_path(out) as tmp:
-        write_lineage(tmp, lineage(config, inputs, root))
         tmp.mkdir()
+        write_lineage(tmp, lineage(config, inputs, root))
         pq.write_table(pa.Table.from_pylist(rows), tmp / "samples.parquet")
         (tmp / "metrics.json").write_text(json.dumps(summarise(scores), indent=2))
     return EvaluationResult(scores, out / "metrics.json", out / "samples.parquet")

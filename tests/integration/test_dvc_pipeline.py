@@ -92,7 +92,7 @@ def test_repro_runs_every_stage_then_has_nothing_to_do(reproduced):
     assert ran_stages(first) == ALL_STAGES, first
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert set(lock) == ALL_STAGES
-    assert lock["train"]["params"]["params.yaml"]["train.steps"] == 2
+    assert lock["train"]["params"]["params.yaml"]["train"]["steps"] == 2
     assert all((project / name).exists() for name in OUTPUTS)
 
     second = run(["dvc", "repro"], project, env)
@@ -205,14 +205,28 @@ def _boto_credentials() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 
 
-def test_after_the_prefect_pipeline_dvc_status_is_clean_and_repro_has_nothing_to_do(prefect_api, tmp_path):
+def test_after_the_prefect_pipeline_dvc_status_is_clean_and_every_stage_is_pushed(
+        prefect_api, tmp_path, moto_s3, monkeypatch):
+    import boto3
+
     from flows.pipeline import pipeline
 
+    _, endpoint = moto_s3
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
     env = _env(str(prefect_api.api_url))
     project = make_project(tmp_path / "project", env)
+    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+    s3.create_bucket(Bucket="attnrl")
+    run(["dvc", "remote", "add", "-d", "s3", "s3://attnrl/dvc"], project, env)
+    run(["dvc", "remote", "modify", "s3", "endpointurl", endpoint], project, env)
+
     state = pipeline(config_path=str(project / "params.yaml"), root=str(project), return_state=True)
     assert state.is_completed(), state.message
     assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ALL_STAGES
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
     repro = run(["dvc", "repro"], project, env)
     assert ran_stages(repro.stdout) == set() and "Data and pipelines are up to date" in repro.stdout, repro.stdout
+    # Pushed as each stage finished: the remote has every cached object.
+    assert "are in sync" in run(["dvc", "status", "--cloud"], project, env).stdout
+    assert s3.list_objects_v2(Bucket="attnrl", Prefix="dvc/")["KeyCount"] > 0
