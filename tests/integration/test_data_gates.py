@@ -5,6 +5,7 @@ downstream and overwrites no earlier output."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pyarrow as pa
@@ -13,7 +14,6 @@ import pytest
 
 import attnrl.training.loop as loop_module
 from attnrl.errors import DataError
-from attnrl.tree import TrainingPath
 from flows.pipeline import pipeline
 from flows.stages import prepare_flow, train_flow, warmup_flow
 from infra import data_gates
@@ -107,9 +107,8 @@ def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tm
         trees, dropped = real(built, algorithm)
         tree = trees[0]
         path = tree.paths[0]
-        broken = TrainingPath(path.question, path.response_index, path.token_ids, path.logprobs,
-                              (math.nan, *path.advantages[1:]), path.reward, path.original_tokens)
-        trees[0] = type(tree)(tree.question, tree.root_value, (broken, *tree.paths[1:]), tree.leaf_rewards)
+        broken = dataclasses.replace(path, advantages=(math.nan, *path.advantages[1:]))
+        trees[0] = dataclasses.replace(tree, paths=(broken, *tree.paths[1:]))
         return trees, dropped
 
     monkeypatch.setattr(loop_module, "trainable_trees", with_a_nan)

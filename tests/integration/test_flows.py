@@ -152,9 +152,7 @@ def test_between_stage_checks_reject_bad_outputs(tmp_path):
     bad_jsonl.write_text('{"step": 1}\nnot json\n')
     with pytest.raises(DataError, match="line 2"):
         checks.check_train_metrics(bad_jsonl)
-    metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"benchmarks": [{"benchmark": "x"}]}))
-    with pytest.raises(DataError, match="average"):
-        checks.check_eval_metrics(metrics)
+    with pytest.raises(DataError, match="report.html is missing"):
+        checks.check_report(tmp_path / "report.html")
     with pytest.raises(DataError, match="config.json"):
         checks.check_model_dir(tmp_path)
