@@ -73,8 +73,8 @@ def _print_result(stage: str, result: Any) -> None:
         for name, path in result.eval_paths.items():
             print(f"prepared {result.eval_counts[name]} evaluation problems ({name}) -> {path}")
     elif stage == "warmup":
-        loss = f", final loss {result.history[-1]['loss']:.4f}" if result.history else ""
-        print(f"warmup: {len(result.history)} SFT steps{loss} -> {result.model_dir}")
+        loss = f"final SFT loss {result.history[-1]['loss']:.4f}" if result.history else "initial policy recorded"
+        print(f"warmup: {loss} -> {result.model_dir}")
     elif stage == "difficulty":
         print(f"difficulty: kept {result.kept} of {result.estimated} problems; ADS easy mean "
               f"{result.easy_mean.mean:.4f} over {result.easy_mean.count} always-solved -> {result.table_path}")
