@@ -1,7 +1,8 @@
 """One Prefect flow per stage. Each resolves the typed config itself (a bad key or value fails the flow at
-once, naming the field, before any task runs), calls that stage's task, which calls the one stage
-function in ``attnrl.stages``, and then runs the stage's data check (``tasks/checks.py``; skipped
-with ``checks.enabled=false``), so a bad output stops the flow before anything consumes it.
+once, naming the field, before any task runs) and calls that stage's task, which calls the one stage
+function in ``attnrl.stages`` with the stage's data check (``tasks/checks.py``; skipped with
+``checks.enabled=false``): a bad output fails the flow before it replaces the previous output, so
+nothing downstream consumes it.
 
 Every flow takes the same parameters as the CLI: ``config_path`` (``--config``), ``overrides``
 (``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``).
@@ -21,7 +22,7 @@ from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
-from tasks.checks import gate_difficulty_task, gate_evaluation_task, gate_prepared_task, gate_training_input_task
+from tasks.checks import gate_training_input_task
 from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
@@ -37,11 +38,7 @@ def load_flow_config(config_path: str, overrides: list[str] | None, method: str 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                  method: str | None = None) -> PreparedData:
-    config = load_flow_config(config_path, overrides, method)
-    result = prepare_task(config, root)
-    if config.checks.enabled:
-        gate_prepared_task(config, root)
-    return result
+    return prepare_task(load_flow_config(config_path, overrides, method), root)
 
 
 @flow(name="warmup", log_prints=True)
@@ -53,11 +50,7 @@ def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None =
 @flow(name="difficulty", log_prints=True)
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                     method: str | None = None) -> DifficultyResult:
-    config = load_flow_config(config_path, overrides, method)
-    result = difficulty_task(config, root)
-    if config.checks.enabled:
-        gate_difficulty_task(config, root)
-    return result
+    return difficulty_task(load_flow_config(config_path, overrides, method), root)
 
 
 @flow(name="train", log_prints=True)
@@ -76,11 +69,7 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
                   method: str | None = None, model_dir: str | None = None,
                   out_dir: str | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
-    config = load_flow_config(config_path, overrides, method)
-    result = evaluate_task(config, root, model_dir, out_dir)
-    if config.checks.enabled:
-        gate_evaluation_task(config, result.metrics_path, root)
-    return result
+    return evaluate_task(load_flow_config(config_path, overrides, method), root, model_dir, out_dir)
 
 
 @flow(name="report", log_prints=True)

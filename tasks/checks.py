@@ -1,8 +1,9 @@
 """Checks between stages: Great Expectations gates on the data a stage hands on, plain checks elsewhere.
 
-Each stage flow runs its gate (``infra/data_gates.py``) right after the stage: prepared problems,
-the difficulty table, evaluation results; the train flow also gates its input problems before
-training and every training step's rollout batch before the update. A failing gate raises
+The gates (``infra/data_gates.py``) run inside the stage tasks, on a stage's complete new output
+while it still sits at its temporary path (prepared problems, the difficulty table, evaluation
+results): a failing gate leaves the previous output in place. The train flow also gates its input
+problems before training and every step's rollout batch before the update. A failing gate raises
 ``DataGateError`` (a ``DataError``: never retried) naming the failing expectation and rows, with
 the GX Data Docs report path, so the flow stops before the next stage starts. Outputs without a
 suite (model directories, training metrics, the report) get plain read-back checks.
@@ -20,7 +21,7 @@ from attnrl.config.schema import RunConfig
 from attnrl.errors import DataError
 from attnrl.model.policy import policy_tokenizer
 from attnrl.rollout.prompts import encode_prompt
-from attnrl.stages.layout import Layout
+from attnrl.stages.layout import TRAIN_FILE, Layout, eval_file
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.train import training_problems_path
 from attnrl.training.loop import BatchCheck
@@ -28,53 +29,57 @@ from infra import data_gates
 from infra.data_gates import GateReport
 
 
-def gate_problem_files(config: RunConfig, paths: list[Path], root: str | Path = ".") -> list[GateReport]:
-    """The ``prepared_problems`` suite on each verl parquet file in ``paths``."""
+def gate_problem_files(config: RunConfig, files: list[tuple[Path, Path]], root: str | Path = ".") -> list[GateReport]:
+    """The ``prepared_problems`` suite on each (file to read, path to name it by) pair."""
     tokenizer = policy_tokenizer(config)
     docs = Layout.of(config, root).data_docs(config)
     reports = []
-    for path in paths:
+    for path, name in files:
         if not path.is_file():
-            raise DataError(f"data check prepared_problems: {path} is missing")
+            raise DataError(f"data check prepared_problems: {name} is missing")
         frame = data_gates.prepared_frame(path, lambda messages: encode_prompt(tokenizer, messages))
-        reports.append(data_gates.run_gate("prepared_problems", frame, config, target=str(path), docs_dir=docs))
+        reports.append(data_gates.run_gate("prepared_problems", frame, config, target=str(name), docs_dir=docs))
     return reports
 
 
-def gate_prepared(config: RunConfig, root: str | Path = ".") -> list[GateReport]:
-    """Stage 'prepare': the training file and every benchmark file."""
-    layout = Layout.of(config, root)
-    paths = [layout.prepared_train] + [layout.prepared_eval(benchmark_name(spec)) for spec in config.data.eval]
-    return gate_problem_files(config, paths, root)
+def gate_prepared(config: RunConfig, root: str | Path, directory: Path) -> list[GateReport]:
+    """Stage 'prepare': the training file and every benchmark file of a new ``data/prepared`` at ``directory``."""
+    final = Layout.of(config, root).prepared_dir
+    names = [TRAIN_FILE] + [eval_file(benchmark_name(spec)) for spec in config.data.eval]
+    return gate_problem_files(config, [(directory / name, final / name) for name in names], root)
 
 
 def gate_training_input(config: RunConfig, root: str | Path = ".") -> list[GateReport]:
     """Stage 'train': the problems it is about to read, whoever wrote them (a pull, an edit)."""
-    return gate_problem_files(config, [training_problems_path(config, root)], root)
+    path = training_problems_path(config, root)
+    return gate_problem_files(config, [(path, path)], root)
 
 
-def gate_difficulty(config: RunConfig, root: str | Path = ".") -> GateReport:
+def gate_difficulty(config: RunConfig, root: str | Path, directory: Path) -> GateReport:
+    """Stage 'difficulty': the table and the kept problems of a new ``data/difficulty`` at ``directory``."""
     layout = Layout.of(config, root)
-    path = layout.difficulty_dir / "difficulty.parquet"
-    if not path.is_file():
-        raise DataError(f"data check difficulty_table: {path} is missing")
-    report = data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(path), config, target=str(path),
-                                 docs_dir=layout.data_docs(config))
-    gate_problem_files(config, [layout.difficulty_dir / "train.parquet"], root)
+    table = directory / "difficulty.parquet"
+    if not table.is_file():
+        raise DataError(f"data check difficulty_table: {layout.difficulty_dir / table.name} is missing")
+    report = data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(table), config,
+                                 target=str(layout.difficulty_dir / table.name), docs_dir=layout.data_docs(config))
+    gate_problem_files(config, [(directory / TRAIN_FILE, layout.difficulty_dir / TRAIN_FILE)], root)
     return report
 
 
-def gate_evaluation(config: RunConfig, metrics_path: str | Path, root: str | Path = ".") -> list[GateReport]:
-    """Stage 'evaluate': ``samples.parquet`` beside ``metrics.json``, and the metrics themselves."""
-    metrics_path = Path(metrics_path)
-    samples_path = metrics_path.parent / "samples.parquet"
-    for path in (metrics_path, samples_path):
+def gate_evaluation(config: RunConfig, root: str | Path, directory: Path, name: Path) -> list[GateReport]:
+    """Stage 'evaluate': ``samples.parquet`` and ``metrics.json`` of a new output at ``directory``
+    (reported as ``name``)."""
+    samples_path, metrics_path = directory / "samples.parquet", directory / "metrics.json"
+    for path in (samples_path, metrics_path):
         if not path.is_file():
-            raise DataError(f"data check eval_results: {path} is missing")
+            raise DataError(f"data check eval_results: {Path(name) / path.name} is missing")
     samples, metrics = data_gates.eval_frames(samples_path, metrics_path)
     docs = Layout.of(config, root).data_docs(config)
-    return [data_gates.run_gate("eval_results", samples, config, target=str(samples_path), docs_dir=docs),
-            data_gates.run_gate("eval_metrics", metrics, config, target=str(metrics_path), docs_dir=docs)]
+    return [data_gates.run_gate("eval_results", samples, config, target=str(Path(name) / samples_path.name),
+                                docs_dir=docs),
+            data_gates.run_gate("eval_metrics", metrics, config, target=str(Path(name) / metrics_path.name),
+                                docs_dir=docs)]
 
 
 def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:

@@ -19,11 +19,12 @@ from prefect.cache_policies import NO_CACHE
 from attnrl.config.schema import RunConfig
 from attnrl.stages.difficulty import DifficultyResult, estimate_difficulty
 from attnrl.stages.evaluate import EvaluationResult, evaluate
+from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import PreparedData, prepare
 from attnrl.stages.report import ReportResult, build_report
 from attnrl.stages.train import TrainResult, train
 from attnrl.stages.warmup import WarmupResult, warmup
-from tasks.checks import rollout_batch_gate
+from tasks.checks import gate_difficulty_task, gate_evaluation_task, gate_prepared_task, rollout_batch_gate
 from tasks.retry import RETRIES, RETRY_DELAY_SECONDS, retry_unless_deterministic
 
 # Stages write files: never skip one because an earlier run had the same inputs.
@@ -50,7 +51,7 @@ def _summary(stage: str, rows: list[tuple[str, Any]]) -> None:
 
 @task(name="prepare", **_COMMON)
 def prepare_task(config: RunConfig, root: str | Path = ".") -> PreparedData:
-    result = prepare(config, root)
+    result = prepare(config, root, check=_gate(config, lambda tmp: gate_prepared_task(config, root, tmp)))
     rows = [("training problems", result.train_count), ("training file", result.train_path),
             ("dropped (prompt too long)", result.dropped_overlong)]
     rows += [(f"eval {name}", f"{result.eval_counts[name]} problems → {path}")
@@ -71,7 +72,8 @@ def warmup_task(config: RunConfig, root: str | Path = ".") -> WarmupResult:
 
 @task(name="difficulty", **_RETRYING)
 def difficulty_task(config: RunConfig, root: str | Path = ".") -> DifficultyResult:
-    result = estimate_difficulty(config, root)
+    result = estimate_difficulty(config, root,
+                                 check=_gate(config, lambda tmp: gate_difficulty_task(config, root, tmp)))
     _summary("difficulty", [
         ("problems estimated", result.estimated), ("problems kept", result.kept),
         ("ADS easy mean", f"{result.easy_mean.mean:.4f} over {result.easy_mean.count}"),
@@ -113,7 +115,9 @@ def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
 @task(name="evaluate", **_RETRYING)
 def evaluate_task(config: RunConfig, root: str | Path = ".", model_dir: str | Path | None = None,
                   out_dir: str | Path | None = None) -> EvaluationResult:
-    result = evaluate(config, root, model_dir=model_dir, out_dir=out_dir)
+    name = Path(out_dir) if out_dir is not None else Layout.of(config, root).eval_dir
+    check = _gate(config, lambda tmp: gate_evaluation_task(config, root, tmp, name))
+    result = evaluate(config, root, model_dir=model_dir, out_dir=out_dir, check=check)
     table: list[dict[str, Any]] = [
         {"benchmark": s.benchmark, "problems": s.problems, "k": s.k,
          "mean@k": round(s.mean_at_k, 4), "pass@k": round(s.pass_at_k, 4)}
@@ -133,6 +137,11 @@ def report_task(config: RunConfig, root: str | Path = ".") -> ReportResult:
     result = build_report(config, root)
     _summary("report", [("report", result.html_path), ("figures", ", ".join(p.name for p in result.figures))])
     return result
+
+
+def _gate(config: RunConfig, gate: Callable[[Path], Any]) -> Callable[[Path], Any] | None:
+    """The stage's output check (its data-check task on the new output), unless checks are off."""
+    return gate if config.checks.enabled else None
 
 
 def _slug(text: str) -> str:

@@ -30,7 +30,7 @@ from attnrl.rollout.engine import GenerationRequest, SamplingParams
 from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import RunningMean, response_mean_fci
-from attnrl.stages.layout import Layout
+from attnrl.stages.layout import Layout, OutputCheck
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.steps import SeparatorVocab
 from attnrl.training.rollouts import score_initial
@@ -50,7 +50,9 @@ class DifficultyResult:
     easy_mean: RunningMean
 
 
-def estimate_difficulty(config: RunConfig, root: str | Path = ".") -> DifficultyResult:
+def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
+                        check: OutputCheck | None = None) -> DifficultyResult:
+    """``check`` sees the complete new ``data/difficulty`` directory before it replaces the old one."""
     layout = Layout.of(config, root)
     settings = config.difficulty
     problems = load_verl_parquet(layout.prepared_train)
@@ -92,7 +94,7 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".") -> Difficulty
             "nothing is left to train on"
         )
     out = layout.difficulty_dir
-    with atomic_path(out) as tmp:
+    with atomic_path(out, validate=check) as tmp:
         tmp.mkdir()
         pq.write_table(pa.Table.from_pylist(rows), tmp / "difficulty.parquet")
         write_problems(kept, tmp / "train.parquet")

@@ -24,7 +24,7 @@ from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import decode_response, encode_prompt
-from attnrl.stages.layout import Layout
+from attnrl.stages.layout import Layout, OutputCheck
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.lineage import lineage, write_lineage
@@ -42,8 +42,9 @@ class EvaluationResult:
 
 
 def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path | None = None,
-             out_dir: str | Path | None = None) -> EvaluationResult:
-    """Evaluate ``model_dir`` (default: the initial policy) on every configured benchmark."""
+             out_dir: str | Path | None = None, check: OutputCheck | None = None) -> EvaluationResult:
+    """Evaluate ``model_dir`` (default: the initial policy) on every configured benchmark; ``check``
+    sees the complete new output directory before it replaces the old one."""
     layout = Layout.of(config, root)
     model_path = Path(model_dir or initial_policy_path(config, root))
     policy = load_policy(model_path, dtype=config.model.dtype, device=config.model.device)
@@ -59,7 +60,7 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
         SampleResult(str(r["benchmark"]), str(r["problem_id"]), float(r["reward"])) for r in rows
     )
     out = Path(out_dir) if out_dir is not None else layout.eval_dir
-    with atomic_path(out) as tmp:
+    with atomic_path(out, validate=check) as tmp:
         tmp.mkdir()
         write_lineage(tmp, lineage(config, inputs, root))
         pq.write_table(pa.Table.from_pylist(rows), tmp / "samples.parquet")

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from attnrl.config.schema import RunConfig
+
+
+# An output check sees a stage's complete output at a temporary path, before it replaces the previous
+# output; raising keeps the previous output (the data-check gates plug in here).
+OutputCheck = Callable[[Path], None]
+TRAIN_FILE = "train.parquet"
+
+
+def eval_file(benchmark: str) -> str:
+    """A benchmark's file, relative to the prepared-data directory."""
+    return f"eval/{benchmark}.parquet"
 
 
 @dataclass(frozen=True)
@@ -28,12 +40,16 @@ class Layout:
         )
 
     @property
+    def prepared_dir(self) -> Path:
+        return self.data_dir / "prepared"
+
+    @property
     def prepared_train(self) -> Path:
-        return self.data_dir / "prepared" / "train.parquet"
+        return self.prepared_dir / TRAIN_FILE
 
     def prepared_eval(self, benchmark: str) -> Path:
         """One file per configured benchmark, so each keeps its own K (spec §14)."""
-        return self.data_dir / "prepared" / "eval" / f"{benchmark}.parquet"
+        return self.prepared_dir / eval_file(benchmark)
 
     @property
     def difficulty_dir(self) -> Path:

@@ -1,6 +1,7 @@
 """Stage 'prepare': load every configured source, drop overlong prompts, write verl parquet.
 
-Outputs ``data/prepared/train.parquet`` and ``data/prepared/eval/<benchmark>.parquet``.
+Outputs ``data/prepared/train.parquet`` and ``data/prepared/eval/<benchmark>.parquet``, replaced
+together: the directory is written aside, checked (``check``), then renamed.
 Prompts longer than ``data.max_prompt_tokens`` after templating are dropped, as verl's
 ``filter_overlong_prompts`` does (spec §2.2). Duplicate problem ids within a source are an error.
 """
@@ -19,7 +20,8 @@ from attnrl.data.problem import Problem
 from attnrl.errors import DataError
 from attnrl.model.policy import policy_tokenizer
 from attnrl.rollout.prompts import encode_prompt
-from attnrl.stages.layout import Layout
+from attnrl.stages.layout import TRAIN_FILE, Layout, OutputCheck, eval_file
+from attnrl.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def benchmark_name(spec: SourceSpec) -> str:
     return spec.name or Path(spec.path or spec.kind).stem
 
 
-def prepare(config: RunConfig, root: str | Path = ".") -> PreparedData:
+def prepare(config: RunConfig, root: str | Path = ".", *, check: OutputCheck | None = None) -> PreparedData:
+    """``check`` sees the complete new ``data/prepared`` directory before it replaces the old one."""
     layout = Layout.of(config, root)
     tokenizer = policy_tokenizer(config)
     dropped = 0
@@ -51,12 +54,11 @@ def prepare(config: RunConfig, root: str | Path = ".") -> PreparedData:
     _check_unique(train, "training data")
     if not train:
         raise DataError("prepare: the training sources yielded no problems")
-    write_problems(train, layout.prepared_train)
 
-    eval_paths, eval_counts = {}, {}
+    evaluation: dict[str, list[Problem]] = {}
     for spec in config.data.eval:
         name = benchmark_name(spec)
-        if name in eval_paths:
+        if name in evaluation:
             raise DataError(f"prepare: two evaluation benchmarks are named {name!r}; give each a distinct name")
         problems, n_dropped = _within_prompt_limit(
             load_source(spec, config.data, split="test", seed=config.seed), tokenizer, config.data.max_prompt_tokens
@@ -65,8 +67,14 @@ def prepare(config: RunConfig, root: str | Path = ".") -> PreparedData:
         _check_unique(problems, f"benchmark {name!r}")
         if not problems:
             raise DataError(f"prepare: benchmark {name!r} has no problems left")
-        eval_paths[name] = write_problems(problems, layout.prepared_eval(name))
-        eval_counts[name] = len(problems)
+        evaluation[name] = problems
+    with atomic_path(layout.prepared_dir, validate=check) as tmp:
+        tmp.mkdir()
+        write_problems(train, tmp / TRAIN_FILE)
+        for name, problems in evaluation.items():
+            write_problems(problems, tmp / eval_file(name))
+    eval_paths = {name: layout.prepared_eval(name) for name in evaluation}
+    eval_counts = {name: len(problems) for name, problems in evaluation.items()}
     logger.info("prepared %d training problems, %s evaluation problems", len(train), eval_counts)
     return PreparedData(layout.prepared_train, len(train), eval_paths, eval_counts, dropped)
 

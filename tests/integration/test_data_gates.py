@@ -37,6 +37,8 @@ def _break(rows: list[dict], case: str) -> list[dict]:
         bad["extra_info"]["index"] = rows[0]["extra_info"]["index"]
     elif case == "overlong prompt":
         bad["prompt"][0]["content"] = bad["prompt"][0]["content"] * 40
+    elif case == "unknown split":
+        bad["extra_info"]["split"] = "holdout"
     else:
         raise ValueError(case)
     return rows
@@ -94,6 +96,27 @@ def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_ap
         state.result()
     assert f"row {BAD_ROW}" in str(error.value), str(error.value)
     assert not (root / "models").exists() and not (root / "runs" / "eval-init").exists()  # no later stage
+
+
+def test_a_failing_prepare_gate_keeps_the_previous_prepared_data(prefect_api, tmp_path):
+    """The gate sees the new output before it replaces the old: a bad prepare changes nothing on disk."""
+    def overrides(source):
+        return [*small_overrides(), *LIMIT, f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"]
+
+    root = tmp_path / "run"
+    prepare_flow(config_path=CONFIG, overrides=overrides(_aime()), root=str(root))
+    prepared = root / "data" / "prepared"
+    before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    bad = _write_bad(tmp_path / "source" / "aime_bad.parquet", "unknown split")  # the loader takes any split
+    state = prepare_flow(config_path=CONFIG, overrides=overrides(bad), root=str(root), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DataGateError) as error:
+        state.result()
+    message = str(error.value)
+    assert f"expect_column_values_to_be_in_set(split): failing rows: row {BAD_ROW} (id aime/" in message, message
+    assert str(prepared / "train.parquet") in message  # named by its final path, not the temporary one
+    assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before
+    assert not [p for p in prepared.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
 
 
 def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from attnrl.config import resolve_config  # noqa: E402
 from attnrl.data.synthetic import generate_problems  # noqa: E402
 from attnrl.model.loading import PolicyBundle, save_policy  # noqa: E402
 from attnrl.reward.verifier import Verifier  # noqa: E402
-from attnrl.rollout.engine import GenerationRequest, SamplingParams, RolloutEngine  # noqa: E402
+from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams, submit_generation  # noqa: E402
 from attnrl.rollout.factory import build_engine  # noqa: E402
 from attnrl.rollout.hf_engine import HFRolloutEngine  # noqa: E402
 from attnrl.training.backend import TorchBackend  # noqa: E402
@@ -86,6 +86,17 @@ def test_pool_keeps_request_order_and_is_reproducible(pool, tiny_policy):
     # Each actor's contiguous chunk is exactly the hf engine's output with the derived seed.
     assert _tokens(first) == _tokens(_local(model, tokenizer, requests, seed=7))
     assert pool.generate([], PARAMS, seed=7) == []
+
+
+def test_background_submissions_return_what_generate_returns(pool, tiny_policy):
+    """The one-step loop's overlap: two submissions in flight at once, collected later, in any order."""
+    _, tokenizer = tiny_policy
+    requests = _requests(tokenizer)
+    first, second = pool.submit(requests, PARAMS, seed=3), pool.submit(requests[:1], PARAMS, seed=4)
+    assert second.result() == pool.generate(requests[:1], PARAMS, seed=4)
+    assert first.result() == pool.generate(requests, PARAMS, seed=3)
+    assert first.result() is first.result()  # collected once
+    assert submit_generation(pool, requests, PARAMS, 3).result() == first.result()
 
 
 def test_update_weights_reaches_every_actor_including_replacements(pool, tiny_policy):
