@@ -95,6 +95,11 @@ class DataConfig(_Section):
     max_prompt_tokens: int = Field(
         default=1024, ge=1, description="Prompts longer than this after templating are dropped (spec §2.2)."
     )
+    overlong_prompts: Literal["drop", "error"] = Field(
+        default="drop",
+        description="'drop' prompts over max_prompt_tokens as verl's filter_overlong_prompts does (spec §2.2), or "
+        "'error': stop at the first one, naming its row (data that must arrive whole).",
+    )
     prompt_suffix: str = Field(
         default=" Let's think step by step and output the final answer within \\boxed{}.",
         description="Appended to jsonl/HF questions (spec §2.4). verl parquet prompts already carry it.",

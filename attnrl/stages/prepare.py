@@ -1,9 +1,10 @@
 """Stage 'prepare': load every configured source, drop overlong prompts, write verl parquet.
 
+Prompts longer than ``data.max_prompt_tokens`` after templating are dropped, as verl's
+``filter_overlong_prompts`` does (spec §2.2); with ``data.overlong_prompts: error`` the first one
+stops the stage instead, naming its row. Duplicate problem ids within a source are an error.
 Outputs ``data/prepared/train.parquet`` and ``data/prepared/eval/<benchmark>.parquet``, replaced
 together: the directory is written aside, checked (``check``), then renamed.
-Prompts longer than ``data.max_prompt_tokens`` after templating are dropped, as verl's
-``filter_overlong_prompts`` does (spec §2.2). Duplicate problem ids within a source are an error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from attnrl.config.schema import RunConfig, SourceSpec
+from attnrl.config.schema import DataConfig, RunConfig, SourceSpec
 from attnrl.data.loaders import load_source, write_problems
 from attnrl.data.problem import Problem
 from attnrl.errors import DataError
@@ -48,7 +49,7 @@ def prepare(config: RunConfig, root: str | Path = ".", *, check: OutputCheck | N
     train: list[Problem] = []
     for spec in config.data.train:
         problems = _check_unique(load_source(spec, config.data, split="train", seed=config.seed), spec.path or spec.kind)
-        kept, n_dropped = _within_prompt_limit(problems, tokenizer, config.data.max_prompt_tokens)
+        kept, n_dropped = _within_prompt_limit(problems, tokenizer, config.data, spec.path or spec.kind)
         train.extend(kept)
         dropped += n_dropped
     _check_unique(train, "training data")
@@ -60,11 +61,9 @@ def prepare(config: RunConfig, root: str | Path = ".", *, check: OutputCheck | N
         name = benchmark_name(spec)
         if name in evaluation:
             raise DataError(f"prepare: two evaluation benchmarks are named {name!r}; give each a distinct name")
-        problems, n_dropped = _within_prompt_limit(
-            load_source(spec, config.data, split="test", seed=config.seed), tokenizer, config.data.max_prompt_tokens
-        )
+        problems = _check_unique(load_source(spec, config.data, split="test", seed=config.seed), f"benchmark {name!r}")
+        problems, n_dropped = _within_prompt_limit(problems, tokenizer, config.data, f"benchmark {name!r}")
         dropped += n_dropped
-        _check_unique(problems, f"benchmark {name!r}")
         if not problems:
             raise DataError(f"prepare: benchmark {name!r} has no problems left")
         evaluation[name] = problems
@@ -80,9 +79,18 @@ def prepare(config: RunConfig, root: str | Path = ".", *, check: OutputCheck | N
 
 
 def _within_prompt_limit(
-    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, limit: int
+    problems: list[Problem], tokenizer: PreTrainedTokenizerBase, data: DataConfig, what: str
 ) -> tuple[list[Problem], int]:
-    kept = [p for p in problems if len(encode_prompt(tokenizer, p.prompt)) <= limit]
+    """Positions are file rows within one source (with ``on_invalid: error``)."""
+    limit = data.max_prompt_tokens
+    kept = []
+    for position, problem in enumerate(problems):
+        length = len(encode_prompt(tokenizer, problem.prompt))
+        if length <= limit:
+            kept.append(problem)
+        elif data.overlong_prompts == "error":
+            raise DataError(f"{what}: row {position} (id {problem.uid!r}) has a {length}-token prompt, over "
+                            f"data.max_prompt_tokens={limit} (data.overlong_prompts is 'error')")
     if len(kept) < len(problems):
         logger.warning("dropped %d prompts longer than %d tokens", len(problems) - len(kept), limit)
     return kept, len(problems) - len(kept)

@@ -84,11 +84,12 @@ def test_bad_training_problems_stop_the_train_flow_naming_the_row(prefect_api, t
     assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == earlier
 
 
-@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "duplicate id"])
+@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "duplicate id", "overlong prompt"])
 def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_api, tmp_path, case):
     source = _write_bad(tmp_path / "source" / "aime_bad.parquet", case)
     root = tmp_path / "run"
-    overrides = [*small_overrides(), *LIMIT,
+    # Overlong prompts are dropped by default (spec §2.2); data that must arrive whole says 'error'.
+    overrides = [*small_overrides(), *LIMIT, "data.overlong_prompts=error",
                  f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"]
     state = pipeline(config_path=CONFIG, overrides=overrides, root=str(root), return_state=True)
     assert state.is_failed()
