@@ -49,8 +49,8 @@ def _failure(done: subprocess.CompletedProcess) -> str:
 
 
 def default_remote(root: str | Path) -> str | None:
-    done = _dvc(root, "remote", "default")
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    done = _dvc(root, "remote", "default")  # exits non-zero when no default remote is set
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def record_stage(root: str | Path, stage: str) -> None:
