@@ -39,8 +39,7 @@ def is_dvc_project(root: str | Path) -> bool:
 def _dvc(root: str | Path, *args: str) -> subprocess.CompletedProcess:
     # A subprocess in the project directory: DVC resolves stage paths against the working directory,
     # which in a flow run is not necessarily the project.
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
 
 
 def _failure(done: subprocess.CompletedProcess) -> str:
@@ -66,7 +65,8 @@ def push_stage(root: str | Path, stage: str, remote: str | None = None) -> None:
     done = _dvc(root, "push", stage, *(["--remote", remote] if remote else []))
     if done.returncode != 0:
         raise VersioningError(f"dvc push {stage} to remote {remote or 'default'!r} failed: {_failure(done)}")
-    logger.info("dvc: pushed stage %s: %s", stage, done.stdout.strip().splitlines()[-1:] or "")
+    summary = done.stdout.strip().splitlines()
+    logger.info("dvc: pushed stage %s (%s)", stage, summary[-1] if summary else "nothing to push")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from attnrl.rollout.engine import GenerationRequest, SamplingParams
 from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import RunningMean, response_mean_fci
-from attnrl.stages.layout import Layout, OutputCheck
+from attnrl.stages.layout import TRAIN_FILE, Layout, OutputCheck
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.steps import SeparatorVocab
 from attnrl.training.rollouts import score_initial
@@ -97,9 +97,9 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
     with atomic_path(out, validate=check) as tmp:
         tmp.mkdir()
         pq.write_table(pa.Table.from_pylist(rows), tmp / "difficulty.parquet")
-        write_problems(kept, tmp / "train.parquet")
+        write_problems(kept, tmp / TRAIN_FILE)
         (tmp / ADS_SEED_FILE).write_text(json.dumps({"easy_mean": easy_mean.state_dict()}, indent=2))
-    return DifficultyResult(out / "difficulty.parquet", out / "train.parquet", len(rows), len(kept), easy_mean)
+    return DifficultyResult(out / "difficulty.parquet", out / TRAIN_FILE, len(rows), len(kept), easy_mean)
 
 
 def ads_seed(config: RunConfig, root: str | Path = ".") -> RunningMean:

@@ -27,7 +27,7 @@ from attnrl.model.loading import PolicyBundle, load_policy, save_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.stages.difficulty import ads_seed
-from attnrl.stages.layout import Layout
+from attnrl.stages.layout import TRAIN_FILE, Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
 from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
@@ -50,7 +50,7 @@ class TrainResult:
 def training_problems_path(config: RunConfig, root: str | Path = ".") -> Path:
     """What training reads: with the difficulty stage on, the problems it kept (spec §7: informative batches)."""
     layout = Layout.of(config, root)
-    return layout.difficulty_dir / "train.parquet" if config.difficulty.enabled else layout.prepared_train
+    return layout.difficulty_dir / TRAIN_FILE if config.difficulty.enabled else layout.prepared_train
 
 
 def train(
@@ -98,8 +98,9 @@ def train(
         temperature=config.rollout.sampling.temperature,
         autocast=autocast_dtype(config.train, policy.model.device),
     )
-    problems = load_verl_parquet(training_problems_path(config, root))
-    provenance = lineage(config, [training_problems_path(config, root), init], root)
+    problems_path = training_problems_path(config, root)
+    problems = load_verl_parquet(problems_path)
+    provenance = lineage(config, [problems_path, init], root)
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
                       verifier=verifier, phases=phases, check_batch=check_batch)
