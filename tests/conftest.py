@@ -24,16 +24,32 @@ def require_benchmarks() -> Path:
     return BENCHMARKS
 
 
-@pytest.fixture(scope="session")
-def tiny_policy():
-    """A small randomly initialised tiny model and its tokenizer (fast to run)."""
+def small_tiny_model(extra_vocab_rows: int = 0, *, hidden_size: int = 32, num_heads: int = 4, num_kv_heads: int = 2):
+    """A small randomly initialised tiny Qwen2 and its tokenizer; ``extra_vocab_rows`` LM-head rows
+    beyond the tokenizer's vocabulary, like Qwen's padded 151,936 rows. (vLLM's CPU attention
+    needs a head size of at least 32: hidden_size / num_heads.)"""
+    from transformers import Qwen2ForCausalLM
+
     from attnrl.config.schema import TinyModelConfig
     from attnrl.model.tiny import build_tiny_model
     from attnrl.model.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
-    return build_tiny_model(config, tokenizer, seed=0), tokenizer
+    config = TinyModelConfig(hidden_size=hidden_size, num_layers=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                             intermediate_size=64)
+    model = build_tiny_model(config, tokenizer, seed=0)
+    if extra_vocab_rows:
+        padded = model.config
+        padded.vocab_size = len(tokenizer) + extra_vocab_rows
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(padded)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    """A small randomly initialised tiny model and its tokenizer (fast to run)."""
+    return small_tiny_model()
 
 
 def small_overrides() -> list[str]:

@@ -38,6 +38,13 @@ TINY: dict[str, Any] = {
         "batch_size": 256,
         # The demo prints one line per training step instead of a bar per generation call.
         "progress": False,
+        # On 2 CPU cores: one engine actor beside the trainer, no GPUs, a small object store.
+        "ray": {"num_actors": 1, "num_gpus_per_actor": 0, "object_store_mb": 256},
+        # vLLM's CPU build (rollout.engine=vllm): a small KV cache in blocks small enough for the
+        # task's prefixes to be cached, and seeded requests, so a run and its resume sample the same
+        # tokens (which on CPU rules out chunked prefill).
+        "vllm": {"kv_cache_gib": 0.25, "max_num_seqs": 256, "max_num_batched_tokens": None, "block_size": 32,
+                 "seeded_requests": True, "enable_chunked_prefill": False},
     },
     # Evaluate the sampling policy RL trains (temperature 1): at 0.6 sharpening alone hides most
     # of the teacher's errors.
@@ -60,7 +67,11 @@ R1_DISTILL_1_5B: dict[str, Any] = {
         "train": [{"kind": "verl_parquet", "path": "data/train/deepscaler_train.parquet", "name": "deepscaler"}],
         "eval": _SIX_BENCHMARKS,
     },
-    "model": {"path": "models/DeepSeek-R1-Distill-Qwen-1.5B"},
+    # One 8-GPU node with the single-process trainer: seven vLLM engines (TP 1) on GPUs 0-6, which a
+    # local Ray hands out first, and the trainer on GPU 7. The weights travel through Ray's object
+    # store; vLLM's native NCCL/IPC transfer needs the trainer in the worker environment.
+    "model": {"path": "models/DeepSeek-R1-Distill-Qwen-1.5B", "device": "cuda:7"},
+    "rollout": {"ray": {"num_actors": 7}},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "r1-distill-1.5b": R1_DISTILL_1_5B}

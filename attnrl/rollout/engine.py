@@ -14,7 +14,9 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
-FinishReason = Literal["stop", "length"]
+# "oov": the engine sampled an id outside the tokenizer's vocabulary (a padded LM-head row) and the
+# response was cut before it (spec §5.4).
+FinishReason = Literal["stop", "length", "oov"]
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,15 @@ class GenerationRequest:
     """Sample ``n`` continuations of ``prompt_ids``.
 
     ``max_new_tokens`` overrides the call's limit for this request (a continuation's budget is
-    the response limit minus its prefix, spec §5.4).
+    the response limit minus its prefix, spec §5.4). Requests with the same ``group`` (the
+    question they belong to) share a prompt prefix, so an engine pool sends them to the same
+    engine, where its prefix cache serves them (spec §5.4 ``balance_gen_batch``).
     """
 
     prompt_ids: tuple[int, ...]
     n: int = 1
     max_new_tokens: int | None = None
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -58,7 +63,9 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Completion:
     """One sampled continuation: its tokens (EOS included when it stopped), the behaviour
-    log-prob of each token, and why it ended."""
+    log-prob of each token under the distribution it was sampled from (temperature applied; at
+    top_p < 1 renormalised over the nucleus), and why it ended. It is empty only when the very
+    first sampled id was out of the vocabulary."""
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
@@ -67,6 +74,18 @@ class Completion:
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError("token_ids and logprobs must have the same length")
+
+
+def cut_at_vocabulary(
+    token_ids: Sequence[int], logprobs: Sequence[float], vocab_size: int | None
+) -> tuple[tuple[int, ...], tuple[float, ...], bool]:
+    """Drop everything from the first id >= ``vocab_size`` on (spec §5.4: out-of-vocabulary ids
+    truncate a response); True when something was cut. ``None`` keeps every id."""
+    if vocab_size is not None:
+        for position, token in enumerate(token_ids):
+            if token >= vocab_size:
+                return tuple(token_ids[:position]), tuple(logprobs[:position]), True
+    return tuple(token_ids), tuple(logprobs), False
 
 
 @runtime_checkable

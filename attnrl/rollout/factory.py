@@ -1,50 +1,150 @@
-"""Building the configured rollout engine behind a registry (architecture.md: registries)."""
+"""Building the configured rollout engine, and checking it can start before any model loads.
+
+* ``hf`` in-process: ``HFRolloutEngine`` over a model the caller loaded;
+* ``hf`` with ``rollout.ray.enabled``, or ``vllm`` (always): a pool of Ray actors
+  (``infra/ray_engine.py``), resolved by import path so the pure core never imports Ray or vLLM.
+
+``preflight`` runs the checks that need no model (devices, the worker environment, lengths); every
+stage that generates calls it first, so a run that can only fail for lack of a GPU or of the vLLM
+environment fails in seconds, with a message that says what to do.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
-from attnrl.config.schema import RolloutConfig
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnrl.config.schema import RunConfig
 from attnrl.errors import ConfigError
-from attnrl.model.loading import PolicyBundle
 from attnrl.rollout.engine import RolloutEngine
+from attnrl.model.loading import resolve_device
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.utils.registry import load_object, lookup
+from attnrl.utils.registry import load_object
+
+# Built by import path: ``build_pool(config, model_dir=..., tokenizer=..., max_new_tokens=...,
+# state_dict=...)`` and ``check_worker_environment(config)`` (vLLM engines only).
+RAY_POOL = "infra.engine_specs:build_pool"
+WORKER_ENVIRONMENT_CHECK = "infra.engine_specs:check_worker_environment"
 
 
-def _hf(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
+def uses_pool(config: RunConfig) -> bool:
+    """True when generation runs on Ray actors (which load the model themselves)."""
+    return config.rollout.engine == "vllm" or config.rollout.ray.enabled
+
+
+def engine_max_model_len(config: RunConfig, max_new_tokens: int) -> int:
+    """The longest sequence a vLLM engine must accept: prompt limit + the stage's response limit."""
+    needed = config.data.max_prompt_tokens + max_new_tokens
+    configured = config.rollout.vllm.max_model_len
+    if configured is None:
+        return needed
+    if configured < needed:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len: {configured} is below data.max_prompt_tokens + the response limit "
+            f"({config.data.max_prompt_tokens} + {max_new_tokens} = {needed}); raise it or leave it null"
+        )
+    return configured
+
+
+def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens: int) -> None:
+    """Everything that can be checked before a model loads; raises ``ConfigError`` naming the field."""
+    _check_device("model.device", config.model.device)
+    if not uses_pool(config):
+        return
+    ray_config = config.rollout.ray
+    if ray_config.num_gpus_per_actor > 0 and not torch.cuda.is_available() and ray_config.address is None:
+        raise ConfigError(
+            f"rollout.ray.num_gpus_per_actor: {ray_config.num_gpus_per_actor} asks for GPUs, and this machine has "
+            "no CUDA device (set it to 0 to run the engines on CPU, or connect to a cluster with rollout.ray.address)"
+        )
+    _check_local_gpu_layout(config)
+    if config.rollout.engine != "vllm":
+        return
+    vllm = config.rollout.vllm
+    if vllm.weight_sync != "object_store" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"rollout.vllm.weight_sync: '{vllm.weight_sync}' is vLLM's CUDA transport and this machine has no CUDA "
+            "device; use 'object_store'"
+        )
+    if vllm.tensor_parallel_size > 1 and ray_config.num_gpus_per_actor < vllm.tensor_parallel_size:
+        raise ConfigError(
+            f"rollout.vllm.tensor_parallel_size: {vllm.tensor_parallel_size} needs as many GPUs per engine, but "
+            f"rollout.ray.num_gpus_per_actor is {ray_config.num_gpus_per_actor}"
+        )
+    length = engine_max_model_len(config, max_new_tokens)
+    if model_dir is not None:
+        _check_model_positions(Path(model_dir), length)
+    load_object(WORKER_ENVIRONMENT_CHECK, "rollout.vllm")(config)
+
+
+def _check_local_gpu_layout(config: RunConfig) -> None:
+    """A local Ray hands its engines GPUs 0..k-1; a trainer on one of them would be squeezed out."""
+    ray_config = config.rollout.ray
+    engine_gpus = ray_config.num_actors * ray_config.num_gpus_per_actor
+    device = resolve_device(config.model.device)
+    if ray_config.address is not None or engine_gpus == 0 or device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    available = torch.cuda.device_count()
+    if index < engine_gpus or engine_gpus + 1 > available:
+        raise ConfigError(
+            f"model.device: {config.model.device} — a local Ray gives the {ray_config.num_actors} rollout engines "
+            f"GPUs 0-{int(engine_gpus) - 1}, so the trainer needs another one: cuda:{int(engine_gpus)} "
+            f"(this machine has {available} GPUs; lower rollout.ray.num_actors if that one is missing)"
+        )
+
+
+def _check_device(field: str, device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{field}: '{device}' needs a CUDA GPU and this machine has none (use 'cpu')")
+
+
+def _check_model_positions(model_dir: Path, length: int) -> None:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return  # the loader names a missing model directory itself
+    positions = json.loads(config_file.read_text()).get("max_position_embeddings")
+    if isinstance(positions, int) and length > positions:
+        raise ConfigError(
+            f"rollout.vllm.max_model_len: engines need {length} tokens (prompt + response limit) but {model_dir} "
+            f"supports {positions} positions (max_position_embeddings); lower the limits"
+        )
+
+
+def build_engine(
+    config: RunConfig,
+    *,
+    model_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int,
+    model: PreTrainedModel | None = None,
+) -> RolloutEngine:
+    """The configured engine for a stage whose responses are at most ``max_new_tokens`` long.
+
+    In-process ``hf`` generates with ``model`` (required). Pools load ``model_dir`` in every actor
+    and, when ``model`` is given, then receive its weights, so a pool built for training starts
+    from the trainer's weights, not the directory's.
+    """
+    preflight(config, model_dir=model_dir, max_new_tokens=max_new_tokens)
+    if uses_pool(config):
+        state: Mapping[str, torch.Tensor] | None = model.state_dict() if model is not None else None
+        return load_object(RAY_POOL, "rollout")(config, model_dir=Path(model_dir), tokenizer=tokenizer,
+                                                 max_new_tokens=max_new_tokens, state_dict=state)
+    if model is None:
+        raise ValueError("the in-process hf engine generates with a model the caller loaded; pass model=")
     return HFRolloutEngine(
-        policy.model,
-        pad_token_id=policy.tokenizer.pad_token_id,
-        eos_token_id=policy.tokenizer.eos_token_id,
-        batch_size=config.batch_size,
-        progress=config.progress,
+        model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        batch_size=config.rollout.batch_size,
+        progress=config.rollout.progress,
     )
-
-
-def _vllm(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
-    raise ConfigError(
-        "rollout.engine: 'vllm' needs the GPU extra (pip install 'attnrl[gpu]') and its adapter in infra/, "
-        "which is not part of this release yet; use 'hf'"
-    )
-
-
-ENGINES: dict[str, Callable[[PolicyBundle, RolloutConfig], RolloutEngine]] = {"hf": _hf, "vllm": _vllm}
-
-
-# Distributed engines, by import path so the pure core never imports Ray: ``from_policy(policy,
-# config)`` builds one whose workers load ``policy.path`` and then get ``policy.model``'s weights.
-RAY_ENGINE = "infra.ray_engine:RayRolloutPool"
-
-
-def build_engine(policy: PolicyBundle, config: RolloutConfig) -> RolloutEngine:
-    """The configured engine: a Ray actor pool when ``rollout.ray.enabled``, else ``ENGINES[rollout.engine]``."""
-    if config.ray.enabled:
-        if config.engine != "hf":
-            raise ConfigError("rollout.ray.enabled needs rollout.engine: 'hf' (each Ray actor runs the hf engine)")
-        return load_object(RAY_ENGINE, "rollout.ray").from_policy(policy, config)
-    return lookup(ENGINES, config.engine, "rollout.engine", ConfigError)(policy, config)
 
 
 @contextmanager

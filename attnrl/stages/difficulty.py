@@ -27,7 +27,7 @@ from attnrl.errors import DataError
 from attnrl.model.loading import load_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import GenerationRequest, SamplingParams
-from attnrl.rollout.factory import build_engine, engine_session
+from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import RunningMean, response_mean_fci
 from attnrl.stages.layout import TRAIN_FILE, Layout, OutputCheck
@@ -58,12 +58,16 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
     problems = load_verl_parquet(layout.prepared_train)
     if settings.max_problems is not None and settings.max_problems < len(problems):
         problems = random.Random(derive_seed(config.seed, "difficulty")).sample(problems, settings.max_problems)
-    policy = load_policy(initial_policy_path(config, root), dtype=config.model.dtype, device=config.model.device)
-    engine = build_engine(policy, config.rollout)
+    init = initial_policy_path(config, root)
+    sampling = config.rollout.sampling
+    preflight(config, model_dir=init, max_new_tokens=sampling.max_new_tokens)  # before any model loads
+    policy = load_policy(init, dtype=config.model.dtype, device=config.model.device)
+    # The scorer needs the model here; pool actors load their own copies of the same directory.
+    engine = build_engine(config, model_dir=init, tokenizer=policy.tokenizer, max_new_tokens=sampling.max_new_tokens,
+                          model=None if uses_pool(config) else policy.model)
     scorer = PolicyTrainer(policy.model, None, reference=None, pad_token_id=policy.tokenizer.pad_token_id,
                            algorithm=config.algorithm, train=config.train,
-                           temperature=config.rollout.sampling.temperature)
-    sampling = config.rollout.sampling
+                           temperature=sampling.temperature)
     prompt_ids = [tuple(encode_prompt(policy.tokenizer, p.prompt)) for p in problems]
     with engine_session(engine):
         completions = engine.generate(

@@ -19,10 +19,10 @@ from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.data.problem import Problem
 from attnrl.eval.metrics import BenchmarkScore, SampleResult, benchmark_scores, summarise
-from attnrl.model.loading import load_policy
+from attnrl.model.loading import load_policy, load_tokenizer
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
-from attnrl.rollout.factory import build_engine, engine_session
+from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout, OutputCheck
 from attnrl.stages.prepare import benchmark_name
@@ -47,15 +47,22 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
     sees the complete new output directory before it replaces the old one."""
     layout = Layout.of(config, root)
     model_path = Path(model_dir or initial_policy_path(config, root))
-    policy = load_policy(model_path, dtype=config.model.dtype, device=config.model.device)
+    preflight(config, model_dir=model_path, max_new_tokens=config.eval.max_new_tokens)  # before any model loads
     inputs = [model_path] + [layout.prepared_eval(benchmark_name(spec)) for spec in config.data.eval]
-    engine = build_engine(policy, config.rollout)
+    # Spec §14 samples with the training engine; pool actors load the model themselves.
+    if uses_pool(config):
+        tokenizer, model = load_tokenizer(model_path), None
+    else:
+        policy = load_policy(model_path, dtype=config.model.dtype, device=config.model.device)
+        tokenizer, model = policy.tokenizer, policy.model
+    engine = build_engine(config, model_dir=model_path, tokenizer=tokenizer, max_new_tokens=config.eval.max_new_tokens,
+                          model=model)
     rows: list[dict[str, object]] = []
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         for spec in config.data.eval:
             name = benchmark_name(spec)
             problems = load_verl_parquet(layout.prepared_eval(name))
-            rows.extend(evaluate_problems(problems, spec.k, engine, policy.tokenizer, verifier, config, name))
+            rows.extend(evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name))
     scores = benchmark_scores(
         SampleResult(str(r["benchmark"]), str(r["problem_id"]), float(r["reward"])) for r in rows
     )

@@ -22,10 +22,11 @@ import torch
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
+from attnrl.errors import ConfigError
 from attnrl.lineage import LINEAGE_FILE, lineage, write_lineage
-from attnrl.model.loading import PolicyBundle, load_policy, save_policy
+from attnrl.model.loading import load_policy, save_policy
 from attnrl.reward.verifier import Verifier
-from attnrl.rollout.factory import build_engine, engine_session
+from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import TRAIN_FILE, Layout
 from attnrl.stages.warmup import initial_policy_path
@@ -73,6 +74,14 @@ def train(
     checkpoints = run / "checkpoints"
     seed_everything(config.seed)
     init = initial_policy_path(config, root)
+    max_new_tokens = config.rollout.sampling.max_new_tokens
+    preflight(config, model_dir=init, max_new_tokens=max_new_tokens)  # before any model loads
+    if config.rollout.engine == "vllm" and config.rollout.vllm.weight_sync != "object_store":
+        raise ConfigError(
+            f"rollout.vllm.weight_sync: '{config.rollout.vllm.weight_sync}' needs a trainer that runs in the worker "
+            "environment (vLLM's trainer side imports vLLM); this single-process trainer runs in the driver "
+            "environment and sends weights through Ray's object store: set 'object_store'"
+        )
     resume = latest_checkpoint(checkpoints)
     if resume is not None and (changed := config_changes(resume, config)):
         # Another configuration's run (e.g. `dvc repro` after a parameter change): start over.
@@ -85,8 +94,10 @@ def train(
     reference = None
     if config.algorithm.kl_coef > 0:
         reference = load_policy(init, dtype=config.model.dtype, device=config.model.device).model
-    engine_model = copy.deepcopy(policy.model).to(dtype=getattr(torch, config.model.dtype))
-    engine = build_engine(PolicyBundle(engine_model, policy.tokenizer, policy.path), config.rollout)
+    # A pool's actors hold their own copies (cast on every push); the in-process engine needs one here.
+    engine_model = policy.model if uses_pool(config) else copy.deepcopy(policy.model).to(dtype=getattr(torch, config.model.dtype))
+    engine = build_engine(config, model_dir=policy.path, tokenizer=policy.tokenizer, max_new_tokens=max_new_tokens,
+                          model=engine_model)
     backend = build_backend(config.train.backend, policy.model, config.train)
     trainer = PolicyTrainer(
         policy.model,

@@ -197,7 +197,7 @@ class RLLoop:
 
     def _initial_requests(self, problems: list[Problem]) -> list[GenerationRequest]:
         n = self.config.rollout.sampling.n
-        return [GenerationRequest(ids, n=n) for ids in self._prompts(problems)]
+        return [GenerationRequest(ids, n=n, group=p.uid) for p, ids in zip(problems, self._prompts(problems), strict=True)]
 
     def _score(self, problems: list[Problem], completions: list[list[Completion]]) -> list[ScoredQuestion]:
         return score_initial(
@@ -265,6 +265,8 @@ class RLLoop:
         points: list[BranchPoint],
         continuations: list[list[Completion]],
     ) -> dict[str, float]:
+        # An empty continuation (out-of-vocabulary first id, spec §5.4) adds no leaf to its tree.
+        continuations = [[c for c in group if c.token_ids] for group in continuations]
         flat = [(p, c) for p, group in zip(points, continuations, strict=True) for c in group]
         prefixes = [batch[p.question].prompt_ids + batch[p.question].responses[p.response].token_ids[: p.offset] for p, _ in flat]
         texts = [decode_response(self.tokenizer, c.token_ids) for _, c in flat]

@@ -67,8 +67,12 @@ def score_initial(
     vocab: SeparatorVocab,
     with_fci: bool,
 ) -> list[ScoredQuestion]:
-    """Reward, segment and score (log-probs, entropies, FCI in one forward) the initial samples."""
-    flat = [(q, c) for q, group in enumerate(completions) for c in group]
+    """Reward, segment and score (log-probs, entropies, FCI in one forward) the initial samples.
+
+    A sample the engine returned empty (its first id was out of the vocabulary, spec §5.4) has no
+    step to score, branch or train: it is left out, and so is a question left with no sample.
+    """
+    flat = [(q, c) for q, group in enumerate(completions) for c in group if c.token_ids]
     texts = [decode_response(tokenizer, c.token_ids) for _, c in flat]
     rewards = verifier.score_batch([(text, problems[q].answers) for (q, _), text in zip(flat, texts, strict=True)])
     segmentations = [segment_response(c.token_ids, len(prompt_ids[q]), vocab) for q, c in flat]
@@ -88,7 +92,7 @@ def score_initial(
                 finish_reason=completion.finish_reason,
             )
         )
-    return [ScoredQuestion(p, tuple(ids), tuple(g)) for p, ids, g in zip(problems, prompt_ids, grouped, strict=True)]
+    return [ScoredQuestion(p, tuple(ids), tuple(g)) for p, ids, g in zip(problems, prompt_ids, grouped, strict=True) if g]
 
 
 def plan_branches(
@@ -130,13 +134,16 @@ def plan_branches(
 def continuation_requests(
     batch: Sequence[ScoredQuestion], points: Sequence[BranchPoint], *, n: int, max_new_tokens: int
 ) -> list[GenerationRequest]:
-    """prompt ⧺ response[:offset], T samples each; prefix + continuation stays within the limit (spec §5.4)."""
+    """prompt ⧺ response[:offset], T samples each; prefix + continuation stays within the limit (spec §5.4).
+
+    A question's requests form one group, so an engine pool keeps them on one engine (prefix cache)."""
     requests = []
     for point in points:
         sq = batch[point.question]
         prefix = sq.responses[point.response].token_ids[: point.offset]
         requests.append(
-            GenerationRequest(sq.prompt_ids + prefix, n=n, max_new_tokens=max(1, max_new_tokens - point.offset))
+            GenerationRequest(sq.prompt_ids + prefix, n=n, max_new_tokens=max(1, max_new_tokens - point.offset),
+                              group=sq.problem.uid)
         )
     return requests
 

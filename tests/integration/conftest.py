@@ -19,3 +19,13 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=60), get_client(sync_client=True) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs with a small object store, one per test module that uses it."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -1,39 +1,33 @@
-"""``RayRolloutPool`` on a real local Ray (no mocks): order, reproducibility, weight pushes, and
-an actor killed in the middle of a training step."""
+"""``RayRolloutPool`` of hf engines on a real local Ray (no mocks): order, reproducibility, weight
+pushes with their fingerprints, and an actor killed in the middle of a training step."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import ray
 import torch
 
-ray = pytest.importorskip("ray")
-
-from attnrl.config import resolve_config  # noqa: E402
-from attnrl.data.synthetic import generate_problems  # noqa: E402
-from attnrl.model.loading import PolicyBundle, save_policy  # noqa: E402
-from attnrl.reward.verifier import Verifier  # noqa: E402
-from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams, submit_generation  # noqa: E402
-from attnrl.rollout.factory import build_engine  # noqa: E402
-from attnrl.rollout.hf_engine import HFRolloutEngine  # noqa: E402
-from attnrl.training.backend import TorchBackend  # noqa: E402
-from attnrl.training.loop import RLLoop  # noqa: E402
-from attnrl.training.trainer import PolicyTrainer  # noqa: E402
-from attnrl.utils.seeding import derive_seed  # noqa: E402
-from infra.ray_engine import RayRolloutPool, split_contiguous  # noqa: E402
-from tests.conftest import small_overrides  # noqa: E402
+from attnrl.config import resolve_config
+from attnrl.data.synthetic import generate_problems
+from attnrl.model.loading import save_policy
+from attnrl.reward.verifier import Verifier
+from attnrl.rollout.balance import assign_by_tokens
+from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams, submit_generation
+from attnrl.rollout.factory import build_engine
+from attnrl.rollout.fingerprint import fingerprint, mismatches
+from attnrl.rollout.hf_engine import HFRolloutEngine
+from attnrl.training.backend import TorchBackend
+from attnrl.training.loop import RLLoop
+from attnrl.training.trainer import PolicyTrainer
+from attnrl.utils.seeding import derive_seed
+from infra.ray_engine import EngineSpec, RayRolloutPool
+from tests.conftest import small_overrides
 
 pytestmark = pytest.mark.integration
 
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +36,14 @@ def model_dir(tiny_policy, tmp_path_factory):
     return save_policy(model, tokenizer, tmp_path_factory.mktemp("ray") / "policy")
 
 
+def _spec(model_dir):
+    return EngineSpec("hf", {"model_path": str(model_dir), "dtype": "float32", "device": "cpu", "batch_size": 64,
+                             "threads": 1}, dtype="float32")
+
+
 @pytest.fixture(scope="module")
 def pool(local_ray, model_dir):
-    pool = RayRolloutPool(model_dir, num_actors=2, num_cpus_per_actor=0.5)
+    pool = RayRolloutPool(_spec(model_dir), num_actors=2, num_cpus_per_actor=0.5, num_gpus_per_actor=0)
     yield pool
     pool.close()
 
@@ -55,12 +54,21 @@ def _requests(tokenizer) -> list[GenerationRequest]:
 
 
 def _local(model, tokenizer, requests, seed, num_actors=2):
-    """What the pool should return: the hf engine on each contiguous chunk with its derived seed."""
-    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    out = []
-    for i, (start, stop) in enumerate(split_contiguous(len(requests), num_actors)):
-        out.extend(engine.generate(requests[start:stop], PARAMS, derive_seed(seed, i)))
+    """What the pool should return: the hf engine on each actor's share with its derived seed."""
+    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             vocab_size=len(tokenizer))
+    out = [None] * len(requests)
+    for i, share in enumerate(assign_by_tokens(requests, num_actors, PARAMS.max_new_tokens)):
+        if share:
+            for k, completions in zip(share, engine.generate([requests[k] for k in share], PARAMS, derive_seed(seed, i))):
+                out[k] = completions
     return out
+
+
+def _holds(pool, model):
+    """Every actor's fingerprint equals ``model``'s weights."""
+    expected = fingerprint(model.state_dict().items())
+    return all(mismatches(expected, reported) == [] for reported in pool.weights_fingerprints())
 
 
 def _tokens(results):
@@ -83,7 +91,7 @@ def test_pool_keeps_request_order_and_is_reproducible(pool, tiny_policy):
     first = pool.generate(requests, PARAMS, seed=7)
     assert [len(c) for c in first] == [r.n for r in requests]
     assert pool.generate(requests, PARAMS, seed=7) == first
-    # Each actor's contiguous chunk is exactly the hf engine's output with the derived seed.
+    # Each actor's share is exactly the hf engine's output with the derived seed.
     assert _tokens(first) == _tokens(_local(model, tokenizer, requests, seed=7))
     assert pool.generate([], PARAMS, seed=7) == []
 
@@ -105,8 +113,7 @@ def test_update_weights_reaches_every_actor_including_replacements(pool, tiny_po
     before = pool.generate(requests, PARAMS, seed=3)
     other = _perturbed(model, seed=11)
     pool.update_weights(other.state_dict())
-    expected = sum(float(p.double().sum()) for p in other.state_dict().values())
-    assert pool.weights_fingerprints() == pytest.approx([expected] * 2)
+    assert _holds(pool, other) and not _holds(pool, model)
     after = pool.generate(requests, PARAMS, seed=3)
     assert _tokens(after) != _tokens(before)
     assert _tokens(after) == _tokens(_local(other, tokenizer, requests, seed=3))
@@ -116,7 +123,7 @@ def test_update_weights_reaches_every_actor_including_replacements(pool, tiny_po
     ray.kill(pool.actors[1], no_restart=True)
     assert pool.generate(requests, PARAMS, seed=3) == after
     assert pool.replaced_actors == replaced + 1
-    assert pool.weights_fingerprints() == pytest.approx([expected] * 2)
+    assert _holds(pool, other)
 
     pool.update_weights(model.state_dict())  # leave the shared pool as it was
     assert pool.generate(requests, PARAMS, seed=3) == before
@@ -127,8 +134,8 @@ class KillOnceDuringGenerate(RayRolloutPool):
 
     killed = False
 
-    def _submit(self, index, requests, params, seed):
-        ref = super()._submit(index, requests, params, seed)
+    def _submit(self, index, requests, params, seed, keys):
+        ref = super()._submit(index, requests, params, seed, keys)
         if not self.killed and index == 0:
             type(self).killed = True
             ray.kill(self.actors[0], no_restart=True)
@@ -148,8 +155,8 @@ def test_an_actor_killed_during_a_training_step_is_replaced_and_training_goes_on
         model, TorchBackend(model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
         algorithm=config.algorithm, train=config.train, temperature=1.0,
     )
-    pool = KillOnceDuringGenerate(model_dir, num_actors=2, num_cpus_per_actor=0.5, max_actor_restarts=2,
-                                  initial_state_dict=model.state_dict())
+    pool = KillOnceDuringGenerate(_spec(model_dir), num_actors=2, num_cpus_per_actor=0.5, num_gpus_per_actor=0,
+                                  max_actor_restarts=2, initial_state_dict=model.state_dict())
     try:
         loop = RLLoop(config, problems=generate_problems(config.data.synthetic, split="train", seed=1),
                       engine=pool, trainer=trainer, tokenizer=tokenizer, verifier=Verifier(timeout_s=5.0))
@@ -159,8 +166,7 @@ def test_an_actor_killed_during_a_training_step_is_replaced_and_training_goes_on
         # Training goes on, and the replacement holds the trainer's latest weights.
         metrics = loop.run(2)  # run() trains up to a total and returns every step's metrics
         assert len(metrics) == 2 and loop.state.step == 2 and pool.replaced_actors == 1
-        expected = sum(float(p.double().sum()) for p in trainer.policy_state().values())
-        assert pool.weights_fingerprints() == pytest.approx([expected] * 2)
+        assert _holds(pool, trainer.model)
     finally:
         pool.close()
 
@@ -170,24 +176,8 @@ def test_build_engine_returns_a_pool_with_the_trainers_weights_when_enabled(loca
     current = _perturbed(model, seed=5)  # the in-memory weights differ from the directory's
     config = resolve_config(preset="tiny", overrides=["rollout.engine=hf", "rollout.ray.enabled=true",
                                                       "rollout.ray.num_actors=1", "rollout.ray.num_cpus_per_actor=0.5"])
-    engine = build_engine(PolicyBundle(current, tokenizer, model_dir), config.rollout)
+    engine = build_engine(config, model_dir=model_dir, tokenizer=tokenizer, max_new_tokens=8, model=current)
     try:
-        assert isinstance(engine, RayRolloutPool)
-        expected = sum(float(p.double().sum()) for p in current.state_dict().values())
-        assert engine.weights_fingerprints() == pytest.approx([expected])
+        assert isinstance(engine, RayRolloutPool) and _holds(engine, current)
     finally:
         engine.close()
-
-
-def test_split_is_contiguous_and_balanced():
-    assert split_contiguous(5, 2) == [(0, 3), (3, 5)]
-    assert split_contiguous(1, 3) == [(0, 1), (1, 1), (1, 1)]
-
-
-def test_ray_needs_the_hf_engine(tiny_policy, tmp_path):
-    from attnrl.errors import ConfigError
-
-    model, tokenizer = tiny_policy
-    config = resolve_config(preset="tiny", overrides=["rollout.engine=vllm", "rollout.ray.enabled=true"])
-    with pytest.raises(ConfigError, match="rollout.engine"):
-        build_engine(PolicyBundle(model, tokenizer, tmp_path), config.rollout)

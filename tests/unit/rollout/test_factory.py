@@ -1,23 +1,62 @@
+"""Building the configured engine, and the checks that fail a run before any model loads."""
+
 from __future__ import annotations
 
 import pytest
 
 from attnrl.config import resolve_config
 from attnrl.errors import ConfigError
-from attnrl.model.loading import PolicyBundle
+from attnrl.model.loading import save_policy
 from attnrl.rollout import RolloutEngine
-from attnrl.rollout.factory import build_engine
+from attnrl.rollout.factory import build_engine, engine_max_model_len, preflight, uses_pool
 
 
 def test_hf_engine_is_built_from_the_config(tiny_policy, tmp_path):
     model, tokenizer = tiny_policy
-    config = resolve_config(preset="tiny", overrides=["rollout.batch_size=7"]).rollout
-    engine = build_engine(PolicyBundle(model, tokenizer, tmp_path), config)
-    assert isinstance(engine, RolloutEngine) and engine.batch_size == 7
+    config = resolve_config(preset="tiny", overrides=["rollout.batch_size=7"])
+    engine = build_engine(config, model_dir=tmp_path, tokenizer=tokenizer, max_new_tokens=8, model=model)
+    assert isinstance(engine, RolloutEngine) and engine.batch_size == 7 and engine.vocab_size == len(tokenizer)
+    assert not uses_pool(config) and uses_pool(resolve_config(preset="tiny", overrides=["rollout.engine=vllm"]))
 
 
-def test_vllm_without_its_adapter_is_a_clear_config_error(tiny_policy, tmp_path):
-    model, tokenizer = tiny_policy
-    config = resolve_config(preset="tiny", overrides=["rollout.engine=vllm"]).rollout
-    with pytest.raises(ConfigError, match="rollout.engine: 'vllm' needs the GPU extra"):
-        build_engine(PolicyBundle(model, tokenizer, tmp_path), config)
+def test_the_in_process_engine_needs_a_model(tiny_policy, tmp_path):
+    with pytest.raises(ValueError, match="pass model="):
+        build_engine(resolve_config(preset="tiny"), model_dir=tmp_path, tokenizer=tiny_policy[1], max_new_tokens=8)
+
+
+def test_max_model_len_defaults_to_prompt_plus_response_and_refuses_less():
+    config = resolve_config(preset="tiny")
+    assert engine_max_model_len(config, 64) == config.data.max_prompt_tokens + 64
+    short = resolve_config(preset="tiny", overrides=["rollout.vllm.max_model_len=100"])
+    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: 100 is below .*64 \+ 64 = 128"):
+        engine_max_model_len(short, 64)
+
+
+def test_engines_longer_than_the_model_supports_fail_before_it_loads(tiny_policy, tmp_path):
+    model, tokenizer = tiny_policy  # 256 positions
+    save_policy(model, tokenizer, tmp_path / "m")
+    config = resolve_config(preset="tiny", overrides=["rollout.engine=vllm", "data.max_prompt_tokens=200"])
+    with pytest.raises(ConfigError, match="supports 256 positions"):
+        preflight(config, model_dir=tmp_path / "m", max_new_tokens=100)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.device=cuda"], "model.device: 'cuda' needs a CUDA GPU"),
+        (["rollout.engine=vllm", "rollout.ray.num_gpus_per_actor=1"], "rollout.ray.num_gpus_per_actor: 1.0 asks for GPUs"),
+        (["rollout.engine=vllm", "rollout.vllm.weight_sync=nccl"], "'nccl' is vLLM's CUDA transport"),
+        (["rollout.engine=vllm", "rollout.vllm.tensor_parallel_size=2"], "tensor_parallel_size: 2 needs as many GPUs"),
+    ],
+)
+def test_gpu_only_settings_fail_on_a_cpu_machine_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight(resolve_config(preset="tiny", overrides=overrides), model_dir=None, max_new_tokens=8)
+
+
+def test_the_paper_preset_resolves_to_a_gpu_layout_and_says_why_it_cannot_run_here():
+    config = resolve_config(preset="r1-distill-1.5b")
+    assert config.rollout.engine == "vllm" and config.rollout.ray.num_gpus_per_actor == 1
+    assert engine_max_model_len(config, config.rollout.sampling.max_new_tokens) == 1024 + 8192
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        preflight(config, model_dir=None, max_new_tokens=config.rollout.sampling.max_new_tokens)

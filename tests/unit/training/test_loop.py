@@ -119,3 +119,37 @@ def test_token_budget_stops_training(tiny_policy):
     loop, _ = _loop(tiny_policy, "grpo")
     loop.config.train.max_generated_tokens = 1
     assert len(loop.run(5)) == 1
+
+
+class EmptyingEngine(HFRolloutEngine):
+    """The real engine, but every third completion comes back empty, as when the first sampled id
+    is out of the vocabulary (spec §5.4)."""
+
+    def generate(self, requests, params, seed):
+        from attnrl.rollout.engine import Completion
+
+        out = super().generate(requests, params, seed)
+        count = 0
+        for group in out:
+            for i, completion in enumerate(group):
+                count += 1
+                if count % 3 == 0:
+                    group[i] = Completion((), (), "oov")
+        return out
+
+
+def test_empty_completions_are_left_out_of_scoring_trees_and_training(tiny_policy):
+    model, tokenizer = tiny_policy
+    for method in ("attnrl", "treerl", "grpo"):
+        config = resolve_config(preset="tiny", method=method, overrides=[*small_overrides(), *SETTINGS])
+        trained = copy.deepcopy(model)
+        trainer = PolicyTrainer(trained, TorchBackend(trained, config.train), reference=copy.deepcopy(model),
+                                pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm, train=config.train,
+                                temperature=1.0)
+        engine = EmptyingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        loop = RLLoop(config, problems=generate_problems(config.data.synthetic, split="train", seed=1), engine=engine,
+                      trainer=trainer, tokenizer=tokenizer, verifier=Verifier(timeout_s=5.0))
+        assert len(loop.run(2)) == 2, method
+        if loop.state.pending_scored:  # the off-policy loop's next batch: no empty response kept
+            assert all(r.token_ids for q in loop.state.pending_scored for r in q.responses)
