@@ -6,15 +6,14 @@ Two layers:
   :func:`mask_scores`): the definition of spec §5.2, used by the tests as the naive reference;
 * :class:`FCICollector`: the same numbers computed *streaming* inside an ordinary forward pass
   (spec §5.1: no separate pass). It swaps in an attention function, registered through the
-  transformers ``AttentionInterface``, that returns the model's normal attention output and, on
-  the side, reduces each layer's attention probabilities to per-step scores in blocks of query
-  rows. Extra memory is O(heads × block × L) instead of the O(heads × L²) per layer that the
-  official code materialises (spec §5.3).
+  transformers ``AttentionInterface``, that computes each layer's attention output and, from the
+  same probabilities, per-step scores, in blocks of query rows (``attnrl.fci_kernel``). Extra
+  memory is O(heads × block × L) instead of the O(heads × L²) per layer that the official code
+  materialises (spec §5.3). Left-padded and padding-free (packed) batches are both accepted.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal
@@ -22,7 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from attnrl.fci_kernel import StepPlan, attention_with_influence
 from attnrl.steps import StepSegmentation
+from attnrl.training.sequences import Span
 
 Aggregation = Literal["mean_mean", "mean_sum"]
 AGGREGATIONS: tuple[str, ...] = ("mean_mean", "mean_sum")
@@ -82,116 +83,56 @@ def mask_scores(y: Tensor, think_step: int, mask_first_step: bool, mask_after_th
     return y
 
 
-# --------------------------------------------------------------------------- streaming reduction
-
-
-class _Plan:
-    """Per-sequence token → step tables on one device, built once per forward."""
-
-    def __init__(self, segmentation: StepSegmentation, delta: int, aggregation: str, device: torch.device) -> None:
-        bounds = segmentation.boundaries
-        sizes = torch.tensor([end - start for start, end in zip(bounds, bounds[1:])], dtype=torch.float32)
-        steps = len(sizes)
-        step_of_token = torch.repeat_interleave(torch.arange(steps), sizes.long())
-        # A query token of step q counts keys of steps ≤ q − Δ, i.e. keys before the end of step q − Δ.
-        step_ends = torch.tensor(bounds[1:], dtype=torch.long)
-        cutoff = torch.where(step_of_token >= delta, step_ends[(step_of_token - delta).clamp(min=0)], 0)
-        self.num_ranges = steps
-        self.length = segmentation.length
-        # Query rows of steps < Δ influence nothing, so blocks start at step Δ (often skipping the prompt).
-        self.first_row = bounds[delta] if delta < steps else self.length
-        self.step_of_token = step_of_token.to(device)
-        self.cutoff = cutoff.to(device)
-        self.row_weight = (1.0 / sizes)[step_of_token].to(device)
-        self.key_weight = (1.0 / sizes if aggregation == "mean_mean" else torch.ones(steps)).to(device)
-
-
-def _sequence_influence(query: Tensor, key: Tensor, plan: _Plan, scaling: float, block_size: int) -> Tensor:
-    """Per-head y[heads, S] of one layer for one unpadded sequence (``query[heads, n, d]``, ``key[kv_heads, n, d]``).
-
-    Equals forward_influence(step_attention(softmax(QKᵀ·scaling + causal))) but never holds more
-    than ``block_size`` query rows of attention: y is linear in the attention rows, so each block
-    of rows adds its share directly, weighted by 1/|S_q| and cut at the end of step q − Δ.
-    """
-    heads, length, dim = query.shape
-    kv_heads = key.shape[0]
-    groups = heads // kv_heads
-    y = torch.zeros((heads, plan.num_ranges), dtype=torch.float32, device=query.device)
-    if plan.first_row >= length:
-        return y
-    # fp32 like the spec's softmax; the official code also upcasts before reducing.
-    key32 = key.float().transpose(1, 2)  # [kv_heads, d, n]
-    positions = torch.arange(length, device=query.device)
-    # One score buffer for all blocks: allocator churn from per-block sizes would otherwise add to the peak.
-    workspace = torch.empty(heads * min(block_size, length - plan.first_row) * length, device=query.device)
-    for r0 in range(plan.first_row, length, block_size):
-        r1 = min(r0 + block_size, length)
-        rows = r1 - r0
-        # GQA without repeating K: query heads of one KV group share a matmul (head h ↔ kv head h // groups).
-        block = query[:, r0:r1].float().reshape(kv_heads, groups * rows, dim)
-        scores = workspace[: heads * rows * r1].view(kv_heads, groups * rows, r1)
-        probs = torch.matmul(block, key32[:, :, :r1], out=scores).view(heads, rows, r1)
-        probs.mul_(scaling)
-        probs.masked_fill_(positions[None, :r1] > positions[r0:r1, None], float("-inf"))
-        # In-place softmax: one [heads, rows, r1] buffer instead of two.
-        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(dim=-1, keepdim=True))
-        probs.masked_fill_(positions[None, :r1] >= plan.cutoff[r0:r1, None], 0.0)
-        per_key = torch.matmul(plan.row_weight[r0:r1], probs)  # Σ over rows of w_i·A[i, j] → [heads, r1]
-        y.index_add_(1, plan.step_of_token[:r1], per_key)
-        del probs, scores, block, per_key
-    return y * plan.key_weight
-
-
 # --------------------------------------------------------------------------- the collector
 
 _IMPLEMENTATION_PREFIX = "attnrl_fci_"
 # Module id → active collector. The registered attention function is global, so it finds the
-# collector of the model that is calling it here; unrelated models fall through untouched.
+# collector of the model that is calling it here.
 _ACTIVE: dict[int, FCICollector] = {}
 
 
-def _inner_attention(implementation: str, module: torch.nn.Module) -> Callable[..., Any]:
-    """The function that computes the real attention output: SDPA, or the model file's own eager."""
-    from transformers import AttentionInterface
+class _Layout:
+    """What the collector's mask function hands each layer instead of a [rows, 1, L, L] mask.
 
-    functions = AttentionInterface()
-    if implementation == "eager":
-        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if eager is not None:
-            return eager
-    return functions["sdpa"]
+    The fused attention needs only where each sequence lies (the spans); the padding mask and the
+    mask function transformers built are kept to check that the batch really is laid out that way.
+    """
+
+    def __init__(self, padding: Tensor | None, mask_function: Callable[..., Any] | None) -> None:
+        self.padding = padding
+        self.mask_function = mask_function
+
+
+def _layout_mask(**kwargs: Any) -> _Layout:
+    return _Layout(kwargs.get("attention_mask"), kwargs.get("mask_function"))
 
 
 def _register(original: str) -> str:
-    """Register (idempotently) the FCI wrapper for a model currently using ``original``; returns its name.
+    """Register (idempotently) the FCI attention for a model currently using ``original``; returns its name.
 
-    An eager model stays eager (bit-identical outputs); anything else runs on SDPA. Flash kernels
-    are not wrapped because transformers keys flash-specific behaviour on the substring "flash"
-    in the implementation name and would try to load a kernel called after the wrapper.
+    The name keeps "eager" or "sdpa" as a substring because transformers runs its implementation
+    checks on it. Flash kernels are not named because transformers keys flash-specific behaviour on
+    the substring "flash" and would try to load a kernel called after the wrapper.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    implementation = "eager" if original == "eager" else "sdpa"
-    # The name keeps "sdpa" as a substring on purpose: transformers runs its SDPA checks on it.
-    name = _IMPLEMENTATION_PREFIX + implementation
+    name = _IMPLEMENTATION_PREFIX + ("eager" if original == "eager" else "sdpa")
 
     def attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs):
-        output = _inner_attention(implementation, module)(module, query, key, value, attention_mask, **kwargs)
         collector = _ACTIVE.get(id(module))
-        if collector is not None:
-            collector._observe(module, query, key, attention_mask, kwargs.get("scaling"))
-        return output
+        if collector is None:
+            raise RuntimeError(f"{name} is the attention of a model inside an FCICollector; this one is not")
+        return collector._attend(module, query, key, value, attention_mask, kwargs), None
 
     AttentionInterface.register(name, attention)
-    # Without a mask function under the same name, transformers builds NO mask at all for an
-    # unknown implementation (it assumes an external backend): padding would silently leak in.
-    AttentionMaskInterface.register(name, AttentionMaskInterface()[implementation])
+    # Without a mask function under the same name, transformers builds no mask and checks nothing;
+    # this one builds no [L, L] mask either, only hands over what the layout check needs.
+    AttentionMaskInterface.register(name, _layout_mask)
     return name
 
 
 class FCICollector:
-    """Collect FCI scores (spec §5.2) during one ordinary forward of a Hugging Face causal LM.
+    """Collect FCI scores (spec §5.2) during one ordinary no-grad forward of a Hugging Face causal LM.
 
     Usage::
 
@@ -199,10 +140,13 @@ class FCICollector:
             out = model(input_ids=ids, attention_mask=mask)
         fci = collector.scores(mask_first_step=True, mask_after_think=True)
 
-    ``segmentations[i]`` describes row i of the batch in unpadded coordinates; rows must be
-    LEFT-padded to a common length. Inside the block the model computes its attention output
-    with SDPA (with its own eager function if it was eager), so outputs are unchanged; its
-    attention implementation is restored on exit, also after an error.
+    ``segmentations[i]`` describes sequence i in its own (unpadded) coordinates; ``spans[i]``
+    (``sequences.Span``: row, start, length) says where it lies in the batch. Without spans, rows
+    are LEFT-padded, one sequence per row. Padding-free batches (several spans in a row, position
+    ids restarting at each) are supported. Inside the block every attention layer runs the fused
+    kernel of ``attnrl.fci_kernel`` on each span: its output equals the model's own attention up to
+    fp32 rounding, and its buffers are O(heads × block × L). The model's attention implementation is
+    restored on exit, also after an error.
     """
 
     def __init__(
@@ -212,7 +156,8 @@ class FCICollector:
         *,
         delta: int = 4,
         aggregation: Aggregation = "mean_mean",
-        block_size: int = 256,
+        block_size: int = 128,
+        spans: Sequence[Span] | None = None,
     ) -> None:
         _check_aggregation(aggregation)
         if delta < 1:
@@ -221,13 +166,20 @@ class FCICollector:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         if not segmentations:
             raise ValueError("need at least one segmentation")
+        if spans is not None:
+            if len(spans) != len(segmentations):
+                raise ValueError(f"{len(spans)} spans for {len(segmentations)} segmentations")
+            for i, (span, seg) in enumerate(zip(spans, segmentations)):
+                if span.length != seg.length:
+                    raise ValueError(f"span {i} covers {span.length} tokens but its segmentation {seg.length}")
         self.model = model
         self.segmentations = list(segmentations)
+        self.spans = None if spans is None else list(spans)
         self.delta = delta
         self.aggregation = aggregation
         self.block_size = block_size
         self._original: str | None = None
-        self._plans: list[_Plan] | None = None
+        self._plans: list[StepPlan] | None = None
         self._max: list[Tensor | None] = [None] * len(self.segmentations)
         self._seen: set[int] = set()
 
@@ -260,29 +212,40 @@ class FCICollector:
 
     # -- called from the attention function, once per layer
 
-    def _observe(self, module: torch.nn.Module, query: Tensor, key: Tensor, mask: Any, scaling: float | None) -> None:
+    def _attend(
+        self, module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, layout: Any, kwargs: dict[str, Any]
+    ) -> Tensor:
         if id(module) in self._seen:
             raise RuntimeError("an FCICollector covers exactly one forward pass; use a new one per forward")
         self._seen.add(id(module))
+        _check_plain_causal(module, query, kwargs)
         batch, heads, length, dim = query.shape
-        if batch != len(self.segmentations):
-            raise ValueError(f"batch has {batch} rows but {len(self.segmentations)} segmentations were given")
         if key.shape[2] != length:
             raise ValueError("FCI needs a full-sequence forward (no cached prefix): query and key lengths differ")
         if heads % key.shape[1]:
             raise ValueError(f"{heads} query heads are not a multiple of {key.shape[1]} key/value heads")
-        pads = [length - seg.length for seg in self.segmentations]
         if self._plans is None:
-            # Every layer gets the same mask, so checking the first one is enough (and avoids a sync per layer).
-            _check_left_padding(mask, pads, length)
-            self._plans = [_Plan(seg, self.delta, self.aggregation, query.device) for seg in self.segmentations]
-        scale = float(scaling) if scaling is not None else dim**-0.5
+            if self.spans is None:
+                if batch != len(self.segmentations):
+                    raise ValueError(f"batch has {batch} rows but {len(self.segmentations)} segmentations were given")
+                self.spans = [Span(row, length - seg.length, seg.length) for row, seg in enumerate(self.segmentations)]
+            # Every layer gets the same layout, so checking the first one is enough.
+            _check_layout(layout, self.spans, batch, length)
+            self._plans = [StepPlan(seg, self.delta, self.aggregation, query.device) for seg in self.segmentations]
+        scale = float(kwargs["scaling"]) if kwargs.get("scaling") is not None else dim**-0.5
+        # transformers' layout for attention outputs: [batch, length, heads, head_dim]. Positions outside
+        # every span (padding) get zeros; nothing valid attends to them.
+        out = query.new_zeros((batch, length, heads, value.shape[-1]))
         with torch.no_grad():
-            for row, (plan, pad) in enumerate(zip(self._plans, pads)):
-                y = _sequence_influence(query[row, :, pad:], key[row, :, pad:], plan, scale, self.block_size)
+            for row, (plan, span) in enumerate(zip(self._plans, self.spans)):
+                a, b = span.start, span.start + span.length
+                part = (span.row, slice(None), slice(a, b))
+                o, y = attention_with_influence(query[part], key[part], value[part], plan, scale, self.block_size)
+                out[span.row, a:b] = o.transpose(0, 1)
                 best = y.amax(dim=0)
                 previous = self._max[row]
                 self._max[row] = best if previous is None else torch.maximum(previous, best)
+        return out
 
     # -- results
 
@@ -302,24 +265,50 @@ class FCICollector:
         return out
 
 
-def _check_left_padding(mask: Any, pads: Sequence[int], length: int) -> None:
-    """Fail loudly when the batch is not left-padded as the segmentations imply (else FCI is silently wrong)."""
-    if any(pad < 0 for pad in pads):
-        raise ValueError(f"a segmentation is longer than the batch ({length} tokens): {pads}")
-    if mask is None:
-        if any(pads):
-            raise ValueError("rows are shorter than the batch but the model got no attention mask")
+def _check_plain_causal(module: torch.nn.Module, query: Tensor, kwargs: dict[str, Any]) -> None:
+    """The fused kernel is plain causal softmax attention; refuse layers that are anything else."""
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise RuntimeError("FCI is collected in a no-grad forward (the scoring pass, spec §5.1)")
+    if not getattr(module, "is_causal", True):
+        raise ValueError(f"{type(module).__name__} is not causal")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"FCI's attention kernel does not implement {name} (layer {type(module).__name__})")
+    if kwargs.get("dropout"):
+        raise ValueError("FCI needs an eval-mode forward: attention dropout is active")
+
+
+def _check_layout(layout: Any, spans: Sequence[Span], batch: int, length: int) -> None:
+    """Fail loudly when the batch is not laid out as the spans say (FCI and outputs would be silently wrong)."""
+    if any(span.start < 0 or span.start + span.length > length or not 0 <= span.row < batch for span in spans):
+        raise ValueError(f"a segmentation does not fit the batch ({batch} rows of {length} tokens)")
+    if not isinstance(layout, _Layout):
+        raise ValueError("the attention got no layout from the FCI mask function (a prepared 4D mask was passed?)")
+    valid = torch.zeros((batch, length), dtype=torch.bool)
+    for span in spans:
+        valid[span.row, span.start:span.start + span.length] = True
+    if layout.padding is not None:
+        if not torch.equal(layout.padding.bool().cpu()[:, -length:], valid):
+            raise ValueError("the attention mask does not match the spans (LEFT padding by default, one row each)")
+    elif not bool(valid.all()):
+        raise ValueError("rows are shorter than the batch but the model got no attention mask")
+    rows_with_several = {span.row for span in spans if sum(s.row == span.row for s in spans) > 1}
+    if not rows_with_several:
         return
-    if not isinstance(mask, Tensor) or mask.dim() not in (2, 4):
-        return  # e.g. a flex-attention BlockMask: nothing cheap to check
-    positions = torch.arange(length, device=mask.device)
-    for row, pad in enumerate(pads):
-        if mask.dim() == 4:
-            last = mask[row if mask.shape[0] > 1 else 0, 0, -1, -length:]
-            valid = last if last.dtype == torch.bool else last == 0
-        else:
-            valid = mask[row, -length:].bool()
-        if not torch.equal(valid, positions >= pad):
-            raise ValueError(
-                f"row {row}: the attention mask does not match {pad} tokens of LEFT padding implied by its segmentation"
-            )
+    # Padding-free rows: transformers must have seen the restarting position ids, or every sequence
+    # would attend to the ones before it.
+    function = layout.mask_function
+    if function is None:
+        raise ValueError("packed sequences but no mask function: position ids must restart at each sequence")
+    def attends(row: int, query: int, key: int) -> bool:
+        index = [torch.tensor(i) for i in (row, 0, query, key)]  # transformers' mask functions take tensors
+        return bool(function(*index))
+
+    for span in spans:
+        if span.row in rows_with_several and span.start > 0:
+            last = span.start + span.length - 1
+            if attends(span.row, last, span.start - 1) or not attends(span.row, last, span.start):
+                raise ValueError(
+                    f"packed sequence at row {span.row}, column {span.start}: the attention does not keep it apart "
+                    "from the one before (position ids must restart at 0 for every sequence)"
+                )

@@ -6,6 +6,7 @@ token, 0 = padding). Values at padded positions never reach the result, even if 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,28 +42,58 @@ class LossSettings:
     loss_aggregation: str = "token_mean"
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: str) -> Tensor:
+@dataclass(frozen=True)
+class Normaliser:
+    """The denominators of one mini-batch's aggregate, for an exact loss over any split into micro-batches.
+
+    A micro-batch's term is the *sum* of its per-token (``token_mean``) or per-sequence
+    (``seq_mean_token_mean``) values divided by the mini-batch's valid ``tokens`` or ``sequences``, so
+    the micro-batch losses of a mini-batch add up to exactly its loss, and so do their gradients,
+    however the mini-batch is split (spec §11 / AMBIG-11: verl's size-weighted mean of
+    micro-batch means is not the global token mean).
+    """
+
+    tokens: float
+    sequences: float
+
+    @classmethod
+    def of(cls, response_lengths: Sequence[int]) -> Normaliser:
+        """For a mini-batch whose sequences have these numbers of valid response tokens."""
+        if any(n < 0 for n in response_lengths):
+            raise ValueError(f"response lengths must be >= 0, got {list(response_lengths)}")
+        return cls(tokens=float(sum(response_lengths)), sequences=float(sum(1 for n in response_lengths if n > 0)))
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: str, normaliser: Normaliser | None = None) -> Tensor:
     """Reduce per-token ``values`` to a scalar over the valid tokens (spec §11, AMBIG-11).
 
     * ``token_mean``: masked mean over all valid tokens of the batch (the code, all methods);
     * ``seq_mean_token_mean``: each sequence's masked token mean, then the mean over sequences (the
       per-sequence 1/|o_i| of paper Eq. 1). Rows without any valid token are left out of the mean.
 
+    With a ``normaliser`` the batch is one micro-batch of a larger mini-batch: the sums are divided
+    by the mini-batch's token or sequence count instead of this batch's own (see ``Normaliser``).
     An all-padding batch gives 0 (with a graph), not NaN.
     """
     _check_same_shape(values=values, mask=mask)
     mask = mask.to(values.dtype)  # a bool mask would make the counts integer
     masked = torch.where(mask > 0, values * mask, torch.zeros_like(values))  # where: NaN at pads must not leak
     if mode == "token_mean":
-        return masked.sum() / _safe_count(mask.sum())
+        count = mask.sum() if normaliser is None else _as_count(normaliser.tokens, values)
+        return masked.sum() / _safe_count(count)
     if mode == "seq_mean_token_mean":
         if values.dim() != 2:
             raise ValueError(f"seq_mean_token_mean needs [batch, T] values, got shape {tuple(values.shape)}")
         per_token_counts = mask.sum(dim=-1)
         per_sequence = masked.sum(dim=-1) / _safe_count(per_token_counts)
         has_tokens = (per_token_counts > 0).to(values.dtype)
-        return (per_sequence * has_tokens).sum() / _safe_count(has_tokens.sum())
+        count = has_tokens.sum() if normaliser is None else _as_count(normaliser.sequences, values)
+        return (per_sequence * has_tokens).sum() / _safe_count(count)
     raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def _as_count(count: float, like: Tensor) -> Tensor:
+    return torch.tensor(count, dtype=like.dtype, device=like.device)
 
 
 def _safe_count(count: Tensor) -> Tensor:
@@ -77,9 +108,10 @@ def _check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"shape mismatch: {shapes}")
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> float:
-    """Detached token mean, for statistics."""
-    return float(aggregate(values.detach().to(torch.float32), mask.detach().to(torch.float32), "token_mean"))
+def _masked_mean(values: Tensor, mask: Tensor, normaliser: Normaliser | None) -> float:
+    """Detached token mean, for statistics (a micro-batch's share of it with a ``normaliser``)."""
+    return float(aggregate(values.detach().to(torch.float32), mask.detach().to(torch.float32), "token_mean",
+                           normaliser))
 
 
 def ppo_clip_loss(
@@ -92,6 +124,7 @@ def ppo_clip_loss(
     clip_high: float,
     dual_clip: float,
     aggregation: str,
+    normaliser: Normaliser | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO clip-higher policy-gradient loss with dual clip for negative advantages (spec §11).
 
@@ -102,7 +135,8 @@ def ppo_clip_loss(
 
     Stats (token means over valid tokens): ``clip_fraction`` (the clipped term is the active one),
     ``dual_clip_fraction`` (A < 0 and the dual clip is active), ``approx_kl`` (mean of old − new log-prob,
-    after the ±20 clamp) and ``ratio_mean``.
+    after the ±20 clamp) and ``ratio_mean``. With a ``normaliser``, loss and stats are this micro-batch's
+    shares of the mini-batch's values (they add up over its micro-batches).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     if not (clip_low > 0 and clip_high > 0):
@@ -119,12 +153,12 @@ def ppo_clip_loss(
     negative = advantages < 0
     per_token = torch.where(negative, torch.minimum(clip_loss, dual_bound), clip_loss)
 
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, normaliser)
     stats = {
-        "clip_fraction": _masked_mean((clipped > unclipped).float(), mask),
-        "dual_clip_fraction": _masked_mean((negative & (clip_loss > dual_bound)).float(), mask),
-        "approx_kl": _masked_mean(-log_ratio, mask),
-        "ratio_mean": _masked_mean(ratio, mask),
+        "clip_fraction": _masked_mean((clipped > unclipped).float(), mask, normaliser),
+        "dual_clip_fraction": _masked_mean((negative & (clip_loss > dual_bound)).float(), mask, normaliser),
+        "approx_kl": _masked_mean(-log_ratio, mask, normaliser),
+        "ratio_mean": _masked_mean(ratio, mask, normaliser),
     }
     return loss, stats
 
@@ -139,9 +173,11 @@ def k3_kl_per_token(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.clamp(torch.exp(diff) - diff - 1.0, -KL_VALUE_CLAMP, KL_VALUE_CLAMP)
 
 
-def k3_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, aggregation: str) -> Tensor:
+def k3_kl(
+    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, aggregation: str, normaliser: Normaliser | None = None
+) -> Tensor:
     """The k3 KL-to-reference loss term, aggregated like the policy loss (spec §11)."""
-    return aggregate(k3_kl_per_token(logprobs, ref_logprobs), mask, aggregation)
+    return aggregate(k3_kl_per_token(logprobs, ref_logprobs), mask, aggregation, normaliser)
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -182,12 +218,13 @@ def policy_objective(
     mask: Tensor,
     entropy: Tensor | None,
     config: LossConfig,
+    normaliser: Normaliser | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Total loss = pg − entropy_coef·entropy + kl_coef·kl, every term aggregated the same way (spec §11).
 
     ``config`` is anything with the ``LossConfig`` attributes (``AlgorithmConfig`` or ``LossSettings``).
     ``ref_logprobs`` is required when ``kl_coef > 0`` and ``entropy`` when ``entropy_coef > 0``; when
-    given with a zero coefficient they are still reported in the stats.
+    given with a zero coefficient they are still reported in the stats. ``normaliser``: see ``aggregate``.
     """
     if config.kl_coef > 0 and ref_logprobs is None:
         raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs")
@@ -204,16 +241,17 @@ def policy_objective(
         clip_high=config.clip_high,
         dual_clip=config.dual_clip,
         aggregation=aggregation,
+        normaliser=normaliser,
     )
     total = pg_loss
     stats["pg_loss"] = float(pg_loss.detach())
     if entropy is not None:
-        entropy_term = aggregate(entropy, mask, aggregation)
+        entropy_term = aggregate(entropy, mask, aggregation, normaliser)
         stats["entropy"] = float(entropy_term.detach())
         if config.entropy_coef > 0:  # skip the graph when the bonus is off (spec §12: coefficient 0)
             total = total - config.entropy_coef * entropy_term
     if ref_logprobs is not None:
-        kl_term = k3_kl(logprobs, ref_logprobs, mask, aggregation)
+        kl_term = k3_kl(logprobs, ref_logprobs, mask, aggregation, normaliser)
         stats["kl"] = float(kl_term.detach())
         if config.kl_coef > 0:
             total = total + config.kl_coef * kl_term

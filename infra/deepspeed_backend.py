@@ -1,5 +1,14 @@
 """DeepSpeed as the trainer's optimisation backend (spec §11; architecture.md: infra adapters).
 
+ZeRO stages 0–3. In bf16 (``train.precision``, where the device has it) DeepSpeed keeps bf16
+weights for the forwards and fp32 master weights, optimizer state and gradient accumulation
+(stage 0: see ``deepspeed_config``); on CPU the tests run fp32. Under ZeRO-3 parameters are partitioned: the weight export for the
+rollout engines and the checkpoints gathers them one parameter at a time. Checkpoints use
+DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (per-rank optimizer and master-weight
+partitions), so a resume continues exactly whatever the stage and precision. The frozen reference
+model runs as a ZeRO-3 inference engine, its parameters optionally offloaded to CPU
+(``train.reference_offload``; spec §11: the official reference model is offloaded).
+
 A single process initialises ``torch.distributed`` itself (gloo on CPU, nccl on GPU); a
 launcher (``deepspeed``/``torchrun``) that already set ``RANK`` etc. is respected. Two CPU
 pitfalls are avoided (stack-notes.md): the optimizer is a torch AdamW passed in (a DeepSpeed
@@ -12,12 +21,16 @@ from __future__ import annotations
 import math
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from attnrl.config.schema import TrainConfig
-from attnrl.errors import ConfigError
+from attnrl.training.backend import autocast_dtype, require_scorer
+from attnrl.training.chunked_head import ResponseScorer
+
+CHECKPOINT_TAG = "engine"  # one DeepSpeed checkpoint per attnrl checkpoint directory
 
 
 def _free_port() -> int:
@@ -43,12 +56,40 @@ def _single_process_env() -> None:
                       **{_OWN_PORT: port})
 
 
-def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
-    """The engine config: ZeRO stage and clipping. Accumulation is driven per step by the trainer
-    (mini-batches vary in size), so DeepSpeed sees one micro-batch per step. Precision stays fp32
-    here: the trainer runs its forwards under bf16 autocast where the device allows, so master
-    weights and accumulated gradients are fp32 (DeepSpeed's own bf16 mode at ZeRO-0 would
-    accumulate gradients in bf16)."""
+def _import_deepspeed():
+    """DeepSpeed, imported for this process's world without JIT-compiling ops on CPU."""
+    _single_process_env()
+    if not torch.cuda.is_available():
+        # Name the accelerator: otherwise DeepSpeed probes and prints a warning on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if shm is not None:
+        deepspeed.ops.__compatible_ops__[shm.NAME] = False
+    return deepspeed
+
+
+def _precision_section(bf16: bool) -> dict[str, Any]:
+    if not bf16:
+        return {}
+    # Gradients accumulate over micro-batches in fp32 (BF16_Optimizer / ZeRO's fp32 accumulation), and
+    # a non-finite gradient skips the step (spec §11).
+    return {"bf16": {"enabled": True, "check_grad_overflow": True}, "data_types": {"grad_accum_dtype": "fp32"}}
+
+
+def deepspeed_config(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The training engine's config. Accumulation is driven per step by the trainer (mini-batches vary
+    in size), so DeepSpeed sees one micro-batch per step; the trainer's loss is already the exact
+    mini-batch share (``loss.Normaliser``).
+
+    bf16 is DeepSpeed's own at ZeRO 1–3. At stage 0 DeepSpeed 0.19 cannot accumulate bf16
+    gradients in fp32 (NotImplementedError: "unsupported mix of model_dtype=torch.bfloat16 and
+    grad_accum_dtype=torch.float32") and would accumulate them in bf16, so there the engine stays
+    fp32 and the trainer's bf16 autocast does the compute: fp32 weights and gradients all the same.
+    """
+    bf16 = autocast_dtype(config, device) is torch.bfloat16 and config.zero_stage > 0
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -56,7 +97,17 @@ def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
         "zero_optimization": {"stage": config.zero_stage},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **_precision_section(bf16),
     }
+
+
+def reference_config(offload: bool, bf16: bool) -> dict[str, Any]:
+    """A ZeRO-3 inference-only engine: parameters partitioned over ranks, optionally offloaded to CPU."""
+    zero: dict[str, Any] = {"stage": 3}
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero, "steps_per_print": 2**31 - 1,
+            **({"bf16": {"enabled": True}} if bf16 else {})}
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
@@ -65,31 +116,23 @@ def _grad_norm(module: torch.nn.Module) -> float:
 
 
 class DeepSpeedBackend:
-    """``OptimizerBackend`` over a DeepSpeed engine."""
+    """``OptimizerBackend`` over a DeepSpeed engine that wraps the trainer's ``ResponseScorer``."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
-        if config.zero_stage == 3:
-            # Stage 3 partitions the parameters themselves: save_pretrained, the scoring forward
-            # and the weight push to the rollout engine would all need gathering first.
-            raise ConfigError("train.zero_stage: 3 is not supported yet (parameters would need gathering); use 0-2")
-        _single_process_env()
-        if not torch.cuda.is_available():
-            # Name the accelerator: otherwise DeepSpeed probes and prints a warning on stdout.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
-        shm = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if shm is not None:
-            deepspeed.ops.__compatible_ops__[shm.NAME] = False
+    def __init__(self, scorer: ResponseScorer, config: TrainConfig) -> None:
+        require_scorer(scorer, type(self).__name__)
+        self._deepspeed = deepspeed = _import_deepspeed()
+        device = next(scorer.parameters()).device
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
+            scorer.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
         )
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=scorer, optimizer=optimizer, config=deepspeed_config(config, device)
         )
         self.module = self.engine
+        self.scorer = scorer
         self.zero_stage = config.zero_stage
+        self.reference_offload = config.reference_offload
+        self._reference_engines: list[Any] = []  # kept alive with the trainer
 
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(boundary)
@@ -97,25 +140,54 @@ class DeepSpeedBackend:
 
     def step(self) -> float:
         self.engine.set_gradient_accumulation_boundary(True)
-        # ZeRO-0 keeps whole gradients on the parameters but does not report their norm.
-        norm = _grad_norm(self.engine.module) if self.zero_stage == 0 else None
-        if norm is not None and not math.isfinite(norm):
-            # Spec §11: a non-finite gradient norm skips the step (fp32 DeepSpeed does not check).
-            self.engine.optimizer.zero_grad(set_to_none=True)
+        if self.zero_stage == 0 and not self.engine.bfloat16_enabled():
+            # Plain fp32 ZeRO-0 neither checks nor reports the norm: do both here (spec §11: a
+            # non-finite gradient norm skips the step). ZeRO 1–3 and bf16 skip such a step themselves.
+            norm = _grad_norm(self.engine.module)
+            if not math.isfinite(norm):
+                self.engine.optimizer.zero_grad(set_to_none=True)
+                return norm
+            self.engine.step()
             return norm
         self.engine.step()
+        if not self.engine.was_step_applied():
+            return float("inf")
         reported = self.engine.get_global_grad_norm()
-        if reported is not None:
-            norm = float(reported)
-        return float("nan") if norm is None else norm
+        return float("nan") if reported is None else float(reported)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The full state dict in Hugging Face names, gathered one parameter at a time under ZeRO-3
+        (a partitioned model never has to exist whole twice). Tied names share one tensor, as in
+        ``state_dict()``."""
+        lm = self.scorer.lm
+        if self.zero_stage < 3:
+            return {k: v.detach() for k, v in lm.state_dict().items()}
+        gathered: dict[int, torch.Tensor] = {}
+        out = {}
+        for name, tensor in lm.state_dict(keep_vars=True).items():
+            if id(tensor) not in gathered:
+                if hasattr(tensor, "ds_id"):
+                    with self._deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                        gathered[id(tensor)] = tensor.detach().clone()
+                else:  # a buffer, never partitioned
+                    gathered[id(tensor)] = tensor.detach()
+            out[name] = gathered[id(tensor)]
+        return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.zero_stage == 0:
-            self.optimizer.load_state_dict(state)
-        else:
-            # ZeRO optimizers take one state per data-parallel rank; their fp32 partitions are
-            # rebuilt from the module, which was loaded from the same checkpoint.
-            self.optimizer.load_state_dict([state], load_optimizer_states=True, load_from_fp32_weights=False)
+    def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
+        bf16 = next(model.parameters()).dtype is torch.bfloat16
+        engine, _, _, _ = self._deepspeed.initialize(model=model, config=reference_config(self.reference_offload, bf16))
+        engine.eval()
+        self._reference_engines.append(engine)
+        # The model itself: its modules now carry the engine's hooks that fetch each layer's parameters.
+        return engine.module
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint '{CHECKPOINT_TAG}' to resume from")

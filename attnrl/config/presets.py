@@ -59,7 +59,14 @@ TINY: dict[str, Any] = {
     },
     # Measured on 2 CPU cores: 15 steps (~90 s, ~230 k generated tokens) take held-out accuracy
     # from ~50 % to ~85 % (benchmarks/learning.py reports the averages over seeds).
-    "train": {"steps": 15, "lr": 1e-4, "mini_batch_sequences": 64, "micro_batch_sequences": 64, "save_every": 5},
+    "train": {
+        "steps": 15, "lr": 1e-4, "mini_batch_sequences": 64, "save_every": 5,
+        # Sequences are at most 64 + 64 tokens: a whole 64-sequence mini-batch in one forward.
+        "max_tokens_per_micro_batch": 8192,
+        # A ~1 M-parameter model on one CPU process: nothing to shard or offload, and recomputing
+        # activations would only cost time.
+        "zero_stage": 0, "reference_offload": False, "gradient_checkpointing": False,
+    },
 }
 
 R1_DISTILL_1_5B: dict[str, Any] = {

@@ -398,17 +398,62 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (§11: 0.01).")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip (§11: 1.0).")
     mini_batch_sequences: int = Field(default=192, ge=1, description="Sequences per optimizer step (§11).")
-    micro_batch_sequences: int = Field(
-        default=24, ge=1, description="Sequences per forward/backward; gradients accumulate to a mini-batch."
+    max_tokens_per_micro_batch: int = Field(
+        default=36864,
+        ge=1,
+        description="Token budget of one forward (scoring, reference and update passes), in token slots: rows × "
+        "longest row when left-padded, the packed total when padding-free. Consecutive sequences share a "
+        "micro-batch up to it; a longer sequence forms its own. Gradients accumulate to the mini-batch, whose "
+        "loss stays the exact token mean (spec §12: dynamic micro-batching, 36,864 tokens per GPU, train and "
+        "log-prob).",
+    )
+    logits_chunk_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="Response positions whose logits exist at once: the LM head runs over the gathered hidden "
+        "states in chunks of this many tokens, and with gradients each chunk is recomputed in the backward. "
+        "Bounds logit memory to chunk × vocabulary × 4 bytes (1024 × 151,936 × 4 B = 0.6 GB for "
+        "R1-Distill) instead of micro-batch tokens × vocabulary (verl's chunked entropy, OpenRLHF's chunked "
+        "logsumexp).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=True,
+        description="Recompute each decoder layer's activations in the backward (non-reentrant) instead of "
+        "keeping them: activation memory of the update drops from O(layers × tokens × hidden × k) to one layer's "
+        "(spec §11: the official run trains with gradient checkpointing). Gradients are unchanged.",
+    )
+    packing: Literal["auto", "padding_free", "left_padded"] = Field(
+        default="auto",
+        description="Micro-batch layout. 'padding_free': sequences concatenated in one row with restarting "
+        "position ids (spec §5.1: use_remove_padding); 'left_padded': rows padded on the left to the longest "
+        "(the rollout engine's layout); 'auto': padding-free where the attention kernel is varlen "
+        "(flash_attention_2/3), left-padded otherwise, because transformers gives SDPA and eager a dense "
+        "block-diagonal [total, total] mask over a packed row, whose cost grows with the square of the total "
+        "instead of rows × longest².",
     )
     backend: Literal["deepspeed", "torch"] = Field(
         default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."
     )
-    zero_stage: int = Field(default=0, ge=0, le=3, description="DeepSpeed ZeRO stage (0 on CPU).")
+    zero_stage: int = Field(
+        default=3,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters partitioned "
+        "over data-parallel ranks (spec §11: the official run shards everything with FSDP2, i.e. stage 3). "
+        "Under stage 3 the trainer gathers parameters for weight export and checkpoints.",
+    )
+    reference_offload: bool = Field(
+        default=True,
+        description="deepspeed backend: keep the frozen reference model's parameters in CPU memory, streamed to "
+        "the device layer by layer for the reference pass (a ZeRO-3 inference engine; spec §11: 'Ref model on "
+        "FSDP2 with parameter offload'). False keeps them on the device (still partitioned over ranks).",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
-        description="Compute precision of the trainer's forwards: 'bf16' autocast over fp32 master weights and "
-        "gradients, 'fp32', or 'auto' = bf16 where the device supports it (CUDA).",
+        description="Compute precision: 'bf16', 'fp32', or 'auto' = bf16 where the device supports it (CUDA). "
+        "torch backend: bf16 autocast over fp32 weights and gradients. deepspeed backend, ZeRO 1-3: DeepSpeed bf16 "
+        "(bf16 weights and activations, fp32 master weights, optimizer state and gradient accumulation); ZeRO 0: "
+        "as the torch backend (DeepSpeed 0.19 cannot accumulate bf16 gradients in fp32 at stage 0).",
     )
     max_generated_tokens: int | None = Field(
         default=None, ge=1, description="Stop once this many tokens were generated (equal budgets across methods)."

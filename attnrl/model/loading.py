@@ -87,9 +87,11 @@ def save_policy(
     tokenizer: PreTrainedTokenizerBase,
     path: str | Path,
     extra_files: dict[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write model, tokenizer and ``extra_files`` (name → text) atomically: a killed save leaves
-    the previous directory intact."""
+    the previous directory intact. ``state_dict`` replaces the model's own weights (a trainer's
+    export, gathered where the model holds only ZeRO-3 partitions)."""
 
     def _validate(tmp: Path) -> None:
         for required in ("config.json", "tokenizer.json"):
@@ -99,7 +101,7 @@ def save_policy(
             raise ModelLoadError(f"saving {path}: no weights were written")
 
     with atomic_path(path, validate=_validate) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -31,7 +31,7 @@ from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import TRAIN_FILE, Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
-from attnrl.training.checkpoint import latest_checkpoint, load_loop_state, load_optimizer_state, save_checkpoint
+from attnrl.training.checkpoint import latest_checkpoint, load_backend_state, load_loop_state, save_checkpoint
 from attnrl.training.loop import BatchCheck, PhaseRunner, RLLoop, run_directly
 from attnrl.training.trainer import PolicyTrainer
 from attnrl.utils.atomic import atomic_path
@@ -88,7 +88,8 @@ def train(
         logger.warning("%s was trained with different %s; starting a new run in %s", resume, ", ".join(changed), run)
         shutil.rmtree(checkpoints)
         resume = None
-    # The trained copy holds fp32 master weights (bf16 only inside autocast, see train.precision); the
+    # The trained copy is loaded in fp32: the torch backend keeps it as master weights (bf16 only inside
+    # autocast), DeepSpeed in bf16 mode casts it and keeps its own fp32 master copy (train.precision); the
     # rollout engine and the frozen reference use model.dtype.
     policy = load_policy(resume / "model" if resume else init, dtype="float32", device=config.model.device)
     reference = None
@@ -118,21 +119,21 @@ def train(
         loop.easy_mean = ads_seed(config, root)
         if resume is not None:
             loop.load_state_dict(load_loop_state(resume))
-            backend.load_state_dict(load_optimizer_state(resume))
+            load_backend_state(resume, backend)
             logger.info("resuming from %s (step %d)", resume, loop.state.step)
 
         def record(stats: dict[str, float]) -> None:
             _write_metrics(run / "metrics.jsonl", loop.state.metrics)
             step = loop.state.step
             if step % config.train.save_every == 0 or step == config.train.steps:
-                save_checkpoint(checkpoints, step=step, model=policy.model, tokenizer=policy.tokenizer,
-                                optimizer_state=backend.state_dict(), loop_state=loop.state_dict(),
+                save_checkpoint(checkpoints, step=step, model=policy.model, weights=trainer.policy_state(),
+                                tokenizer=policy.tokenizer, backend=backend, loop_state=loop.state_dict(),
                                 keep=config.train.keep_checkpoints, lineage=provenance)
             if on_step is not None:
                 on_step(stats)
 
         metrics = loop.run(config.train.steps, on_step=record)
-    final = save_policy(policy.model, policy.tokenizer, run / "final")
+    final = save_policy(policy.model, policy.tokenizer, run / "final", state_dict=trainer.policy_state())
     _write_metrics(run / "metrics.jsonl", metrics)
     write_lineage(run, provenance)
     return TrainResult(final, run / "metrics.jsonl", metrics, resume)

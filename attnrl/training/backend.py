@@ -1,35 +1,52 @@
-"""The optimisation backend the trainer drives: forward module, backward, optimizer step.
+"""The optimisation backend the trainer drives: forward module, backward, optimizer step, export, save.
 
 Implementations are registered by import path so the pure core never imports DeepSpeed:
 ``torch`` (AdamW, here) and ``deepspeed`` (``infra/deepspeed_backend.py``). An unknown name
-lists the known ones.
+lists the known ones. ``build_backend`` prepares the model the same way for both: gradient
+checkpointing as configured, and a ``ResponseScorer`` around it, which is what the backend
+optimises (its forward returns per-token log-probs, never full logits; spec §11).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+from transformers import PreTrainedModel
 
-from attnrl.config.schema import TrainConfig
 from attnrl.errors import ConfigError
+from attnrl.training.chunked_head import ResponseScorer
 from attnrl.utils.registry import load_object, lookup
+
+if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
+    from attnrl.config.schema import TrainConfig
+
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 @runtime_checkable
 class OptimizerBackend(Protocol):
-    module: torch.nn.Module  # call it for forward passes that need gradients
+    module: torch.nn.Module  # call it for forward passes that need gradients (the scorer, maybe wrapped)
+    scorer: ResponseScorer  # the unwrapped module: its ``lm`` is the policy model
 
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
         """Accumulate gradients; ``boundary`` marks the last micro-batch of an optimizer step."""
 
     def step(self) -> float:
-        """Clip, step and zero the gradients; return the pre-clip gradient norm."""
+        """Clip, step and zero the gradients; return the pre-clip gradient norm (non-finite: step skipped)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer (and scheduler) state for checkpoints."""
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's full state dict in its Hugging Face names (gathered where parameters are partitioned)."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The frozen reference model, placed the way this backend runs inference (spec §11)."""
+
+    def save(self, directory: Path) -> None:
+        """Write what a resume needs beyond the exported weights (optimizer state, master weights) into ``directory``."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote; the module must already hold the checkpoint's exported weights."""
 
 
 class TorchBackend:
@@ -38,11 +55,12 @@ class TorchBackend:
     The model's parameters are the fp32 master weights; bf16 happens only inside autocast.
     """
 
-    def __init__(self, model: torch.nn.Module, config: TrainConfig) -> None:
-        self.module = model
+    def __init__(self, scorer: ResponseScorer, config: TrainConfig) -> None:
+        require_scorer(scorer, type(self).__name__)
+        self.module = self.scorer = scorer
         self.grad_clip = config.grad_clip
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
+            scorer.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
         )
 
     def backward(self, loss: torch.Tensor, *, boundary: bool) -> None:
@@ -55,11 +73,25 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.scorer.lm.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
+    def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def load(self, directory: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+
+
+def require_scorer(module: torch.nn.Module, backend: str) -> None:
+    """Backends optimise a ``ResponseScorer`` (what ``build_backend`` makes); a bare LM has another forward."""
+    if not isinstance(module, ResponseScorer):
+        raise TypeError(f"{backend} optimises a ResponseScorer, got {type(module).__name__}: "
+                        "use build_backend(name, model, config)")
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -75,5 +107,20 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 BACKENDS = {"torch": "attnrl.training.backend:TorchBackend", "deepspeed": "infra.deepspeed_backend:DeepSpeedBackend"}
 
 
-def build_backend(name: str, model: torch.nn.Module, config: TrainConfig) -> OptimizerBackend:
-    return load_object(lookup(BACKENDS, name, "train.backend", ConfigError), "train.backend")(model, config)
+def build_backend(name: str, model: PreTrainedModel, config: TrainConfig) -> OptimizerBackend:
+    """The ``name`` backend over ``model``: gradient checkpointing as configured, wrapped in a ``ResponseScorer``."""
+    backend_class = load_object(lookup(BACKENDS, name, "train.backend", ConfigError), "train.backend")
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return backend_class(ResponseScorer(model, config.logits_chunk_tokens), config)
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute every decoder layer in the backward (``train.gradient_checkpointing``), non-reentrant:
+    it works with inputs that need no gradient and with ZeRO-3's parameter hooks, and gives the same
+    gradients as keeping the activations."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

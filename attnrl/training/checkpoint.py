@@ -1,9 +1,12 @@
 """Training checkpoints: weights, optimizer, loop state; written atomically, newest found on resume.
 
-Layout: ``<run>/checkpoints/step_000010/{model/, optimizer.pt, loop_state.pt, lineage.json}`` plus
-``<run>/checkpoints/latest`` naming the newest complete one. A checkpoint directory appears
-only once complete (temporary path, then rename), so a killed save never leaves a half one
-that a resume would pick up.
+Layout: ``<run>/checkpoints/step_000010/{model/, optimizer/, loop_state.pt, lineage.json}`` plus
+``<run>/checkpoints/latest`` naming the newest complete one. ``model/`` is a ``save_pretrained``
+directory of the exported (under ZeRO-3: gathered) weights, what the rollout engine and the
+evaluate stage read; ``optimizer/`` is whatever the backend needs beyond it to continue exactly
+(``OptimizerBackend.save``: optimizer state, and fp32 master weights when training in bf16). A
+checkpoint directory appears only once complete (temporary path, then rename), so a killed save
+never leaves a half one that a resume would pick up.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnrl.lineage import write_lineage
+from attnrl.training.backend import OptimizerBackend
 from attnrl.training.loop import LoopState
 from attnrl.utils.atomic import atomic_path
 
 LATEST = "latest"
+OPTIMIZER_DIR = "optimizer"
 
 
 def checkpoint_name(step: int) -> str:
@@ -30,8 +35,9 @@ def save_checkpoint(
     *,
     step: int,
     model: PreTrainedModel,
+    weights: dict[str, torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
-    optimizer_state: dict,
+    backend: OptimizerBackend,
     loop_state: LoopState,
     keep: int,
     lineage: dict | None = None,
@@ -40,15 +46,19 @@ def save_checkpoint(
     target = directory / checkpoint_name(step)
 
     def _validate(tmp: Path) -> None:
-        for required in ("model/config.json", "optimizer.pt", "loop_state.pt"):
+        for required in ("model/config.json", "loop_state.pt"):
             if not (tmp / required).is_file():
                 raise RuntimeError(f"checkpoint {target}: {required} was not written")
+        if not any((tmp / OPTIMIZER_DIR).iterdir()):
+            raise RuntimeError(f"checkpoint {target}: the backend wrote nothing to {OPTIMIZER_DIR}/")
 
     with atomic_path(target, validate=_validate) as tmp:
         tmp.mkdir()
-        model.save_pretrained(tmp / "model")
+        # The model object gives config and names; ``weights`` the values (its own may be ZeRO-3 partitions).
+        model.save_pretrained(tmp / "model", state_dict=weights)
         tokenizer.save_pretrained(tmp / "model")
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / OPTIMIZER_DIR).mkdir()
+        backend.save(tmp / OPTIMIZER_DIR)
         torch.save(loop_state, tmp / "loop_state.pt")
         if lineage is not None:
             write_lineage(tmp, lineage)
@@ -72,5 +82,6 @@ def load_loop_state(checkpoint: Path) -> LoopState:
     return torch.load(checkpoint / "loop_state.pt", weights_only=False)
 
 
-def load_optimizer_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint / "optimizer.pt", weights_only=False)
+def load_backend_state(checkpoint: Path, backend: OptimizerBackend) -> None:
+    """Restore what ``save_checkpoint`` had the backend write (its module must hold the checkpoint's weights)."""
+    backend.load(checkpoint / OPTIMIZER_DIR)

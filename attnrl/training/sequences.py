@@ -1,9 +1,19 @@
-"""Packing prompt ⧺ response sequences into left-padded tensors and back.
+"""Laying prompt ⧺ response sequences out as model inputs, and per-token results back (spec §5.1, §11).
 
-Rows are left-padded so every response ends at the last column: the response tokens of row i
-occupy its last ``R_i`` columns, and the logits that predict them sit one column earlier. This
-is the layout the rollout engine generates with, so recomputed log-probs match the engine's
-(stack-notes.md).
+Two layouts, one result format:
+
+* **left-padded** rows (``left_padded``): rows share the width of the longest, and every response
+  ends at the last column. This is the layout the rollout engine generates with, so recomputed
+  log-probs match the engine's (stack-notes.md).
+* **padding-free** (``padding_free``): all sequences concatenated into one row, with position ids
+  that restart at 0 for each sequence. transformers detects the restarts (``masking_utils``:
+  packed-sequence detection when no attention mask is given) and keeps sequences apart: varlen
+  kernels (flash attention) split the row, SDPA and eager get a block-diagonal mask. No compute is
+  spent on padding (verl's ``use_remove_padding``, spec §5.1).
+
+Either way ``ModelBatch.logit_index`` names, in sequence order, the flat positions (row × width +
+column) whose hidden states predict the response tokens, so only those reach the LM head, and
+per-token results come back as one flat ``[N]`` tensor, N = total response tokens.
 """
 
 from __future__ import annotations
@@ -12,57 +22,117 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 
 @dataclass(frozen=True)
-class PackedBatch:
-    input_ids: torch.Tensor       # [B, W]
-    attention_mask: torch.Tensor  # [B, W]
-    response_mask: torch.Tensor   # [B, Rmax], 1 on each row's last R_i entries
-    response_ids: torch.Tensor    # [B, Rmax], right-aligned like response_mask
+class Span:
+    """Where one sequence's tokens sit in the batch: row, first column, length (what FCI reads)."""
+
+    row: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    input_ids: Tensor              # [rows, width]
+    attention_mask: Tensor | None  # [rows, width] for left padding; None when padding-free
+    position_ids: Tensor | None    # [1, width] restarting per sequence when padding-free; None otherwise
+    logit_index: Tensor            # [N] flat positions whose hidden states predict the response tokens
+    targets: Tensor                # [N] the response tokens, sequence after sequence
     response_lengths: tuple[int, ...]
+    spans: tuple[Span, ...]
 
     @property
-    def response_width(self) -> int:
-        return self.response_ids.shape[1]
+    def padding_free(self) -> bool:
+        return self.position_ids is not None
+
+    def to(self, device: torch.device) -> ModelBatch:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return ModelBatch(self.input_ids.to(device), move(self.attention_mask), move(self.position_ids),
+                          self.logit_index.to(device), self.targets.to(device), self.response_lengths, self.spans)
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int) -> PackedBatch:
-    """Left-pad ``prompt ⧺ response`` rows; responses must be non-empty."""
+def _check(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
     if len(prompts) != len(responses) or not prompts:
-        raise ValueError("pack needs equally many (>0) prompts and responses")
+        raise ValueError("a batch needs equally many (>0) prompts and responses")
     if any(len(r) == 0 for r in responses):
         raise ValueError("every response needs at least one token")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (the first response token is predicted from it)")
+
+
+def left_padded(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_token_id: int) -> ModelBatch:
+    """Left-pad ``prompt ⧺ response`` rows to the longest one."""
+    _check(prompts, responses)
     rows = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
     width = max(len(row) for row in rows)
-    rmax = max(len(r) for r in responses)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_ids = torch.full((len(rows), rmax), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), rmax), dtype=torch.float32)
+    index, spans = [], []
     for i, (row, response) in enumerate(zip(rows, responses, strict=True)):
-        input_ids[i, width - len(row) :] = torch.tensor(row)
-        attention_mask[i, width - len(row) :] = 1
-        response_ids[i, rmax - len(response) :] = torch.tensor(list(response))
-        response_mask[i, rmax - len(response) :] = 1.0
-    return PackedBatch(input_ids, attention_mask, response_mask, response_ids, tuple(len(r) for r in responses))
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+        # Response token t sits at column width − R + t; the hidden state one column earlier predicts it.
+        first = i * width + width - len(response) - 1
+        index.append(torch.arange(first, first + len(response)))
+        spans.append(Span(i, width - len(row), len(row)))
+    return ModelBatch(input_ids, attention_mask, None, torch.cat(index), _targets(responses),
+                      tuple(len(r) for r in responses), tuple(spans))
 
 
-def response_logits(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """The logits that predict each response token: [B, Rmax, V], aligned with ``response_ids``."""
-    return logits[:, -batch.response_width - 1 : -1]
+def padding_free(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> ModelBatch:
+    """All ``prompt ⧺ response`` sequences in one row, position ids restarting at each sequence."""
+    _check(prompts, responses)
+    ids, positions, index, spans = [], [], [], []
+    start = 0
+    for prompt, response in zip(prompts, responses, strict=True):
+        length = len(prompt) + len(response)
+        ids.extend(prompt)
+        ids.extend(response)
+        positions.append(torch.arange(length))
+        first = start + len(prompt) - 1
+        index.append(torch.arange(first, first + len(response)))
+        spans.append(Span(0, start, length))
+        start += length
+    return ModelBatch(torch.tensor([ids]), None, torch.cat(positions)[None], torch.cat(index), _targets(responses),
+                      tuple(len(r) for r in responses), tuple(spans))
 
 
-def right_aligned(values: Sequence[Sequence[float]], width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-row values placed in the last ``len(row)`` columns (the response layout)."""
+def _targets(responses: Sequence[Sequence[int]]) -> Tensor:
+    return torch.tensor([token for response in responses for token in response], dtype=torch.long)
+
+
+def layout_tokens(count: int, total: int, longest: int, *, packed: bool) -> int:
+    """Token slots ``count`` sequences of ``total`` tokens (the longest ``longest``) occupy in a micro-batch:
+    the whole row when padding-free, rows × longest when left-padded (what the token budget counts)."""
+    return total if packed else count * longest
+
+
+def split_flat(values: Tensor, lengths: Sequence[int]) -> list[tuple[float, ...]]:
+    """Flat per-token ``values`` [N] back into one tuple per sequence."""
+    return [tuple(chunk.tolist()) for chunk in torch.split(values.detach().cpu(), list(lengths))]
+
+
+def response_mask(lengths: Sequence[int]) -> Tensor:
+    """[B, Rmax] float mask, 1 on each row's last ``length`` entries (the loss layout)."""
+    width = max(lengths)
+    columns = torch.arange(width)
+    return (columns[None, :] >= width - torch.tensor(list(lengths))[:, None]).float()
+
+
+def rows_from_flat(values: Tensor, mask: Tensor) -> Tensor:
+    """Flat per-token ``values`` [N] placed right-aligned in rows (``mask`` from ``response_mask``), with gradients."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask.bool(), values)
+
+
+def right_aligned(values: Sequence[Sequence[float]], width: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-row values placed in the last ``len(row)`` columns (the loss layout)."""
     out = torch.zeros((len(values), width), dtype=dtype)
     for i, row in enumerate(values):
         if row:
-            out[i, width - len(row) :] = torch.tensor(list(row), dtype=dtype)
+            out[i, width - len(row):] = torch.tensor(list(row), dtype=dtype)
     return out
-
-
-def unpack_rows(values: torch.Tensor, lengths: Sequence[int]) -> list[list[float]]:
-    """The inverse of ``right_aligned``: each row's last ``length`` values as a list."""
-    width = values.shape[1]
-    return [values[i, width - n :].tolist() for i, n in enumerate(lengths)]

@@ -3,10 +3,15 @@
 ``score`` is the no-grad forward after initial sampling: per-token behaviour log-probs and
 entropies, and FCI per step from the same forward (spec §5.1). ``logprobs`` recomputes
 log-probs with the policy or the frozen reference. ``update`` runs one PPO epoch over
-mini-batches of ``train.mini_batch_sequences``, each split into micro-batches whose losses are
-weighted by their share of the mini-batch (spec §11). Logits are divided by the sampling
-temperature before every log-softmax, as the actor does in verl, so log-probs match the
-engine's.
+mini-batches of ``train.mini_batch_sequences``; each is split into token-budget micro-batches
+(``train.max_tokens_per_micro_batch``) whose losses are normalised by the whole mini-batch, so
+the accumulated gradient is that of the exact mini-batch loss (spec §11, ``loss.Normaliser``).
+
+Memory (architecture.md: no pass holds [batch × length × vocabulary] logits): every pass goes
+through ``ResponseScorer``, which applies the LM head in chunks to the response positions only;
+micro-batches are bounded in tokens; layouts are left-padded or padding-free
+(``train.packing``). Logits are divided by the sampling temperature before every log-softmax,
+as the actor does in verl, so log-probs match the engine's.
 """
 
 from __future__ import annotations
@@ -15,16 +20,38 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
-from attnrl.config.schema import AlgorithmConfig, TrainConfig
+from attnrl.errors import ConfigError
 from attnrl.fci import FCICollector
-from attnrl.loss import entropy_from_logits, policy_objective, token_logprobs
+from attnrl.loss import Normaliser, policy_objective
 from attnrl.steps import StepSegmentation
 from attnrl.training.backend import OptimizerBackend
-from attnrl.training.sequences import pack, response_logits, right_aligned, unpack_rows
+from attnrl.training.chunked_head import ResponseScorer
+from attnrl.training.micro_batches import token_budget_batches
+from attnrl.training.sequences import (
+    ModelBatch,
+    left_padded,
+    padding_free,
+    response_mask,
+    right_aligned,
+    rows_from_flat,
+    split_flat,
+)
+
+if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
+    from attnrl.config.schema import AlgorithmConfig, TrainConfig
+
+# Attention implementations that keep padding-free sequences apart when given restarting position
+# ids (transformers' packed-sequence detection): varlen kernels attend within each sequence, the
+# others get a block-diagonal mask over the whole row. The FCI collector's kernel (spec §5) attends
+# within each span by construction, so it counts as varlen.
+FCI_KERNEL = "attnrl_fci"
+VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3", FCI_KERNEL})
+PACKING_KERNELS = VARLEN_KERNELS | {"sdpa", "eager", "flex_attention"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +74,27 @@ class TrainSequence:
     ref_logprobs: tuple[float, ...] | None = None
 
 
+def uses_padding_free(packing: str, attn_implementation: str) -> bool:
+    """Whether a pass on this attention implementation lays micro-batches out padding-free (``train.packing``)."""
+    if packing == "left_padded":
+        return False
+    if packing == "padding_free":
+        if attn_implementation not in PACKING_KERNELS:
+            raise ConfigError(
+                f"train.packing: 'padding_free' needs an attention implementation that keeps packed sequences "
+                f"apart ({', '.join(sorted(PACKING_KERNELS))}); the model uses {attn_implementation!r}"
+            )
+        return True
+    if packing == "auto":
+        return attn_implementation in VARLEN_KERNELS
+    raise ConfigError(f"train.packing: unknown layout {packing!r}; known: auto, padding_free, left_padded")
+
+
 class PolicyTrainer:
     """Drives an ``OptimizerBackend`` over a causal LM, with an optional frozen reference.
 
-    Without a backend it only scores (the difficulty stage uses it that way).
+    Without a backend it only scores (the difficulty stage uses it that way). With one, the
+    backend must have been built over this model (``backend.build_backend``).
     """
 
     def __init__(
@@ -74,8 +118,18 @@ class PolicyTrainer:
         self.autocast = autocast
         if backend is not None and algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model (the initial policy, spec §11)")
-        # Frozen: the KL term anchors the policy to where it started, also after a resume.
-        self.reference = reference.eval().requires_grad_(False) if reference is not None else None
+        if backend is not None and backend.scorer.lm is not model:
+            raise ValueError("the backend optimises another model: build it with build_backend(name, model, config)")
+        # The no-grad passes call the scorer directly; under DeepSpeed ZeRO-3 the parameter hooks on the
+        # model's modules gather the weights layer by layer all the same.
+        self.scorer = backend.scorer if backend is not None else ResponseScorer(model, train.logits_chunk_tokens)
+        self.reference: ResponseScorer | None = None
+        if reference is not None:
+            # Frozen: the KL term anchors the policy to where it started, also after a resume.
+            frozen = reference.eval().requires_grad_(False)
+            if backend is not None:
+                frozen = backend.prepare_reference(frozen)
+            self.reference = ResponseScorer(frozen, train.logits_chunk_tokens)
 
     @property
     def device(self) -> torch.device:
@@ -87,9 +141,23 @@ class PolicyTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
-    def _chunks(self, count: int) -> list[range]:
-        size = self.train_config.micro_batch_sequences
-        return [range(i, min(i + size, count)) for i in range(0, count, size)]
+    def _micro_batches(
+        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], attn_implementation: str
+    ) -> list[tuple[range, ModelBatch]]:
+        """Consecutive token-budget micro-batches, each laid out for the pass's attention implementation."""
+        packed = uses_padding_free(self.train_config.packing, attn_implementation)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        out = []
+        for chunk in token_budget_batches(lengths, self.train_config.max_tokens_per_micro_batch, packed=packed):
+            ps, rs = [prompts[i] for i in chunk], [responses[i] for i in chunk]
+            batch = padding_free(ps, rs) if packed else left_padded(ps, rs, self.pad_token_id)
+            out.append((chunk, batch.to(self.device)))
+        return out
+
+    def _run(self, scorer: torch.nn.Module, batch: ModelBatch, *, with_entropy: bool):
+        with self._precision():
+            return scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.logit_index, batch.targets,
+                          temperature=self.temperature, with_entropy=with_entropy)
 
     @torch.no_grad()
     def score(
@@ -100,10 +168,9 @@ class PolicyTrainer:
     ) -> list[ScoredSequence]:
         """Behaviour log-probs, entropies and (with segmentations) FCI, in one forward per micro-batch."""
         self.model.eval()
+        implementation = FCI_KERNEL if segmentations is not None else self.model.config._attn_implementation
         scored: list[ScoredSequence] = []
-        for chunk in self._chunks(len(prompts)):
-            batch = pack([prompts[i] for i in chunk], [responses[i] for i in chunk], self.pad_token_id)
-            inputs = {"input_ids": batch.input_ids.to(self.device), "attention_mask": batch.attention_mask.to(self.device)}
+        for chunk, batch in self._micro_batches(prompts, responses, implementation):
             fci = None
             if segmentations is not None:
                 with FCICollector(
@@ -111,25 +178,18 @@ class PolicyTrainer:
                     [segmentations[i] for i in chunk],
                     delta=self.algorithm.fci_delta,
                     aggregation=self.algorithm.step_attention,
-                ) as collector, self._precision():
-                    logits = self.model(**inputs).logits
+                    spans=batch.spans,
+                ) as collector:
+                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True)
                 fci = collector.scores(
                     mask_first_step=self.algorithm.fci_mask_first_step,
                     mask_after_think=self.algorithm.fci_mask_after_think,
                 )
             else:
-                with self._precision():
-                    logits = self.model(**inputs).logits
-            logits = response_logits(logits, batch).float() / self.temperature
-            targets = batch.response_ids.to(self.device)
-            logprobs = unpack_rows(token_logprobs(logits, targets).cpu(), batch.response_lengths)
-            entropies = unpack_rows(entropy_from_logits(logits).cpu(), batch.response_lengths)
-            for j in range(len(chunk)):
-                scored.append(
-                    ScoredSequence(
-                        tuple(logprobs[j]), tuple(entropies[j]), None if fci is None else tuple(fci[j].tolist())
-                    )
-                )
+                logprobs, entropies = self._run(self.scorer, batch, with_entropy=True)
+            rows = zip(split_flat(logprobs, batch.response_lengths), split_flat(entropies, batch.response_lengths))
+            for j, (lp, ent) in enumerate(rows):
+                scored.append(ScoredSequence(lp, ent, None if fci is None else tuple(fci[j].tolist())))
         return scored
 
     @torch.no_grad()
@@ -137,19 +197,14 @@ class PolicyTrainer:
         self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, reference: bool = False
     ) -> list[tuple[float, ...]]:
         """Per-token log-probs of ``responses`` under the policy (or the frozen reference)."""
-        model = self.reference if reference else self.model
-        if model is None:
+        scorer = self.reference if reference else self.scorer
+        if scorer is None:
             raise ValueError("no reference model: algorithm.kl_coef is 0")
-        model.eval()
+        scorer.lm.eval()
         out: list[tuple[float, ...]] = []
-        for chunk in self._chunks(len(prompts)):
-            batch = pack([prompts[i] for i in chunk], [responses[i] for i in chunk], self.pad_token_id)
-            with self._precision():
-                logits = model(
-                    input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
-                ).logits
-            values = token_logprobs(response_logits(logits, batch).float() / self.temperature, batch.response_ids.to(self.device))
-            out.extend(tuple(row) for row in unpack_rows(values.cpu(), batch.response_lengths))
+        for _, batch in self._micro_batches(prompts, responses, scorer.lm.config._attn_implementation):
+            values, _ = self._run(scorer, batch, with_entropy=False)
+            out.extend(split_flat(values, batch.response_lengths))
         return out
 
     def update(self, sequences: Sequence[TrainSequence]) -> dict[str, float]:
@@ -162,45 +217,48 @@ class PolicyTrainer:
         totals: dict[str, float] = defaultdict(float)
         steps = 0
         mini = self.train_config.mini_batch_sequences
+        implementation = self.model.config._attn_implementation
         for start in range(0, len(sequences), mini):
             minibatch = sequences[start : start + mini]
-            chunks = [range(i, min(i + self.train_config.micro_batch_sequences, len(minibatch)))
-                      for i in range(0, len(minibatch), self.train_config.micro_batch_sequences)]
-            for k, chunk in enumerate(chunks):
-                stats = self._micro_step([minibatch[i] for i in chunk], weight=len(chunk) / len(minibatch),
-                                         boundary=k == len(chunks) - 1)
+            normaliser = Normaliser.of([len(s.response_ids) for s in minibatch])
+            micro = self._micro_batches([s.prompt_ids for s in minibatch], [s.response_ids for s in minibatch],
+                                        implementation)
+            for k, (chunk, batch) in enumerate(micro):
+                stats = self._micro_step([minibatch[i] for i in chunk], batch, normaliser, boundary=k == len(micro) - 1)
                 for key, value in stats.items():
-                    totals[key] += value * len(chunk) / len(minibatch)
+                    totals[key] += value  # each is this micro-batch's share of the mini-batch value
             totals["grad_norm"] += self.backend.step()
             steps += 1
         self.model.eval()
         return {key: value / steps for key, value in totals.items()} | {"optimizer_steps": float(steps)}
 
-    def _micro_step(self, sequences: Sequence[TrainSequence], *, weight: float, boundary: bool) -> dict[str, float]:
-        batch = pack([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], self.pad_token_id)
-        width = batch.response_width
-        with self._precision():
-            logits = self.backend.module(
-                input_ids=batch.input_ids.to(self.device), attention_mask=batch.attention_mask.to(self.device)
-            ).logits
-        logits = response_logits(logits, batch).float() / self.temperature
-        logprobs = token_logprobs(logits, batch.response_ids.to(self.device))
-        entropy = entropy_from_logits(logits) if self.algorithm.entropy_coef > 0 else None
-        ref = None
-        if self.algorithm.kl_coef > 0:
-            ref = right_aligned([s.ref_logprobs or () for s in sequences], width).to(self.device)
+    def _micro_step(
+        self, sequences: Sequence[TrainSequence], batch: ModelBatch, normaliser: Normaliser, *, boundary: bool
+    ) -> dict[str, float]:
+        logprobs, entropy = self._run(self.backend.module, batch, with_entropy=self.algorithm.entropy_coef > 0)
+        mask = response_mask(batch.response_lengths).to(self.device)
+        width = mask.shape[1]
+
+        def aligned(values: Sequence[Sequence[float]]) -> torch.Tensor:
+            return right_aligned(values, width).to(self.device)
+
+        ref = aligned([s.ref_logprobs or () for s in sequences]) if self.algorithm.kl_coef > 0 else None
         loss, stats = policy_objective(
-            logprobs,
-            right_aligned([s.old_logprobs for s in sequences], width).to(self.device),
+            rows_from_flat(logprobs, mask),
+            aligned([s.old_logprobs for s in sequences]),
             ref,
-            right_aligned([s.advantages for s in sequences], width).to(self.device),
-            batch.response_mask.to(self.device),
-            entropy,
+            aligned([s.advantages for s in sequences]),
+            mask,
+            None if entropy is None else rows_from_flat(entropy, mask),
             self.algorithm,
+            normaliser,
         )
-        self.backend.backward(loss * weight, boundary=boundary)
+        self.backend.backward(loss, boundary=boundary)
         return stats
 
     def policy_state(self) -> dict[str, torch.Tensor]:
-        """Weights to push to the rollout engine after an update."""
+        """Weights to push to the rollout engine after an update: the full state dict, Hugging Face names
+        (gathered from the partitions under ZeRO-3)."""
+        if self.backend is not None:
+            return self.backend.export_weights()
         return {k: v.detach() for k, v in self.model.state_dict().items()}

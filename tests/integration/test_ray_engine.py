@@ -18,7 +18,7 @@ from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingPara
 from attnrl.rollout.factory import build_engine
 from attnrl.rollout.fingerprint import fingerprint, mismatches
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.training.backend import TorchBackend
+from attnrl.training.backend import build_backend
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer
 from attnrl.utils.seeding import derive_seed
@@ -148,11 +148,11 @@ def test_an_actor_killed_during_a_training_step_is_replaced_and_training_goes_on
     config = resolve_config(
         preset="tiny",
         method="grpo",
-        overrides=[*small_overrides(), "rollout.sampling.max_new_tokens=8", "train.micro_batch_sequences=8",
+        overrides=[*small_overrides(), "rollout.sampling.max_new_tokens=8", "train.max_tokens_per_micro_batch=256",
                    "train.lr=1e-3"],
     )
     trainer = PolicyTrainer(
-        model, TorchBackend(model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+        model, build_backend("torch", model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
         algorithm=config.algorithm, train=config.train, temperature=1.0,
     )
     pool = KillOnceDuringGenerate(_spec(model_dir), num_actors=2, num_cpus_per_actor=0.5, num_gpus_per_actor=0,

@@ -25,7 +25,7 @@ from attnrl.reward.verifier import Verifier
 from attnrl.rollout import GenerationRequest, RolloutEngine, SamplingParams
 from attnrl.rollout.factory import build_engine
 from attnrl.rollout.fingerprint import fingerprint, mismatches
-from attnrl.training.backend import TorchBackend
+from attnrl.training.backend import build_backend
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
 from infra.ray_engine import RayRolloutPool, RolloutPoolError, WeightSyncError
@@ -76,7 +76,7 @@ def plain(pool, padded):
 
 def _trainer(model, tokenizer, temperature=1.0, lr=None):
     config = _config(*([f"train.lr={lr}"] if lr else []))
-    return PolicyTrainer(model, TorchBackend(model, config.train) if lr else None, reference=None,
+    return PolicyTrainer(model, build_backend("torch", model, config.train) if lr else None, reference=None,
                          pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm.model_copy(update={"kl_coef": 0.0}),
                          train=config.train, temperature=temperature)
 
@@ -184,8 +184,8 @@ def test_a_killed_engine_process_is_replaced_and_training_goes_on(pool, plain, p
     """SIGKILL the engine's process right after a training step submitted its generation."""
     tokenizer = padded[1]
     model = copy.deepcopy(plain)
-    config = _config("train.lr=1e-3", "train.micro_batch_sequences=8")
-    trainer = PolicyTrainer(model, TorchBackend(model, config.train), reference=copy.deepcopy(model),
+    config = _config("train.lr=1e-3", "train.max_tokens_per_micro_batch=256")
+    trainer = PolicyTrainer(model, build_backend("torch", model, config.train), reference=copy.deepcopy(model),
                             pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm, train=config.train,
                             temperature=1.0)
     killed = []

@@ -157,7 +157,9 @@ def test_outputs_unchanged_and_implementation_restored(tiny_policy, implementati
             plain = model(**inputs).logits
         _, logits, _ = streaming_fci(model, inputs, segs, delta=2, aggregation="mean_mean", block_size=16)
         assert model.config._attn_implementation == implementation
-        torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
+        # Padding positions carry no meaning (nothing valid attends to them); every real one must agree.
+        valid = inputs["attention_mask"].bool()
+        torch.testing.assert_close(logits[valid], plain[valid], atol=1e-5, rtol=1e-5)
     finally:
         model.set_attn_implementation(original)
 
@@ -192,3 +194,51 @@ def test_misuse_is_reported(tiny_policy):
         model(**inputs)
     with pytest.raises(ValueError):
         FCICollector(model, segs, aggregation="sum_sum")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------- packed sequences
+
+
+def _packed(tokenizer, lengths, seed):
+    """The make_batch sequences laid out padding-free: one row, position ids restarting per sequence."""
+    from attnrl.training.sequences import Span
+
+    inputs, segs = make_batch(tokenizer, lengths, seed=seed)
+    total = inputs["input_ids"].shape[1]
+    rows = [inputs["input_ids"][i, total - n:] for i, n in enumerate(lengths)]
+    spans, start = [], 0
+    for n in lengths:
+        spans.append(Span(0, start, n))
+        start += n
+    packed = {"input_ids": torch.cat(rows)[None], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    return packed, inputs, segs, spans
+
+
+@pytest.mark.parametrize("block_size", [5, 64])
+def test_padding_free_rows_give_the_same_fci_and_outputs(tiny_policy, block_size):
+    model, tokenizer = tiny_policy
+    lengths = [70, 41, 55]
+    packed, padded, segs, spans = _packed(tokenizer, lengths, seed=11)
+    # use_cache=False: with a cache transformers skips its packed-sequence detection (the layout check catches it).
+    with torch.no_grad(), FCICollector(model, segs, delta=2, block_size=block_size, spans=spans) as collector:
+        packed_logits = model(**packed, use_cache=False).logits
+    got = collector.scores(mask_first_step=False)
+    want = naive_fci(model, padded, segs, delta=2, aggregation="mean_mean", mask_first_step=False)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = model(**padded).logits
+    total = padded["input_ids"].shape[1]
+    for span, n, row in zip(spans, lengths, range(len(lengths))):
+        torch.testing.assert_close(packed_logits[0, span.start:span.start + n], plain[row, total - n:],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_row_without_restarting_positions_is_refused(tiny_policy):
+    model, tokenizer = tiny_policy
+    packed, _, segs, spans = _packed(tokenizer, [30, 20], seed=5)
+    # Without position ids transformers cannot see where sequences start: each would attend to the previous one.
+    with torch.no_grad(), pytest.raises(ValueError, match="restart"), FCICollector(model, segs, spans=spans):
+        model(input_ids=packed["input_ids"], use_cache=False)
+    with pytest.raises(ValueError, match="covers"):
+        FCICollector(model, segs, spans=spans[::-1])

@@ -8,6 +8,7 @@ import torch
 from attnrl.config.schema import AlgorithmConfig
 from attnrl.loss import (
     LossSettings,
+    Normaliser,
     aggregate,
     entropy_from_logits,
     k3_kl,
@@ -230,3 +231,44 @@ def test_policy_objective_accepts_algorithm_config_and_checks_inputs():
     no_kl = LossSettings(kl_coef=0.0)
     total, stats = policy_objective(logp, logp, None, _t([1.0, 1.0]), _t([1.0, 1.0]), None, no_kl)
     assert float(total) == pytest.approx(-1.0) and "kl" not in stats
+
+
+# --- exact mini-batch aggregation over micro-batches (spec §11, AMBIG-11) ------------------------
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batch_shares_add_up_to_the_mini_batch_loss_and_gradient(mode):
+    torch.manual_seed(0)
+    lengths = [5, 1, 3, 4]  # valid response tokens per sequence, right-aligned in width 5
+    mask = torch.stack([torch.arange(5) >= 5 - n for n in lengths]).to(torch.float64)
+    logp = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    old, adv, ref = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5)
+    settings = LossSettings(loss_aggregation=mode, kl_coef=0.1, entropy_coef=0.01)
+    # Entropy: any per-token function of logp will do (a fresh graph for every call).
+    whole, whole_stats = policy_objective(logp, old, ref.double(), adv, mask, logp.exp(), settings)
+    (grad_whole,) = torch.autograd.grad(whole, logp)
+
+    normaliser = Normaliser.of(lengths)
+    assert normaliser == Normaliser(tokens=13.0, sequences=4.0)
+    parts, stats = [], {}
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 4)):  # uneven micro-batches, as a token budget makes them
+        part, part_stats = policy_objective(logp[rows], old[rows], ref.double()[rows], adv[rows], mask[rows],
+                                            logp[rows].exp(), settings, normaliser)
+        parts.append(part)
+        for key, value in part_stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    (grad_parts,) = torch.autograd.grad(sum(parts), logp)
+    assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-12)
+    torch.testing.assert_close(grad_parts, grad_whole, atol=1e-12, rtol=0)
+    for key, value in whole_stats.items():
+        assert stats[key] == pytest.approx(value, abs=1e-6), key
+    # Without the normaliser each micro-batch is its own mean, and the pieces no longer add up.
+    local = sum(policy_objective(logp[r], old[r], ref.double()[r], adv[r], mask[r], logp[r].exp(), settings)[0]
+                for r in (slice(0, 1), slice(1, 3), slice(3, 4)))
+    assert abs(local.item() - whole.item()) > 1e-3
+
+
+def test_normaliser_counts_tokens_and_non_empty_sequences():
+    assert Normaliser.of([3, 0, 2]) == Normaliser(tokens=5.0, sequences=2.0)
+    with pytest.raises(ValueError, match="lengths"):
+        Normaliser.of([-1])

@@ -8,14 +8,14 @@ from attnrl.config import resolve_config
 from attnrl.data.synthetic import generate_problems
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.training.backend import TorchBackend
+from attnrl.training.backend import build_backend
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer
 from tests.conftest import small_overrides
 
 SETTINGS = [
     "rollout.sampling.max_new_tokens=12",
-    "train.micro_batch_sequences=8",
+    "train.max_tokens_per_micro_batch=256",
     "train.lr=1e-3",
     "algorithm.min_branch_position=0",
     "algorithm.min_branch_spacing=0",
@@ -59,7 +59,7 @@ def _loop(tiny_policy, method):
     engine = CountingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
                             eos_token_id=tokenizer.eos_token_id, phases=phases)
     trainer = PolicyTrainer(
-        model, TorchBackend(model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+        model, build_backend("torch", model, config.train), reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
         algorithm=config.algorithm, train=config.train, temperature=1.0,
     )
     problems = generate_problems(config.data.synthetic, split="train", seed=1)
@@ -143,7 +143,7 @@ def test_empty_completions_are_left_out_of_scoring_trees_and_training(tiny_polic
     for method in ("attnrl", "treerl", "grpo"):
         config = resolve_config(preset="tiny", method=method, overrides=[*small_overrides(), *SETTINGS])
         trained = copy.deepcopy(model)
-        trainer = PolicyTrainer(trained, TorchBackend(trained, config.train), reference=copy.deepcopy(model),
+        trainer = PolicyTrainer(trained, build_backend("torch", trained, config.train), reference=copy.deepcopy(model),
                                 pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm, train=config.train,
                                 temperature=1.0)
         engine = EmptyingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,

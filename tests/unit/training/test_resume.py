@@ -17,7 +17,7 @@ from tests.conftest import small_overrides
 TRAIN = [
     "train.backend=torch",
     "train.save_every=2",
-    "train.micro_batch_sequences=8",
+    "train.max_tokens_per_micro_batch=256",
     "train.lr=1e-3",
 ]
 

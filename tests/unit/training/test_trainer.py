@@ -11,14 +11,15 @@ from attnrl.config import resolve_config
 from attnrl.rollout import GenerationRequest, SamplingParams, encode_prompt
 from attnrl.rollout.hf_engine import HFRolloutEngine
 from attnrl.steps import SeparatorVocab, segment_response
-from attnrl.training.backend import TorchBackend, build_backend
+from attnrl.training.backend import TorchBackend, build_backend, enable_activation_checkpointing
+from attnrl.training.chunked_head import ResponseScorer
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
 from attnrl.errors import ConfigError
 
 
 def _trainer(model, tokenizer, *overrides, temperature=1.0):
-    config = resolve_config(preset="tiny", overrides=["train.micro_batch_sequences=2", "train.mini_batch_sequences=3", *overrides])
-    return PolicyTrainer(model, TorchBackend(model, config.train), reference=copy.deepcopy(model),
+    config = resolve_config(preset="tiny", overrides=["train.max_tokens_per_micro_batch=48", "train.mini_batch_sequences=3", *overrides])
+    return PolicyTrainer(model, build_backend("torch", model, config.train), reference=copy.deepcopy(model),
                          pad_token_id=tokenizer.pad_token_id, algorithm=config.algorithm, train=config.train,
                          temperature=temperature)
 
@@ -61,7 +62,7 @@ def test_kl_needs_a_reference_and_unknown_backends_are_listed(tiny_policy):
     model, tokenizer = tiny_policy
     config = resolve_config(preset="tiny")
     with pytest.raises(ValueError, match="reference"):
-        PolicyTrainer(model, TorchBackend(model, config.train), reference=None, pad_token_id=0,
+        PolicyTrainer(model, build_backend("torch", model, config.train), reference=None, pad_token_id=0,
                       algorithm=config.algorithm, train=config.train, temperature=1.0)
     with pytest.raises(ConfigError, match="known: deepspeed, torch"):
         build_backend("fsdp", model, config.train)
@@ -87,3 +88,93 @@ def test_mixed_precision_is_bf16_autocast_over_fp32_weights(tiny_policy):
     assert exact != approx and max(abs(a - b) for a, b in zip(exact, approx)) < 0.1
     with pytest.raises(ValueError, match="only scores"):
         bf16.update([TrainSequence(prompt, (10,), (-1.0,), (1.0,))])
+
+
+class _RecordingBackend(TorchBackend):
+    """Plain AdamW that also keeps the accumulated gradient of every optimizer step."""
+
+    def step(self) -> float:
+        self.grads.append({n: p.grad.clone() for n, p in self.scorer.lm.named_parameters()})
+        return super().step()
+
+
+def _sequences(seed: int) -> list[TrainSequence]:
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt_len, response_len in [(3, 7), (2, 1), (5, 4), (1, 6), (4, 2), (2, 5)]:
+        prompt = tuple(torch.randint(4, 30, (prompt_len,), generator=rng).tolist())
+        response = tuple(torch.randint(4, 30, (response_len,), generator=rng).tolist())
+        noise = torch.randn(3, response_len, generator=rng)
+        out.append(TrainSequence(prompt, response, tuple((noise[0] - 3).tolist()), tuple(noise[1].tolist()),
+                                 tuple((noise[2] - 3).tolist())))
+    return out
+
+
+def _step_gradients(model, tokenizer, overrides, *, checkpointing=False):
+    config = resolve_config(preset="tiny", overrides=["train.mini_batch_sequences=4", "algorithm.entropy_coef=0.01",
+                                                      *overrides])
+    model = copy.deepcopy(model)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    backend = _RecordingBackend(ResponseScorer(model, config.train.logits_chunk_tokens), config.train)
+    backend.grads = []
+    trainer = PolicyTrainer(model, backend, reference=copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+                            algorithm=config.algorithm, train=config.train, temperature=0.9)
+    # The MLP inside a checkpointed layer runs again when the backward recomputes the layer (module
+    # hooks stay outside transformers' checkpoint, so its forward is counted directly).
+    mlp = model.model.layers[0].mlp
+    calls, forward = [], mlp.forward
+    mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    backwards = []
+    mlp.register_full_backward_hook(lambda *args: backwards.append(1))
+    stats = trainer.update(_sequences(seed=3))
+    assert stats["optimizer_steps"] == 2 and len(backend.grads) == 2  # 6 sequences, 4 per mini-batch
+    assert len(calls) == (2 if checkpointing else 1) * len(backwards)  # one backward per micro-batch
+    return backend.grads, stats
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batching_and_checkpointing_leave_the_gradient_unchanged(tiny_policy, aggregation):
+    model, tokenizer = tiny_policy
+    common = [f"algorithm.loss_aggregation={aggregation}"]
+    whole, whole_stats = _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=100000"])
+    variants = {
+        # 10 token slots: most mini-batches split into 2–4 micro-batches of unequal size.
+        "token budget": _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=10"]),
+        "padding-free": _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=10",
+                                                           "train.packing=padding_free"]),
+        "checkpointing": _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=100000"],
+                                         checkpointing=True),
+    }
+    for name, (grads, stats) in variants.items():
+        for step, (got, want) in enumerate(zip(grads, whole, strict=True)):
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=f"{name}, step {step}: {key}")
+        for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
+            assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+
+
+def test_update_and_scoring_never_hold_full_logits(tiny_policy):
+    # The LM head only ever sees chunks of response positions (train.logits_chunk_tokens).
+    model, tokenizer = tiny_policy
+    model = copy.deepcopy(model)
+    shapes = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(out.shape))
+    trainer = _trainer(model, tokenizer, "train.logits_chunk_tokens=3", "algorithm.entropy_coef=0.01")
+    sequences = _sequences(seed=1)
+    trainer.score([s.prompt_ids for s in sequences], [s.response_ids for s in sequences])
+    trainer.update(sequences)
+    handle.remove()
+    assert shapes and all(len(shape) == 2 and shape[0] <= 3 for shape in shapes)
+
+
+def test_the_layout_follows_the_attention_kernel():
+    from attnrl.training.trainer import FCI_KERNEL, uses_padding_free
+
+    # auto: padding-free only where attention runs per sequence (varlen kernels, the FCI kernel); SDPA and
+    # eager would get a dense [total, total] mask over the packed row.
+    assert uses_padding_free("auto", "flash_attention_2") and uses_padding_free("auto", FCI_KERNEL)
+    assert not uses_padding_free("auto", "sdpa") and not uses_padding_free("auto", "eager")
+    assert uses_padding_free("padding_free", "sdpa") and not uses_padding_free("left_padded", "flash_attention_2")
+    with pytest.raises(ConfigError, match="train.packing"):
+        uses_padding_free("padding_free", "some_custom_kernel")
