@@ -9,6 +9,7 @@ import pytest
 from prefect import flow, task
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
@@ -67,7 +68,10 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
 
     # The artifacts a person looks at: the evaluation tables, the last training steps, stage summaries.
     keys = ["evaluation-eval", "evaluation-eval-init", "train-last-steps", "prepare-summary", "report-summary"]
-    artifacts = prefect_api.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    # This pipeline's own: the session's Prefect API also holds other tests' artifacts under these keys.
+    runs = [parent.id, *(run.id for run in subflows)]
+    artifacts = prefect_api.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=keys), flow_run_id=ArtifactFilterFlowRunId(any_=runs)))
     assert {a.key for a in artifacts} == set(keys)
     table = json.loads(next(a for a in artifacts if a.key == "evaluation-eval").data)
     assert [row["benchmark"] for row in table] == ["synthetic-L1", "synthetic-L2", "average"]
