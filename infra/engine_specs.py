@@ -7,6 +7,7 @@ version (Ray refuses workers of another version, after a long wait).
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -42,6 +43,18 @@ def worker_python(config: RunConfig) -> Path:
     return Path(config.rollout.vllm.python).expanduser().absolute()
 
 
+def _actor_threads(config: RunConfig) -> int:
+    """An actor's torch/OpenMP threads: the CPUs Ray reserves for it."""
+    return max(1, int(config.rollout.ray.num_cpus_per_actor))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(python: str) -> dict[str, Any]:
+    """What the interpreter has, asked once per process (every stage's preflight and engine build ask)."""
+    probe = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(probe.stdout)
+
+
 def check_worker_environment(config: RunConfig) -> None:
     """Fail with the command that fixes it when the vLLM actors could not start."""
     python = worker_python(config)
@@ -52,8 +65,7 @@ def check_worker_environment(config: RunConfig) -> None:
             "(vLLM's CPU build), or on a GPU host as README.md 'GPU cluster setup' shows"
         )
     try:
-        probe = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=60, check=True)
-        found = json.loads(probe.stdout)
+        found = _probe(str(python))
     except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{where} cannot run: {exc}") from exc
     problems = []
@@ -71,8 +83,7 @@ def check_worker_environment(config: RunConfig) -> None:
 
 
 def vllm_spec(config: RunConfig, *, model_dir: Path, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> EngineSpec:
-    vllm, ray_config = config.rollout.vllm, config.rollout.ray
-    threads = max(1, int(ray_config.num_cpus_per_actor))
+    vllm = config.rollout.vllm
     llm = {
         "model": str(model_dir.absolute()),
         "dtype": config.model.dtype,
@@ -96,7 +107,7 @@ def vllm_spec(config: RunConfig, *, model_dir: Path, tokenizer: PreTrainedTokeni
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         # CPU: no core pinning (the trainer shares the cores) and the actor's thread budget.
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-        "OMP_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(_actor_threads(config)),
         "VLLM_LOGGING_LEVEL": "ERROR",  # its warnings are about CPU tuning and a chat-template warm-up we skip
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
@@ -108,9 +119,8 @@ def vllm_spec(config: RunConfig, *, model_dir: Path, tokenizer: PreTrainedTokeni
 
 
 def hf_spec(config: RunConfig, *, model_dir: Path) -> EngineSpec:
-    threads = max(1, int(config.rollout.ray.num_cpus_per_actor))
     options = {"model_path": str(model_dir.absolute()), "dtype": config.model.dtype, "device": "cpu",
-               "batch_size": config.rollout.batch_size, "threads": threads}
+               "batch_size": config.rollout.batch_size, "threads": _actor_threads(config)}
     return EngineSpec("hf", options, dtype=config.model.dtype)
 
 

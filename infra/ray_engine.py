@@ -82,26 +82,75 @@ class EngineSpec:
     env_vars: dict[str, str] = field(default_factory=dict)
 
 
+class HFActorEngine:
+    """An ``HFRolloutEngine`` on a policy loaded from a directory, with the pool-facing methods the
+    vLLM engine has, so ``EngineWorker`` drives both alike."""
+
+    packed_modules: dict[str, list[str]] = {}  # transformers keeps the checkpoint's tensor names
+
+    def __init__(self, model_path: str, dtype: str, device: str, batch_size: int, threads: int) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from attnrl.model.loading import load_policy
+        from attnrl.rollout.hf_engine import HFRolloutEngine
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
+        torch.set_num_threads(threads)
+        policy = load_policy(model_path, dtype=dtype, device=device)
+        self.engine = HFRolloutEngine(
+            policy.model,
+            pad_token_id=policy.tokenizer.pad_token_id,
+            eos_token_id=policy.tokenizer.eos_token_id,
+            vocab_size=len(policy.tokenizer),
+            batch_size=batch_size,
+            progress=False,
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int,
+                 request_keys: Sequence[int] | None = None) -> list[list[Completion]]:
+        """One generator for the whole share (seeded per actor by the pool): the keys are unused."""
+        return self.engine.generate(requests, params, seed)
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Fingerprint:
+        self.engine.update_weights(state_dict)
+        return self.fingerprint()
+
+    def after_weight_update(self) -> Fingerprint:
+        return self.fingerprint()
+
+    def fingerprint(self) -> Fingerprint:
+        return fingerprint(self.engine.model.named_parameters())
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        out = []
+        with torch.no_grad():
+            for seq in sequences:
+                ids = torch.tensor([list(seq)], device=self.engine.device)
+                logits = self.engine.model(ids).logits[0, :-1].float()
+                out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].tolist())
+        return out
+
+    def native_transfer(self, phase: str, payload: dict[str, Any] | None = None) -> None:
+        raise ValueError("native weight transfer needs vLLM engines")
+
+
 class EngineWorker:
-    """One actor's state: an engine built from an ``EngineSpec``."""
+    """One actor's state: an engine built from an ``EngineSpec`` (``HFActorEngine`` or ``VLLMRolloutEngine``)."""
 
     def __init__(self, kind: str, options: dict[str, Any]) -> None:
-        self.kind = kind
         self.failure: str | None = None
-        self.packed: dict[str, list[str]] = {}
         if kind == "hf":
-            self.engine = _hf_engine(**options)
+            self.engine: Any = HFActorEngine(**options)
         elif kind == "vllm":
             from infra.vllm_engine import VLLMRolloutEngine, VLLMSettings
 
             self.engine = VLLMRolloutEngine(VLLMSettings(**options))
-            self.packed = self.engine.packed_modules
         else:
             raise ValueError(f"unknown engine kind {kind!r}; known: hf, vllm")
 
     def ready(self) -> dict[str, Any]:
         """Who this actor is: process, interpreter and how the engine names fused tensors."""
-        return {"pid": os.getpid(), "python": sys.executable, "packed": self.packed}
+        return {"pid": os.getpid(), "python": sys.executable, "packed": self.engine.packed_modules}
 
     def _guarded(self, call: Callable[[], Any]) -> Any:
         if self.failure is not None:
@@ -115,61 +164,24 @@ class EngineWorker:
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int, keys: Sequence[int]
     ) -> list[list[Completion]]:
-        if self.kind == "vllm":
-            return self._guarded(lambda: self.engine.generate(requests, params, seed, request_keys=keys))
-        return self._guarded(lambda: self.engine.generate(requests, params, seed))
+        return self._guarded(lambda: self.engine.generate(requests, params, seed, request_keys=keys))
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Fingerprint:
-        if self.kind == "vllm":
-            return self._guarded(lambda: self.engine.update_weights(state_dict))
-        self._guarded(lambda: self.engine.update_weights(state_dict))
-        return self.fingerprint()
+        return self._guarded(lambda: self.engine.update_weights(state_dict))
 
     def fingerprint(self) -> Fingerprint:
-        if self.kind == "vllm":
-            return self.engine.fingerprint()
-        return fingerprint(self.engine.model.named_parameters())
+        return self.engine.fingerprint()
 
     def after_weight_update(self) -> Fingerprint:
         """After a transport that bypassed ``update_weights`` (vLLM's native transfer)."""
-        return self.engine.after_weight_update() if self.kind == "vllm" else self.fingerprint()
+        return self.engine.after_weight_update()
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p of every token but the first (temperature 1): what the engine computes now."""
-        if self.kind == "vllm":
-            return self.engine.prompt_logprobs(sequences)
-        model = self.engine.model
-        out = []
-        with torch.no_grad():
-            for seq in sequences:
-                ids = torch.tensor([list(seq)], device=self.engine.device)
-                logits = model(ids).logits[0, :-1].float()
-                out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].tolist())
-        return out
+        return self.engine.prompt_logprobs(sequences)
 
     def native_transfer(self, phase: str, payload: dict[str, Any] | None) -> None:
-        if self.kind != "vllm":
-            raise ValueError("native weight transfer needs vLLM engines")
         self.engine.native_transfer(phase, payload)
-
-
-def _hf_engine(model_path: str, dtype: str, device: str, batch_size: int, threads: int) -> Any:
-    from transformers.utils import logging as hf_logging
-
-    from attnrl.model.loading import load_policy
-    from attnrl.rollout.hf_engine import HFRolloutEngine
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in the driver's log
-    torch.set_num_threads(threads)
-    policy = load_policy(model_path, dtype=dtype, device=device)
-    return HFRolloutEngine(
-        policy.model,
-        pad_token_id=policy.tokenizer.pad_token_id,
-        eos_token_id=policy.tokenizer.eos_token_id,
-        vocab_size=len(policy.tokenizer),
-        batch_size=batch_size,
-        progress=False,
-    )
 
 
 def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: int | None = None,

@@ -3,22 +3,21 @@
 Every field carries its meaning, unit and source in its description. Defaults are the
 paper's 1.5B setting (spec §12) unless a field says otherwise; the ``tiny`` preset is a small
 delta for the embedded default. Where paper and official code disagree (spec §16) the choice is
-a field whose description names the AMBIG entry and says which side the default takes.
+a field whose description names the AMBIG entry and says which side the default takes. The
+``rollout`` section (sampling and engines) lives in ``attnrl.config.rollout``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from attnrl.config.rollout import RolloutConfig
+from attnrl.config.section import Section
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors (a typo must never silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class SourceSpec(_Section):
+class SourceSpec(Section):
     """Where a set of problems comes from."""
 
     kind: Literal["synthetic", "verl_parquet", "jsonl", "hf"] = Field(
@@ -54,7 +53,7 @@ class SourceSpec(_Section):
         return self
 
 
-class SyntheticTaskConfig(_Section):
+class SyntheticTaskConfig(Section):
     """The embedded step-by-step arithmetic task (see attnrl/data/synthetic.py)."""
 
     levels: list[int] = Field(
@@ -84,7 +83,7 @@ class SyntheticTaskConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     """Stage 'prepare': which problems are used for training and evaluation."""
 
     train: list[SourceSpec] = Field(description="Training problem sources.")
@@ -106,7 +105,7 @@ class DataConfig(_Section):
     )
 
 
-class TinyModelConfig(_Section):
+class TinyModelConfig(Section):
     """Architecture of the embedded default model (a tiny Qwen2, built from config, no download)."""
 
     hidden_size: int = Field(default=128, ge=8, description="Model width.")
@@ -125,7 +124,7 @@ class TinyModelConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The policy model."""
 
     path: str | None = Field(
@@ -140,7 +139,7 @@ class ModelConfig(_Section):
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
 
 
-class WarmupConfig(_Section):
+class WarmupConfig(Section):
     """Stage 'warmup': supervised fine-tuning of the tiny model on reference solutions.
 
     Real runs start from a trained checkpoint and set ``enabled: false``.
@@ -166,7 +165,7 @@ class WarmupConfig(_Section):
     log_every: int = Field(default=100, ge=1, description="Steps between loss log lines.")
 
 
-class DifficultyConfig(_Section):
+class DifficultyConfig(Section):
     """Stage 'difficulty': per-problem pass rate and mean FCI under the initial policy (spec §7).
 
     Problems never or always solved carry no advantage for any method; dropping them before
@@ -187,135 +186,14 @@ class DifficultyConfig(_Section):
     )
 
 
-class SamplingConfig(_Section):
-    """Sampling parameters for one generation call."""
-
-    n: int = Field(default=6, ge=1, description="Samples per prompt (G, spec §12).")
-    temperature: float = Field(default=1.0, gt=0, description="Spec §12: 1.0 for training rollouts.")
-    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass (spec §12: 1.0).")
-    max_new_tokens: int = Field(default=8192, ge=1, description="Response length limit (spec §12: 8192).")
-
-
-class RayConfig(_Section):
-    """Rollout engines as Ray actors (``infra/ray_engine.py``), each holding its own copy of the policy.
-
-    The 'hf' engine runs in-process unless ``enabled``; the 'vllm' engine always runs as Ray actors
-    (in the worker environment, see ``rollout.vllm.python``). A call's requests are split by tokens
-    with each question's requests on one engine (spec §5.4). 'hf' actors seed their share from the
-    call seed and their index, so results depend on ``num_actors``; 'vllm' seeds every request from
-    its position in the call, so they do not.
-    """
-
-    enabled: bool = Field(
-        default=False,
-        description="hf engine: generate through a pool of Ray actors instead of in-process. The vllm engine "
-        "always uses the pool and ignores this switch.",
-    )
-    address: str | None = Field(
-        default=None,
-        description="Ray cluster address for ray.init (e.g. 'ray://head:10001' or 'auto'); None = RAY_ADDRESS if set, "
-        "else a local Ray started by the pool.",
-    )
-    num_actors: int = Field(
-        default=8, ge=1, description="Rollout engines, one Ray actor each (spec §12: 8, one per GPU)."
-    )
-    num_cpus_per_actor: float = Field(
-        default=1.0, gt=0, description="CPUs Ray reserves per actor (may be fractional); also its torch threads."
-    )
-    num_gpus_per_actor: float = Field(
-        default=1.0, ge=0,
-        description="GPUs Ray reserves per actor: rollout.vllm.tensor_parallel_size on GPU hosts, 0 on CPU.",
-    )
-    object_store_mb: int = Field(
-        default=8192,
-        ge=64,
-        description="Object store size (MiB) of a local Ray started by the pool; ignored with an address. It carries "
-        "each weight push (a 1.5B policy in bf16 is ~3 GiB).",
-    )
-    max_actor_restarts: int = Field(
-        default=3,
-        ge=0,
-        description="Dead actors replaced (their requests retried) per call before the call fails.",
-    )
-
-
-class VLLMConfig(_Section):
-    """The 'vllm' engine (``infra/vllm_engine.py``): one ``vllm.LLM`` per Ray actor, in the worker environment.
-
-    vLLM cannot share an environment with Prefect (their fastapi pins conflict; stack-notes.md), so
-    its actors run under another interpreter: vLLM's CPU build in ``.venv-vllm`` (``make vllm-env``)
-    here, the GPU worker lock on GPU hosts (README, "GPU cluster setup").
-    """
-
-    python: str = Field(
-        default=".venv-vllm/bin/python",
-        description="Interpreter of the worker environment (vLLM, the same Ray version); relative to the working "
-        "directory. `make vllm-env` creates the default one.",
-    )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per engine (spec §12: TP 1).")
-    max_model_len: int | None = Field(
-        default=None,
-        ge=16,
-        description="Longest prompt + response an engine accepts; null = data.max_prompt_tokens + the stage's "
-        "response limit (training 1,024 + 8,192 = 9,216 as the script sets, spec §5.4). A value below that limit "
-        "is an error.",
-    )
-    gpu_memory_utilization: float = Field(
-        default=0.85, gt=0, le=1, description="Share of each GPU vLLM may take (spec §5.4: 0.85)."
-    )
-    kv_cache_gib: float | None = Field(
-        default=None, gt=0, description="KV-cache size per engine in GiB; null = vLLM sizes it from "
-        "gpu_memory_utilization (on CPU from the memory it finds: set it there)."
-    )
-    max_num_seqs: int = Field(default=4096, ge=1, description="Sequences one engine runs at once (spec §5.4: 4096).")
-    max_num_batched_tokens: int | None = Field(
-        default=36864, ge=1, description="Tokens per scheduler step with chunked prefill (spec §5.4: 36,864)."
-    )
-    enable_chunked_prefill: bool = Field(
-        default=True,
-        description="Split long prefills across scheduler steps (spec §5.4: on). vLLM's CPU build cannot rewind a "
-        "seeded request's generator when a prefill is split, so on CPU seeded_requests needs it off.",
-    )
-    enforce_eager: bool = Field(default=True, description="No CUDA graphs (spec §5.4: the script enforces eager).")
-    enable_prefix_caching: bool = Field(
-        default=True, description="Reuse the KV blocks of shared prefixes: continuations share prompt and prefix (§5.4)."
-    )
-    block_size: int | None = Field(
-        default=None, ge=1, description="Tokens per KV block, the unit the prefix cache shares; null = vLLM's default "
-        "(16 on GPU, 128 on CPU, where it must be a multiple of 32). Prefixes shorter than a block are not cached."
-    )
-    seeded_requests: bool = Field(
-        default=False,
-        description="Seed every request (same call and seed => same samples, on CPU bit for bit). On GPU it costs "
-        "throughput: per-request generators bypass the fused sampler, and vLLM on GPU is not batch-invariant anyway.",
-    )
-    weight_sync: Literal["object_store", "nccl", "ipc"] = Field(
-        default="object_store",
-        description="How new weights reach the engines after each update: 'object_store' (Ray's object store, then "
-        "an in-place reload; any device), or vLLM's native transfer, 'nccl' (trainer and engines on different "
-        "GPUs) or 'ipc' (colocated, CUDA IPC), which need CUDA and a trainer that runs in the worker environment.",
-    )
-
-
-class RolloutConfig(_Section):
-    """The rollout engine."""
-
-    engine: Literal["hf", "vllm"] = Field(default="vllm", description="'hf' (transformers, CPU or GPU) or 'vllm'.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollout sampling.")
-    batch_size: int = Field(default=64, ge=1, description="hf engine: sequences per generate() call.")
-    progress: bool = Field(default=True, description="Show a progress bar on long generation.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Engines as Ray actors (always for 'vllm').")
-    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The 'vllm' engine.")
-
-
-class RewardConfig(_Section):
+class RewardConfig(Section):
     """The verifier (spec §8)."""
 
     timeout_s: float = Field(default=5.0, gt=0, description="Hard limit per response (spec §8: 5 s).")
     workers: int = Field(default=1, ge=1, description="Grading subprocesses for the math-verify path.")
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Stage 'evaluate' (spec §14). Benchmarks come from data.eval, each with its k."""
 
     temperature: float = Field(default=0.6, gt=0, description="Spec §14 / AMBIG-10: 0.6 (script), unstated in paper.")
@@ -323,7 +201,7 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(default=32768, ge=1, description="Spec §14: 32,768 for final evaluation.")
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     """The RL method (spec §4–§11, §13). Paper-vs-code choices name their AMBIG entry."""
 
     method: Literal["attnrl", "treerl", "grpo"] = Field(
@@ -390,7 +268,7 @@ class AlgorithmConfig(_Section):
     )
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Stage 'train': optimisation of the policy (spec §11, §12)."""
 
     steps: int = Field(default=500, ge=1, description="Training steps (spec §15.3: 500 for AttnRL).")
@@ -462,7 +340,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(default=2, ge=1, description="Most recent checkpoints kept on disk.")
 
 
-class PathsConfig(_Section):
+class PathsConfig(Section):
     """Where each stage writes (relative paths are relative to the working directory)."""
 
     data_dir: str = Field(default="data", description="Prepared problems: {data_dir}/prepared/{train,eval}.parquet.")
@@ -471,7 +349,7 @@ class PathsConfig(_Section):
     reports_dir: str = Field(default="reports", description="HTML report and plots.")
 
 
-class ChecksConfig(_Section):
+class ChecksConfig(Section):
     """Data checks between stages (Great Expectations gates, ``infra/data_gates.py``)."""
 
     enabled: bool = Field(default=True, description="Run the gates after each stage and on each training batch.")
@@ -487,7 +365,7 @@ class ChecksConfig(_Section):
     )
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     """Everything one run reads. Serialised as params.yaml, grouped by stage."""
 
     seed: int = Field(default=1, description="Master seed; every RNG seed is derived from it (spec §12: data.seed=1).")
