@@ -63,6 +63,11 @@ class Normaliser:
             raise ValueError(f"response lengths must be >= 0, got {list(response_lengths)}")
         return cls(tokens=float(sum(response_lengths)), sequences=float(sum(1 for n in response_lengths if n > 0)))
 
+    def per_rank(self, world_size: int) -> Normaliser:
+        """The denominators for one of ``world_size`` data-parallel ranks, whose gradients DeepSpeed
+        averages: dividing by count / world makes that average the whole mini-batch's exact gradient."""
+        return Normaliser(tokens=self.tokens / world_size, sequences=self.sequences / world_size)
+
 
 def aggregate(values: Tensor, mask: Tensor, mode: str, normaliser: Normaliser | None = None) -> Tensor:
     """Reduce per-token ``values`` to a scalar over the valid tokens (spec §11, AMBIG-11).

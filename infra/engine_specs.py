@@ -11,8 +11,8 @@ import functools
 import json
 import subprocess
 import sys
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from attnrl.config.schema import RunConfig
 from attnrl.errors import ConfigError
 from attnrl.rollout.factory import engine_max_model_len
+from attnrl.rollout.scoring import ScoringSpec
 from infra.ray_engine import EngineSpec, RayRolloutPool
 from infra.vllm_engine import VLLMSettings
 
@@ -100,8 +101,13 @@ def vllm_spec(config: RunConfig, *, model_dir: Path, tokenizer: PreTrainedTokeni
     }
     if vllm.block_size is not None:
         llm["block_size"] = vllm.block_size
+    # Colocated with trainer ranks on GPUs, the engines sleep while the trainer works (vLLM's sleep mode
+    # is CUDA-only: CPU engines keep their memory).
+    sleep_mode = (config.distributed.enabled and config.distributed.placement == "colocated"
+                  and config.rollout.ray.num_gpus_per_actor > 0)
     settings = VLLMSettings(llm=llm, eos_token_id=tokenizer.eos_token_id, vocab_size=len(tokenizer),
-                            seeded_requests=vllm.seeded_requests, weight_transfer=vllm.weight_sync)
+                            seeded_requests=vllm.seeded_requests, weight_transfer=vllm.weight_sync,
+                            sleep_mode=sleep_mode)
     env_vars = {
         # The engine core in the actor's own process (state dicts reach the worker by reference).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -131,12 +137,16 @@ def build_pool(
     tokenizer: PreTrainedTokenizerBase,
     max_new_tokens: int,
     state_dict: Mapping[str, torch.Tensor] | None,
+    placement: Callable[[int], dict[str, Any]] | None = None,
+    scoring: ScoringSpec | None = None,
 ) -> RayRolloutPool:
-    """The pool for ``rollout.engine`` (vllm) or the hf actors of ``rollout.ray.enabled``."""
+    """The pool for ``rollout.engine`` (vllm) or the hf actors of ``rollout.ray.enabled``; ``placement``
+    gives engine i its bundle (the distributed runtime), ``scoring`` lets the engines score (overlap)."""
     if config.rollout.engine == "vllm":
         spec = vllm_spec(config, model_dir=model_dir, tokenizer=tokenizer, max_new_tokens=max_new_tokens)
     else:
         spec = hf_spec(config, model_dir=model_dir)
+    spec = replace(spec, scoring=scoring)
     ray_config = config.rollout.ray
     options: dict[str, Any] = {
         "num_actors": ray_config.num_actors,
@@ -146,5 +156,6 @@ def build_pool(
         "address": ray_config.address,
         "object_store_mb": ray_config.object_store_mb,
         "initial_state_dict": state_dict,
+        "placement": placement,
     }
     return RayRolloutPool(spec, **options)

@@ -47,6 +47,8 @@ from attnrl.errors import AttnRLError
 from attnrl.rollout.balance import assign_by_tokens
 from attnrl.rollout.engine import Completion, GenerationRequest, SamplingParams
 from attnrl.rollout.fingerprint import Fingerprint, fingerprint, mismatches
+from attnrl.rollout.scoring import RolloutScorer, ScoringSpec
+from attnrl.training.sharding import shard_by_tokens
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ class EngineSpec:
 
     ``python`` is the interpreter the actor runs under (None: the driver's); ``env_vars`` are
     set in the actor's process; ``dtype`` is the engines' weight dtype, which the pool casts to
-    before a push and uses for the trainer-side fingerprint.
+    before a push and uses for the trainer-side fingerprint. With ``scoring``, ``submit_scored``
+    has the engines score their completions too (``attnrl.rollout.scoring``).
     """
 
     kind: str
@@ -80,6 +83,7 @@ class EngineSpec:
     dtype: str
     python: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
+    scoring: ScoringSpec | None = None  # engines also score what they generate (split placement, overlap)
 
 
 class HFActorEngine:
@@ -133,15 +137,26 @@ class HFActorEngine:
     def native_transfer(self, phase: str, payload: dict[str, Any] | None = None) -> None:
         raise ValueError("native weight transfer needs vLLM engines")
 
+    def sleep(self) -> None:
+        """No sleep mode: the model stays where it is (colocated hf engines only share CPUs here)."""
+
+    def wake(self) -> None:
+        """See ``sleep``."""
+
 
 class EngineWorker:
     """One actor's state: an engine built from an ``EngineSpec`` (``HFActorEngine`` or ``VLLMRolloutEngine``)."""
 
-    def __init__(self, kind: str, options: dict[str, Any]) -> None:
+    def __init__(self, kind: str, options: dict[str, Any], scoring: ScoringSpec | None = None) -> None:
         self.failure: str | None = None
+        self.scorer: RolloutScorer | None = None
         if kind == "hf":
             self.engine: Any = HFActorEngine(**options)
+            if scoring is not None:  # the engine's own model: it always holds the weights that sampled
+                self.scorer = RolloutScorer(self.engine.engine.model, scoring)
         elif kind == "vllm":
+            if scoring is not None:
+                raise ValueError("vllm engines do not score (distributed.overlap needs rollout.engine=hf for now)")
             from infra.vllm_engine import VLLMRolloutEngine, VLLMSettings
 
             self.engine = VLLMRolloutEngine(VLLMSettings(**options))
@@ -162,12 +177,28 @@ class EngineWorker:
             raise EngineFailed(self.failure) from exc
 
     def generate(
-        self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int, keys: Sequence[int]
-    ) -> list[list[Completion]]:
-        return self._guarded(lambda: self.engine.generate(requests, params, seed, request_keys=keys))
+        self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int, keys: Sequence[int],
+        scored: bool = False,
+    ) -> list[list[Completion]] | tuple[list[list[Completion]], list[list[Any]]]:
+        """Completions; with ``scored``, also their scores with the weights that sampled them."""
+        def call():
+            completions = self.engine.generate(requests, params, seed, request_keys=keys)
+            if not scored:
+                return completions
+            if self.scorer is None:
+                raise ValueError("this engine was built without scoring settings (EngineSpec.scoring)")
+            return completions, self.scorer.score(requests, completions)
+
+        return self._guarded(call)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Fingerprint:
         return self._guarded(lambda: self.engine.update_weights(state_dict))
+
+    def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[tuple[float, ...]]:
+        """Log-probs of ``responses`` after ``prompts`` with this engine's weights, as the trainer computes them."""
+        if self.scorer is None:
+            raise ValueError("this engine was built without scoring settings (EngineSpec.scoring)")
+        return self._guarded(lambda: self.scorer.trainer.logprobs(prompts, responses))
 
     def fingerprint(self) -> Fingerprint:
         return self.engine.fingerprint()
@@ -182,6 +213,12 @@ class EngineWorker:
 
     def native_transfer(self, phase: str, payload: dict[str, Any] | None) -> None:
         self.engine.native_transfer(phase, payload)
+
+    def sleep(self) -> None:
+        self._guarded(self.engine.sleep)
+
+    def wake(self) -> None:
+        self._guarded(self.engine.wake)
 
 
 def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: int | None = None,
@@ -231,6 +268,7 @@ class RayRolloutPool:
         address: str | None = None,
         object_store_mb: int = 256,
         initial_state_dict: Mapping[str, torch.Tensor] | None = None,
+        placement: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         if num_actors < 1:
             raise ValueError(f"num_actors must be >= 1, got {num_actors}")
@@ -244,7 +282,9 @@ class RayRolloutPool:
         options: dict[str, Any] = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor, "max_restarts": 0}
         if runtime_env := worker_runtime_env(spec):
             options["runtime_env"] = runtime_env
-        self._actor_class = ray.remote(EngineWorker).options(**options)
+        self._actor_options = options
+        # Where actor i goes (a placement-group bundle, infra/placement.py); a replacement goes there too.
+        self._placement = placement
         self._weights_ref: ray.ObjectRef | None = None
         self._expected: Fingerprint | None = None
         # Where a replacement actor gets the latest weights when they arrived by another transport
@@ -254,7 +294,7 @@ class RayRolloutPool:
         self.actor_info: list[dict[str, Any]] = []  # EngineWorker.ready() of each actor
         self.packed: dict[str, list[str]] = {}
         try:
-            self.actors = [self._actor_class.remote(spec.kind, spec.options) for _ in range(num_actors)]
+            self.actors = [self._new_actor(i) for i in range(num_actors)]
             self.actor_info = self._started([actor.ready.remote() for actor in self.actors])
             self.packed = self.actor_info[0]["packed"]
             if initial_state_dict is not None:
@@ -274,11 +314,30 @@ class RayRolloutPool:
         """Send each actor its share and return at once; ``result()`` collects (and retries) them."""
         return PendingRollout(self, list(requests), params, seed)
 
+    def submit_scored(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int) -> PendingRollout:
+        """``submit``, and each engine then scores its completions with the weights that sampled them
+        (``scores()``); the samples are the ones ``submit`` gives."""
+        if self.spec.scoring is None:
+            raise ValueError("this pool's engines were built without scoring settings (EngineSpec.scoring)")
+        return PendingRollout(self, list(requests), params, seed, scored=True)
+
+    def submit_logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> PendingLogprobs:
+        """Start the log-prob pass of ``responses`` on the engines (split by tokens); ``result()`` collects it.
+        Queued behind the calls already sent, so it sees the weights that sampled them."""
+        if self.spec.scoring is None:
+            raise ValueError("this pool's engines were built without scoring settings (EngineSpec.scoring)")
+        return PendingLogprobs(self, [tuple(p) for p in prompts], [tuple(r) for r in responses])
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Push ``state_dict`` to every actor and prove it arrived (fingerprints)."""
         engine_state = {name: t.detach().to("cpu", self.dtype) for name, t in state_dict.items()}
-        self._expected = fingerprint(engine_state.items(), packed=self.packed)
-        self._weights_ref = ray.put(engine_state)  # once; every actor reads the same object
+        # Once in the object store; every actor reads the same object.
+        self.load_weights(ray.put(engine_state), fingerprint(engine_state.items(), packed=self.packed))
+
+    def load_weights(self, weights: ray.ObjectRef, expected: Fingerprint) -> None:
+        """Every actor loads the state dict at ``weights`` (already in the engines' dtype, put there by
+        whoever holds the policy: a trainer rank in distributed mode) and must report ``expected``."""
+        self._expected, self._weights_ref = expected, weights
         refs = {i: actor.update_weights.remote(self._weights_ref) for i, actor in enumerate(self.actors)}
         restarts = 0
         for i in range(len(self.actors)):
@@ -288,6 +347,24 @@ class RayRolloutPool:
                 restarts += 1
                 # The replacement already loads (and verifies) the latest weights; nothing left to retry.
                 self._handle_death(i, exc, restarts, "update_weights")
+
+    def sleep(self) -> None:
+        """Colocated placement: every engine frees its GPU memory while the trainer works (vLLM sleep
+        mode, level 1: weights to host memory, KV cache dropped); engines without one ignore it."""
+        self._broadcast("sleep")
+
+    def wake(self) -> None:
+        """Every engine takes its memory back before the next weight push or generation."""
+        self._broadcast("wake")
+
+    def _broadcast(self, method: str) -> None:
+        refs = [getattr(actor, method).remote() for actor in self.actors]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except (RayActorError, EngineFailed) as exc:
+                # The replacement starts awake with the latest weights; a sleeping one is not needed.
+                self._handle_death(i, exc, 1, method)
 
     def verify_after_transfer(self, expected: Fingerprint) -> None:
         """Every engine resets its prefix cache and must hold ``expected`` (after a native transfer)."""
@@ -309,11 +386,7 @@ class RayRolloutPool:
 
     def close(self) -> None:
         """Kill the actors; shut Ray down only if this pool started it."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+        kill_actors(self.actors)
         self.actors = []
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
@@ -327,15 +400,19 @@ class RayRolloutPool:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _new_actor(self, index: int) -> Any:
+        options = self._actor_options | (self._placement(index) if self._placement is not None else {})
+        return ray.remote(EngineWorker).options(**options).remote(self.spec.kind, self.spec.options, self.spec.scoring)
+
     def _started(self, refs: list[ray.ObjectRef]) -> list[dict[str, Any]]:
         try:
             return ray.get(refs)
         except RayActorError as exc:
-            raise RolloutPoolError(f"a {self.spec.kind} rollout engine could not start: {_last_line(exc)}") from exc
+            raise RolloutPoolError(f"a {self.spec.kind} rollout engine could not start: {last_line(exc)}") from exc
 
     def _submit(self, index: int, requests: list[GenerationRequest], params: SamplingParams, seed: int,
-                keys: list[int]) -> ray.ObjectRef:
-        return self.actors[index].generate.remote(requests, params, seed, keys)
+                keys: list[int], scored: bool) -> ray.ObjectRef:
+        return self.actors[index].generate.remote(requests, params, seed, keys, scored)
 
     def _verify(self, index: int, reported: Fingerprint) -> None:
         if not reported:
@@ -350,7 +427,7 @@ class RayRolloutPool:
     def _handle_death(self, index: int, exc: Exception, restarts: int, during: str) -> None:
         """Replace actor ``index``, dead or failed (``EngineFailed``), unless the call used up its restarts."""
         what = "failed" if isinstance(exc, EngineFailed) else "died"
-        cause = _last_line(exc)
+        cause = last_line(exc)
         if restarts > self.max_actor_restarts:
             raise RolloutPoolError(
                 f"rollout actor {index} {what} during {during} and {self.max_actor_restarts} replacements "
@@ -365,7 +442,7 @@ class RayRolloutPool:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already gone
             pass
-        actor = self._actor_class.remote(self.spec.kind, self.spec.options)
+        actor = self._new_actor(index)
         [self.actor_info[index]] = self._started([actor.ready.remote()])
         self.actors[index] = actor
         if self._weights_ref is None and self.weights_source is not None:
@@ -375,47 +452,111 @@ class RayRolloutPool:
         self.replaced_actors += 1
 
 
-def _last_line(exc: Exception) -> str:
+def kill_actors(actors: Sequence[Any]) -> None:
+    """``ray.kill`` each of ``actors``, alive or not."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+
+def last_line(exc: Exception) -> str:
     """Ray's messages carry the actor's whole traceback; its last line is the error itself."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
 
-class PendingRollout:
-    """One ``generate`` call in flight on a pool; the driver is free until ``result()``."""
+class _PendingShares:
+    """A call split into per-actor shares, in flight on a pool; a share whose actor died (or failed) is
+    resent to its replacement, which holds the latest weights."""
 
-    def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
-                 seed: int) -> None:
-        self._pool, self._requests, self._params, self._seed = pool, requests, params, seed
-        shares = assign_by_tokens(requests, len(pool.actors), params.max_new_tokens) if requests else []
+    during = "call"
+
+    def __init__(self, pool: RayRolloutPool, shares: list[list[int]]) -> None:
+        self._pool = pool
         self._shares = [(i, indices) for i, indices in enumerate(shares) if indices]
         self._sent_to: dict[int, Any] = {}  # the actor each share went to
         self._refs = {i: self._send(i, indices) for i, indices in self._shares}
-        self._results: list[list[Completion]] | None = None
 
     def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
-        self._sent_to[index] = self._pool.actors[index]
-        return self._pool._submit(index, [self._requests[k] for k in indices], self._params,
-                                  derive_seed(self._seed, index) if self._pool.spec.kind == "hf" else self._seed,
-                                  indices)
+        raise NotImplementedError
 
-    def result(self) -> list[list[Completion]]:
-        """The completions in request order; a share whose actor died is resent to its replacement."""
-        if self._results is not None:
-            return self._results
+    def _share_results(self) -> list[tuple[list[int], Any]]:
+        """Each share's indices and what its actor returned, retrying dead actors."""
         restarts = 0
-        results: list[list[Completion] | None] = [None] * len(self._requests)
+        out = []
         for i, indices in self._shares:
             while True:
                 try:
-                    for k, completions in zip(indices, ray.get(self._refs[i]), strict=True):
-                        results[k] = completions
+                    out.append((indices, ray.get(self._refs[i])))
                     break
                 except (RayActorError, EngineFailed) as exc:
                     # Another call in flight may have replaced this actor already: then just resend.
                     if self._pool.actors[i] is self._sent_to[i]:
                         restarts += 1
-                        self._pool._handle_death(i, exc, restarts, "generate")
+                        self._pool._handle_death(i, exc, restarts, self.during)
                     self._refs[i] = self._send(i, indices)
-        self._results = [r if r is not None else [] for r in results]
+        return out
+
+
+class PendingRollout(_PendingShares):
+    """One ``generate`` call in flight on a pool; the driver is free until ``result()``."""
+
+    during = "generate"
+
+    def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
+                 seed: int, scored: bool = False) -> None:
+        self._requests, self._params, self._seed, self._scored = requests, params, seed, scored
+        self._results: list[list[Completion]] | None = None
+        self._scores: list[list[Any]] | None = None
+        super().__init__(pool, assign_by_tokens(requests, len(pool.actors), params.max_new_tokens) if requests else [])
+
+    def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
+        self._sent_to[index] = self._pool.actors[index]
+        return self._pool._submit(index, [self._requests[k] for k in indices], self._params,
+                                  derive_seed(self._seed, index) if self._pool.spec.kind == "hf" else self._seed,
+                                  indices, self._scored)
+
+    def result(self) -> list[list[Completion]]:
+        """The completions in request order; a share whose actor died is resent to its replacement."""
+        if self._results is not None:
+            return self._results
+        results: list[list[Completion]] = [[] for _ in self._requests]
+        scores: list[list[Any]] = [[] for _ in self._requests]
+        for indices, share in self._share_results():
+            completions, scored = share if self._scored else (share, [[] for _ in indices])
+            for k, group, group_scores in zip(indices, completions, scored, strict=True):
+                results[k], scores[k] = group, group_scores
+        self._results, self._scores = results, scores
         return self._results
+
+    def scores(self) -> list[list[Any]]:
+        """``submit_scored``: per request, per completion, its ``ScoredSequence`` (None where it is empty)."""
+        if not self._scored:
+            raise ValueError("this call was submitted without scoring (use submit_scored)")
+        self.result()
+        return self._scores or []
+
+
+class PendingLogprobs(_PendingShares):
+    """A log-prob pass in flight on a pool (``submit_logprobs``)."""
+
+    during = "logprobs"
+
+    def __init__(self, pool: RayRolloutPool, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> None:
+        self._prompts, self._responses = prompts, responses
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        super().__init__(pool, shard_by_tokens(lengths, len(pool.actors)))
+
+    def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
+        self._sent_to[index] = self._pool.actors[index]
+        return self._pool.actors[index].logprobs.remote([self._prompts[k] for k in indices],
+                                                        [self._responses[k] for k in indices])
+
+    def result(self) -> list[tuple[float, ...]]:
+        out: list[tuple[float, ...]] = [()] * len(self._prompts)
+        for indices, values in self._share_results():
+            for k, value in zip(indices, values, strict=True):
+                out[k] = value
+        return out

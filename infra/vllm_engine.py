@@ -50,6 +50,7 @@ class VLLMSettings:
     vocab_size: int  # the tokenizer's; ids at or above it truncate a response (spec §5.4)
     seeded_requests: bool = True
     weight_transfer: str = "object_store"  # or vLLM's native "nccl" / "ipc" (CUDA only)
+    sleep_mode: bool = False  # colocated with a trainer rank on a GPU: sleep while it works (CUDA only)
 
 
 class VLLMWorkerExtension:
@@ -121,6 +122,8 @@ class VLLMRolloutEngine:
             from vllm.config import WeightTransferConfig
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=settings.weight_transfer)
+        if settings.sleep_mode:
+            kwargs["enable_sleep_mode"] = True
         if kwargs.get("tensor_parallel_size", 1) > 1:
             kwargs["distributed_executor_backend"] = "ray"  # the workers join this actor's Ray cluster
         self.llm = LLM(
@@ -203,6 +206,18 @@ class VLLMRolloutEngine:
 
     def fingerprint(self) -> Fingerprint:
         return self.llm.collective_rpc("attnrl_fingerprint")[0]
+
+    # -- colocated placement
+
+    def sleep(self) -> None:
+        """Free this GPU for the trainer rank beside it: level 1 moves the weights to host memory and
+        drops the KV cache (its blocks would be stale after the weight push anyway)."""
+        if self.settings.sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if self.settings.sleep_mode:
+            self.llm.wake_up()
 
     # -- vLLM's native weight transfer (driven by infra.vllm_weight_transfer through the pool)
 

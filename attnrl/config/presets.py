@@ -67,6 +67,8 @@ TINY: dict[str, Any] = {
         # activations would only cost time.
         "zero_stage": 0, "reference_offload": False, "gradient_checkpointing": False,
     },
+    # distributed.enabled=true on this machine: two gloo ranks on CPU beside the one engine actor.
+    "distributed": {"trainer_ranks": 2, "placement": "split", "num_cpus_per_rank": 1, "num_gpus_per_rank": 0},
 }
 
 R1_DISTILL_1_5B: dict[str, Any] = {

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from attnrl.config.distributed import DistributedConfig
 from attnrl.config.rollout import RolloutConfig
 from attnrl.config.section import Section
 
@@ -379,4 +380,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Stage 'evaluate'.")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="The RL method.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Stage 'train'.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Stage 'train' on a Ray actor group of DeepSpeed ranks."
+    )
     checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Data checks between stages.")

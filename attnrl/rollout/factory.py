@@ -54,7 +54,7 @@ def engine_max_model_len(config: RunConfig, max_new_tokens: int) -> int:
 def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens: int) -> None:
     """Everything that can be checked before a model loads; raises ``ConfigError`` naming the field."""
     _check_device("model.device", config.model.device)
-    if not uses_pool(config):
+    if not uses_pool(config) and not config.distributed.enabled:
         return
     ray_config = config.rollout.ray
     if ray_config.num_gpus_per_actor > 0 and not torch.cuda.is_available() and ray_config.address is None:
@@ -62,7 +62,8 @@ def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens
             f"rollout.ray.num_gpus_per_actor: {ray_config.num_gpus_per_actor} asks for GPUs, and this machine has "
             "no CUDA device (set it to 0 to run the engines on CPU, or connect to a cluster with rollout.ray.address)"
         )
-    _check_local_gpu_layout(config)
+    if not config.distributed.enabled:  # else a placement group gives trainer ranks and engines their GPUs
+        _check_local_gpu_layout(config)
     if config.rollout.engine != "vllm":
         return
     vllm = config.rollout.vllm

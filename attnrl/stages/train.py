@@ -14,11 +14,13 @@ import csv
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
@@ -26,15 +28,24 @@ from attnrl.errors import ConfigError
 from attnrl.lineage import LINEAGE_FILE, lineage, write_lineage
 from attnrl.model.loading import load_policy, save_policy
 from attnrl.reward.verifier import Verifier
+from attnrl.rollout.engine import RolloutEngine
 from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.stages.difficulty import ads_seed
 from attnrl.stages.layout import TRAIN_FILE, Layout
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
-from attnrl.training.checkpoint import latest_checkpoint, load_backend_state, load_loop_state, save_checkpoint
+from attnrl.training.checkpoint import (
+    StateWriter,
+    latest_checkpoint,
+    load_backend_state,
+    load_loop_state,
+    save_checkpoint,
+    trainer_state,
+)
 from attnrl.training.loop import BatchCheck, PhaseRunner, RLLoop, run_directly
-from attnrl.training.trainer import PolicyTrainer
+from attnrl.training.trainer import PolicyTrainer, Trainer
 from attnrl.utils.atomic import atomic_path
+from attnrl.utils.registry import load_object
 from attnrl.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -76,11 +87,13 @@ def train(
     init = initial_policy_path(config, root)
     max_new_tokens = config.rollout.sampling.max_new_tokens
     preflight(config, model_dir=init, max_new_tokens=max_new_tokens)  # before any model loads
+    if config.distributed.enabled:
+        load_object(DISTRIBUTED_PREFLIGHT, "distributed")(config)
     if config.rollout.engine == "vllm" and config.rollout.vllm.weight_sync != "object_store":
         raise ConfigError(
-            f"rollout.vllm.weight_sync: '{config.rollout.vllm.weight_sync}' needs a trainer that runs in the worker "
-            "environment (vLLM's trainer side imports vLLM); this single-process trainer runs in the driver "
-            "environment and sends weights through Ray's object store: set 'object_store'"
+            f"rollout.vllm.weight_sync: '{config.rollout.vllm.weight_sync}' needs vLLM's trainer side in the trainer's "
+            "process (it imports vLLM); neither the single-process trainer (driver environment) nor the trainer group "
+            "drives it yet, so the weights go through Ray's object store: set 'object_store'"
         )
     resume = latest_checkpoint(checkpoints)
     if resume is not None and (changed := config_changes(resume, config)):
@@ -88,6 +101,57 @@ def train(
         logger.warning("%s was trained with different %s; starting a new run in %s", resume, ", ".join(changed), run)
         shutil.rmtree(checkpoints)
         resume = None
+    problems_path = training_problems_path(config, root)
+    problems = load_verl_parquet(problems_path)
+    provenance = lineage(config, [problems_path, init], root)
+    start = load_object(DISTRIBUTED_RUNTIME, "distributed") if config.distributed.enabled else local_runtime
+    with start(config, init=init, resume=resume) as runtime, \
+            Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+        loop = RLLoop(config, problems=problems, engine=runtime.engine, trainer=runtime.trainer,
+                      tokenizer=runtime.tokenizer, verifier=verifier, phases=phases, check_batch=check_batch)
+        loop.easy_mean = ads_seed(config, root)
+        if resume is not None:
+            loop.load_state_dict(load_loop_state(resume))
+            logger.info("resuming from %s (step %d)", resume, loop.state.step)
+
+        def record(stats: dict[str, float]) -> None:
+            _write_metrics(run / "metrics.jsonl", loop.state.metrics)
+            step = loop.state.step
+            if step % config.train.save_every == 0 or step == config.train.steps:
+                save_checkpoint(checkpoints, step=step, state=runtime.write_state, loop_state=loop.state_dict(),
+                                keep=config.train.keep_checkpoints, lineage=provenance)
+            if on_step is not None:
+                on_step(stats)
+
+        metrics = loop.run(config.train.steps, on_step=record)
+        final = runtime.save_final(run / "final")
+    _write_metrics(run / "metrics.jsonl", metrics)
+    write_lineage(run, provenance)
+    return TrainResult(final, run / "metrics.jsonl", metrics, resume)
+
+
+# The distributed runtime (a TrainerGroup and a RolloutGroup on Ray), resolved by import path so the
+# core never imports Ray or DeepSpeed: ``start(config, init=..., resume=...)`` like ``local_runtime``.
+DISTRIBUTED_RUNTIME = "infra.distributed:distributed_runtime"
+DISTRIBUTED_PREFLIGHT = "infra.distributed:preflight"
+
+
+@dataclass
+class TrainingRuntime:
+    """What the loop trains with: an engine, a trainer (``PolicyTrainer`` or a ``TrainerGroup``), and
+    how checkpoints and the final policy are written."""
+
+    engine: RolloutEngine
+    trainer: Trainer
+    tokenizer: PreTrainedTokenizerBase
+    write_state: StateWriter
+    save_final: Callable[[Path], Path]
+
+
+@contextmanager
+def local_runtime(config: RunConfig, *, init: Path, resume: Path | None) -> Iterator[TrainingRuntime]:
+    """The trainer in this process; the engine in-process or a Ray pool (``rollout``)."""
+    max_new_tokens = config.rollout.sampling.max_new_tokens
     # The trained copy is loaded in fp32: the torch backend keeps it as master weights (bf16 only inside
     # autocast), DeepSpeed in bf16 mode casts it and keeps its own fp32 master copy (train.precision); the
     # rollout engine and the frozen reference use model.dtype.
@@ -110,33 +174,16 @@ def train(
         temperature=config.rollout.sampling.temperature,
         autocast=autocast_dtype(config.train, policy.model.device),
     )
-    problems_path = training_problems_path(config, root)
-    problems = load_verl_parquet(problems_path)
-    provenance = lineage(config, [problems_path, init], root)
-    with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
-        loop = RLLoop(config, problems=problems, engine=engine, trainer=trainer, tokenizer=policy.tokenizer,
-                      verifier=verifier, phases=phases, check_batch=check_batch)
-        loop.easy_mean = ads_seed(config, root)
-        if resume is not None:
-            loop.load_state_dict(load_loop_state(resume))
-            load_backend_state(resume, backend)
-            logger.info("resuming from %s (step %d)", resume, loop.state.step)
-
-        def record(stats: dict[str, float]) -> None:
-            _write_metrics(run / "metrics.jsonl", loop.state.metrics)
-            step = loop.state.step
-            if step % config.train.save_every == 0 or step == config.train.steps:
-                save_checkpoint(checkpoints, step=step, model=policy.model, weights=trainer.policy_state(),
-                                tokenizer=policy.tokenizer, backend=backend, loop_state=loop.state_dict(),
-                                keep=config.train.keep_checkpoints, lineage=provenance)
-            if on_step is not None:
-                on_step(stats)
-
-        metrics = loop.run(config.train.steps, on_step=record)
-    final = save_policy(policy.model, policy.tokenizer, run / "final", state_dict=trainer.policy_state())
-    _write_metrics(run / "metrics.jsonl", metrics)
-    write_lineage(run, provenance)
-    return TrainResult(final, run / "metrics.jsonl", metrics, resume)
+    if resume is not None:
+        load_backend_state(resume, backend)
+    with engine_session(engine):
+        yield TrainingRuntime(
+            engine=engine,
+            trainer=trainer,
+            tokenizer=policy.tokenizer,
+            write_state=lambda d: trainer_state(policy.model, trainer.policy_state(), policy.tokenizer, backend)(d),
+            save_final=lambda d: save_policy(policy.model, policy.tokenizer, d, state_dict=trainer.policy_state()),
+        )
 
 
 # What may change between a run and its resumption: how far to train and how often to save.

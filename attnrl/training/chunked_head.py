@@ -27,6 +27,11 @@ from transformers import PreTrainedModel
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def head_calls(tokens: int, chunk_tokens: int) -> int:
+    """How many times ``chunked_token_stats`` runs the head over ``tokens`` positions (at least once)."""
+    return max(1, -(-tokens // chunk_tokens))
+
+
 def chunked_token_stats(
     head: nn.Module,
     hidden: Tensor,
@@ -35,16 +40,28 @@ def chunked_token_stats(
     temperature: float,
     chunk_tokens: int,
     with_entropy: bool,
+    calls: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """log π(target) [N] and (``with_entropy``) entropy [N] from ``hidden`` [N, H] through ``head``, chunk by chunk."""
+    """log π(target) [N] and (``with_entropy``) entropy [N] from ``hidden`` [N, H] through ``head``, chunk by chunk.
+
+    ``calls`` (at least ``head_calls(N, chunk_tokens)``) fixes how many times the head module runs: the
+    same chunks as without it, then calls that see no positions. Data-parallel ranks under
+    ZeRO-3 gather the head's partitioned weights in each call (and again in each recompute of the
+    backward), so they must all make the same number (``PolicyTrainer.lockstep``).
+    """
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden states but {targets.shape[0]} targets")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    tokens = hidden.shape[0]
+    needed = head_calls(tokens, chunk_tokens)
+    calls = needed if calls is None else calls
+    if calls < needed:
+        raise ValueError(f"{tokens} positions need {needed} head calls of {chunk_tokens}; got calls={calls}")
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     logprobs, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+    for k in range(calls):
+        h, t = hidden[k * chunk_tokens:(k + 1) * chunk_tokens], targets[k * chunk_tokens:(k + 1) * chunk_tokens]
         if grad:
             logprob, entropy = checkpoint(_chunk_with_grad, head, h, t, temperature, with_entropy,
                                           use_reentrant=False, preserve_rng_state=False)
@@ -108,6 +125,7 @@ class ResponseScorer(nn.Module):
         *,
         temperature: float,
         with_entropy: bool,
+        head_calls: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         out = self.lm.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -115,4 +133,4 @@ class ResponseScorer(nn.Module):
         hidden = out.last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, logit_index)
         return chunked_token_stats(self.lm.get_output_embeddings(), hidden, targets, temperature=temperature,
-                                   chunk_tokens=self.chunk_tokens, with_entropy=with_entropy)
+                                   chunk_tokens=self.chunk_tokens, with_entropy=with_entropy, calls=head_calls)

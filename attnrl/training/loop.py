@@ -13,9 +13,12 @@ One training step, off-policy (spec §3.2, §3.3)::
 
 Overlap: on an engine that generates in the background (the Ray actor pool), C's continuations
 are still being generated while the trainer scores D; they are collected only when the update
-needs them. Same weights, same seeds, same samples: only the wall time changes. Each submission
-has its own seed (round, part), so an engine with or without background generation returns the
-same completions.
+needs them. With ``engine_scores`` (split placement, ``distributed.overlap``) the engines, which
+hold θ_k, do more of the step: they compute the behaviour log-probs of C's continuations while
+the trainer runs the reference pass, then generate and score D while the trainer updates on C;
+the new weights are pushed once D is scored (spec §3.2's policy versions either way). Same weights, same seeds, same samples: only the wall time changes. Each
+submission has its own seed (round, part), so an engine with or without background generation
+returns the same completions.
 
 On-policy (TreeRL-style, §3.1) samples a batch, scores it, and makes a second call for its
 continuations, all with the same weights. Every random choice is seeded from (seed, call
@@ -25,10 +28,11 @@ controller, pending batches) is checkpointed, so N steps equal N/2 steps + resum
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -46,6 +50,7 @@ from attnrl.rollout.engine import (
     SamplingParams,
     submit_generation,
 )
+from attnrl.rollout.scoring import ScoringSpec
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
@@ -61,8 +66,8 @@ from attnrl.training.rollouts import (
     trainable_trees,
     training_sequences,
 )
-from attnrl.training.trainer import PolicyTrainer, TrainSequence
-from attnrl.tree import TrainingPath
+from attnrl.training.trainer import ScoredSequence, Trainer, TrainSequence
+from attnrl.tree import QuestionTree, TrainingPath
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -93,7 +98,7 @@ class LoopState:
 
 
 class RLLoop:
-    """Runs training steps over a ``RolloutEngine`` and a ``PolicyTrainer``."""
+    """Runs training steps over a ``RolloutEngine`` and a ``Trainer`` (in this process or a rank group)."""
 
     def __init__(
         self,
@@ -101,7 +106,7 @@ class RLLoop:
         *,
         problems: list[Problem],
         engine: RolloutEngine,
-        trainer: PolicyTrainer,
+        trainer: Trainer,
         tokenizer: PreTrainedTokenizerBase,
         verifier: Verifier,
         phases: PhaseRunner = run_directly,
@@ -122,13 +127,20 @@ class RLLoop:
         self.easy_mean = RunningMean()
         self.controller = BatchSizeController.from_config(config.algorithm, n=config.rollout.sampling.n)
         self.state = LoopState()
+        self._weights_changed = False
         self._prompt_ids: dict[str, tuple[int, ...]] = {}
         sampling = config.rollout.sampling
         self.params = SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens
         )
-        # FCI costs a blocked attention pass; only compute it when something reads it.
-        self.with_fci = self.algorithm.branching == "fci" or self.algorithm.easy_filter != "off"
+        self.with_fci = needs_fci(config)
+        self.engine_scores = engine_scores(config)
+        # Colocated placement: the engines share each GPU with a trainer rank and sleep (free their
+        # memory) whenever the trainer works; engines without a sleep mode stay as they are.
+        self.colocated = config.distributed.enabled and config.distributed.placement == "colocated"
+        if self.engine_scores and not callable(getattr(engine, "submit_scored", None)):
+            raise ValueError("distributed.overlap: this engine cannot score what it generates (needs a Ray pool "
+                             "built with the loop's scoring_spec)")
 
     # -- state
 
@@ -157,6 +169,8 @@ class RLLoop:
             if stats is None:  # a bootstrapping call of the off-policy pipeline: no update yet
                 continue
             stats["step_time_s"] = time.perf_counter() - started
+            if (replaced := getattr(self.engine, "replaced_actors", None)) is not None:
+                stats["engines_replaced"] = float(replaced)  # over the run so far: a pool replaces dead engines
             self.state.metrics.append(stats)
             if on_step is not None:
                 on_step(stats)
@@ -177,15 +191,24 @@ class RLLoop:
             out.append(self._prompt_ids[problem.uid])
         return out
 
-    def _submit(self, *parts: list[GenerationRequest]) -> list[PendingGeneration]:
-        """One generation round (one ``generation_calls`` tick), each part submitted with its own seed."""
+    def _submit(self, *parts: list[GenerationRequest], scored: int | None = None) -> list[PendingGeneration]:
+        """One generation round (one ``generation_calls`` tick), each part submitted with its own seed;
+        part ``scored`` is also scored by the engines (``submit_scored``)."""
+        call = self._next_round()
+        return [self._submit_part(call, i, requests, scored=i == scored) for i, requests in enumerate(parts)]
+
+    def _next_round(self) -> int:
         call = self.state.generation_calls
         self.state.generation_calls += 1
-        return [
-            submit_generation(self.engine, requests, self.params, derive_seed(self.config.seed, "generate", call, i))
-            if requests else FinishedGeneration([])
-            for i, requests in enumerate(parts)
-        ]
+        return call
+
+    def _submit_part(self, call: int, part: int, requests: list[GenerationRequest], *,
+                     scored: bool = False) -> PendingGeneration:
+        """Part ``part`` of round ``call``: its seed depends on both only, whenever it is submitted."""
+        seed = derive_seed(self.config.seed, "generate", call, part)
+        if scored:
+            return self.engine.submit_scored(requests, self.params, seed) if requests else NothingScored()
+        return submit_generation(self.engine, requests, self.params, seed) if requests else FinishedGeneration([])
 
     def _collect(self, pending: PendingGeneration) -> list[list[Completion]]:
         out = pending.result()
@@ -199,7 +222,8 @@ class RLLoop:
         n = self.config.rollout.sampling.n
         return [GenerationRequest(ids, n=n, group=p.uid) for p, ids in zip(problems, self._prompts(problems), strict=True)]
 
-    def _score(self, problems: list[Problem], completions: list[list[Completion]]) -> list[ScoredQuestion]:
+    def _score(self, problems: list[Problem], completions: list[list[Completion]],
+               scores: list[list[ScoredSequence | None]] | None = None) -> list[ScoredQuestion]:
         return score_initial(
             problems,
             self._prompts(problems),
@@ -209,6 +233,7 @@ class RLLoop:
             verifier=self.verifier,
             vocab=self.vocab,
             with_fci=self.with_fci,
+            engine_scores=scores,
         )
 
     def _plan(self, batch: list[ScoredQuestion]) -> tuple[list[ExpansionPlan], list[BranchPoint]]:
@@ -232,13 +257,47 @@ class RLLoop:
         next_prompts = self.sampler.take(self._batch_size())
         plans, points = self._plan(current) if current else ([], [])
         tokens_before = state.generated_tokens
-        # Continuations first: they are needed last, so they generate while D is scored.
-        mc, initial = self.phases("generate", lambda: self._submit(
-            self._continuation_requests(current or [], points), self._initial_requests(upcoming)))
-        scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
+        continuations, initial_requests = self._continuation_requests(current or [], points), self._initial_requests(upcoming)
         stats = None
-        if current:
-            stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc)))
+        if self.engine_scores:
+            # The engines generate C's continuations, then compute their behaviour log-probs while the
+            # trainer runs the reference pass, then generate and score D with θ_k while the trainer updates
+            # on C; the new weights go out once D is scored (the engines must score it with θ_k).
+            call = self._next_round()
+            mc = self._submit_part(call, 0, continuations)
+            submitted: list[PendingGeneration] = []
+
+            def behaviour(prefixes: list[tuple[int, ...]], tokens: list[tuple[int, ...]]) -> Callable[[], list]:
+                pending = self.engine.submit_logprobs(prefixes, tokens) if tokens else FinishedGeneration([])
+                submitted.append(self._submit_part(call, 1, initial_requests, scored=True))
+                return pending.result
+
+            if current:
+                stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc),
+                                                                  push=False, behaviour=behaviour))
+            else:
+                behaviour([], [])
+            initial = submitted[0]
+            scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial), initial.scores()))
+            if current:
+                self.phases("sync-weights", self._push_weights)
+        elif self.colocated:
+            # The engines finish the round, then sleep while the trainer scores D and updates on C.
+            mc, initial = self.phases("generate", lambda: self._generated(
+                self._submit(continuations, initial_requests)))
+            with self._engines_asleep():
+                scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
+                if current:
+                    stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc),
+                                                                      push=False))
+            self._push_weights()
+        else:
+            # Continuations first: they are needed last, so they generate while D is scored.
+            mc, initial = self.phases("generate", lambda: self._submit(continuations, initial_requests))
+            scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
+            if current:
+                stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc)))
+        if stats is not None:
             stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
             stats["prompt_batch_size"] = float(len(current))
         state.pending_scored, state.pending_prompts = scored_next, next_prompts
@@ -249,14 +308,49 @@ class RLLoop:
         tokens_before = state.generated_tokens
         problems = self.sampler.take(self._batch_size())
         completions = self.phases("generate", lambda: self._generate(self._initial_requests(problems)))
-        scored = self.phases("score", lambda: self._score(problems, completions))
+        with self._engines_asleep():
+            scored = self.phases("score", lambda: self._score(problems, completions))
         plans, points = self._plan(scored)
         continuations = self.phases(
             "generate-continuations", lambda: self._generate(self._continuation_requests(scored, points)))
-        stats = self.phases("update", lambda: self._train(scored, plans, points, continuations))
+        with self._engines_asleep():
+            stats = self.phases("update", lambda: self._train(scored, plans, points, continuations, push=False))
+        self._push_weights()
         stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
         stats["prompt_batch_size"] = float(len(problems))
         return stats
+
+    @contextlib.contextmanager
+    def _engines_asleep(self) -> Iterator[None]:
+        """Colocated placement: the engines free their GPU memory for the trainer's passes (vLLM's sleep
+        mode; a no-op for engines without one) and wake before the next push or generation."""
+        if not self.colocated:
+            yield
+            return
+        self.engine.sleep()
+        try:
+            yield
+        finally:
+            self.engine.wake()
+
+    @staticmethod
+    def _generated(pending: list[PendingGeneration]) -> list[PendingGeneration]:
+        """Wait until every part of a round is back (``result()`` keeps it for the collector)."""
+        for part in pending:
+            part.result()
+        return pending
+
+    def _reference_logprobs(self, sequences: list[TrainSequence]) -> list[tuple[float, ...]] | None:
+        """The frozen reference's log-probs of the paths (spec §11 KL term); None when the KL is off."""
+        if self.algorithm.kl_coef <= 0 or not sequences:
+            return None
+        return self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences],
+                                     reference=True)
+
+    def _push_weights(self) -> None:
+        if self._weights_changed:
+            self.trainer.push_weights(self.engine)
+            self._weights_changed = False
 
     def _train(
         self,
@@ -264,30 +358,56 @@ class RLLoop:
         plans: list[ExpansionPlan],
         points: list[BranchPoint],
         continuations: list[list[Completion]],
+        *,
+        push: bool = True,
+        behaviour: Callable[[list[tuple[int, ...]], list[tuple[int, ...]]], Callable[[], list]] | None = None,
     ) -> dict[str, float]:
+        """Trees, the update, and (``push``) the new weights to the engines.
+
+        ``behaviour(prefixes, continuations)`` starts the continuations' behaviour log-prob pass on the
+        engines, which hold the policy that sampled them, and returns how to collect it; the trainer runs
+        the reference pass meanwhile, which needs only the paths' tokens (split placement, overlap).
+        Without it the trainer computes both, one after the other."""
         # An empty continuation (out-of-vocabulary first id, spec §5.4) adds no leaf to its tree.
         continuations = [[c for c in group if c.token_ids] for group in continuations]
         flat = [(p, c) for p, group in zip(points, continuations, strict=True) for c in group]
         prefixes = [batch[p.question].prompt_ids + batch[p.question].responses[p.response].token_ids[: p.offset] for p, _ in flat]
-        texts = [decode_response(self.tokenizer, c.token_ids) for _, c in flat]
+        tokens = [c.token_ids for _, c in flat]
+        texts = [decode_response(self.tokenizer, t) for t in tokens]
         # The verifier sees the continuation only (spec §8: MC samples decode continuation tokens).
         mc_rewards = self.verifier.score_batch(
             [(text, batch[p.question].problem.answers) for (p, _), text in zip(flat, texts, strict=True)]
         )
-        # Behaviour log-probs of continuation tokens: a fresh forward with the current policy,
-        # which sampled them; prefix tokens keep their stored values (spec §10.2).
-        mc_logprobs = self.trainer.logprobs(prefixes, [c.token_ids for _, c in flat]) if flat else []
-        built = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
-        trees, dropped_zero = trainable_trees(built, self.algorithm)
+        prompt_of = {sq.problem.uid: sq.prompt_ids for sq in batch}
+
+        def paths(mc_logprobs: Sequence[tuple[float, ...]]) -> tuple[list[QuestionTree], list[QuestionTree], int]:
+            built = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
+            return built, *trainable_trees(built, self.algorithm)
+
+        # Behaviour log-probs of continuation tokens: a fresh forward with the current policy, which
+        # sampled them; prefix tokens keep their stored values (spec §10.2).
+        refs = None
+        if behaviour is None:
+            mc_logprobs = self.trainer.logprobs(prefixes, tokens) if flat else []
+        else:
+            collect = behaviour(prefixes, tokens)
+            # Which paths are trained on depends on the rewards alone; their log-probs are placeholders here.
+            _, provisional, _ = paths([(0.0,) * len(t) for t in tokens])
+            refs = self._reference_logprobs(training_sequences(provisional, prompt_of))
+            mc_logprobs = collect()
+        built, trees, dropped_zero = paths(mc_logprobs)
         if self.check_batch is not None:  # before anything is trained on it
             self.check_batch(self.state.step + 1, [path for tree in trees for path in tree.paths])
-        sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in batch})
-        if self.algorithm.kl_coef > 0 and sequences:
-            refs = self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], reference=True)
-            sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r) for s, r in zip(sequences, refs, strict=True)]
+        sequences = training_sequences(trees, prompt_of)
+        if refs is None:
+            refs = self._reference_logprobs(sequences)
+        if refs is not None:
+            sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
+                         for s, r in zip(sequences, refs, strict=True)]
         update = self.trainer.update(sequences)
-        if sequences:
-            self.engine.update_weights(self.trainer.policy_state())
+        self._weights_changed = bool(sequences)
+        if push:
+            self._push_weights()
         self.state.step += 1
         if self.algorithm.adaptive_batch:
             self.controller.next_size(len(sequences))
@@ -305,3 +425,32 @@ class RLLoop:
             continuations_per_point=self.algorithm.continuations_per_branch,
             total_generated=self.state.generated_tokens,
         )
+
+
+class NothingScored(FinishedGeneration):
+    """An empty scored submission."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def scores(self) -> list[list[ScoredSequence | None]]:
+        return []
+
+
+def engine_scores(config: RunConfig) -> bool:
+    """Whether the engines score the next batch during the update (split placement, spec §3.2 overlap)."""
+    d = config.distributed
+    return d.enabled and d.placement == "split" and d.overlap and config.algorithm.off_policy
+
+
+def scoring_spec(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ScoringSpec:
+    return ScoringSpec(
+        algorithm=config.algorithm, train=config.train, temperature=config.rollout.sampling.temperature,
+        pad_token_id=tokenizer.pad_token_id, separators=SeparatorVocab.from_tokenizer(tokenizer),
+        with_fci=needs_fci(config),
+    )
+
+
+def needs_fci(config: RunConfig) -> bool:
+    """FCI costs a blocked attention pass: compute it only when branching or the easy filter reads it."""
+    return config.algorithm.branching == "fci" or config.algorithm.easy_filter != "off"

@@ -22,7 +22,7 @@ from attnrl.rollout.prompts import decode_response
 from attnrl.sampling import ExpansionPlan, RunningMean, plan_batch, response_mean_fci
 from attnrl.steps import SeparatorVocab, StepSegmentation, segment_response
 from attnrl.tree import Continuation, InitialResponse, QuestionTree, filter_zero_advantage_questions
-from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from attnrl.training.trainer import ScoredSequence, Trainer, TrainSequence
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,17 @@ def score_initial(
     prompt_ids: Sequence[tuple[int, ...]],
     completions: Sequence[Sequence[Completion]],
     *,
-    trainer: PolicyTrainer,
+    trainer: Trainer,
     tokenizer: PreTrainedTokenizerBase,
     verifier: Verifier,
     vocab: SeparatorVocab,
     with_fci: bool,
+    engine_scores: Sequence[Sequence[ScoredSequence | None]] | None = None,
 ) -> list[ScoredQuestion]:
     """Reward, segment and score (log-probs, entropies, FCI in one forward) the initial samples.
+
+    ``engine_scores`` are scores the engines already computed with the weights that sampled the
+    completions (``attnrl.rollout.scoring``); without them the trainer scores here.
 
     A sample the engine returned empty (its first id was out of the vocabulary, spec §5.4) has no
     step to score, branch or train: it is left out, and so is a question left with no sample.
@@ -76,9 +80,12 @@ def score_initial(
     texts = [decode_response(tokenizer, c.token_ids) for _, c in flat]
     rewards = verifier.score_batch([(text, problems[q].answers) for (q, _), text in zip(flat, texts, strict=True)])
     segmentations = [segment_response(c.token_ids, len(prompt_ids[q]), vocab) for q, c in flat]
-    scored = trainer.score(
-        [prompt_ids[q] for q, _ in flat], [c.token_ids for _, c in flat], segmentations if with_fci else None
-    )
+    if engine_scores is not None:
+        scored = [s for group in engine_scores for s in group if s is not None]
+    else:
+        scored = trainer.score(
+            [prompt_ids[q] for q, _ in flat], [c.token_ids for _, c in flat], segmentations if with_fci else None
+        )
     grouped: list[list[ScoredResponse]] = [[] for _ in problems]
     for (q, completion), reward, segmentation, score in zip(flat, rewards, segmentations, scored, strict=True):
         grouped[q].append(

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
@@ -28,9 +28,10 @@ from transformers import PreTrainedModel
 from attnrl.errors import ConfigError
 from attnrl.fci import FCICollector
 from attnrl.loss import Normaliser, policy_objective
+from attnrl.rollout.engine import RolloutEngine
 from attnrl.steps import StepSegmentation
 from attnrl.training.backend import OptimizerBackend
-from attnrl.training.chunked_head import ResponseScorer
+from attnrl.training.chunked_head import ResponseScorer, head_calls
 from attnrl.training.micro_batches import token_budget_batches
 from attnrl.training.sequences import (
     ModelBatch,
@@ -74,6 +75,55 @@ class TrainSequence:
     ref_logprobs: tuple[float, ...] | None = None
 
 
+@dataclass(frozen=True)
+class MiniBatch:
+    """One optimizer step's sequences on this process, and the denominators of the whole mini-batch.
+
+    In one process these are the whole mini-batch and ``Normaliser.of`` its lengths. A rank of a
+    data-parallel group holds its share; its normaliser is the whole mini-batch's, divided by the
+    world size, because the ranks' gradients are averaged (``infra/trainer_group.py``).
+    """
+
+    sequences: tuple[TrainSequence, ...]
+    normaliser: Normaliser
+
+
+def mini_batches(sequences: Sequence[TrainSequence], size: int) -> list[MiniBatch]:
+    """Consecutive mini-batches of ``size`` sequences (spec §11: one epoch, no shuffling)."""
+    out = []
+    for start in range(0, len(sequences), size):
+        chunk = tuple(sequences[start : start + size])
+        out.append(MiniBatch(chunk, Normaliser.of([len(s.response_ids) for s in chunk])))
+    return out
+
+
+# The element-wise maximum over the ranks of this rank's counts. Ranks of a DeepSpeed group must run
+# the same number of forwards (ZeRO-3 gathers parameters in each), backwards (gradients are reduced
+# in them) and LM-head calls per forward (the head's weights are gathered in each), so a rank with
+# fewer runs empty ones. One process: its own counts.
+Lockstep = Callable[[list[int]], list[int]]
+
+
+def solo(counts: list[int]) -> list[int]:
+    return counts
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What ``RLLoop`` needs from a trainer: ``PolicyTrainer`` in one process, or a ``TrainerGroup`` of
+    ranks (``infra/trainer_group.py``)."""
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              segmentations: Sequence[StepSegmentation] | None = None) -> list[ScoredSequence]: ...
+
+    def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+                 reference: bool = False) -> list[tuple[float, ...]]: ...
+
+    def update(self, sequences: Sequence[TrainSequence]) -> dict[str, float]: ...
+
+    def push_weights(self, engine: RolloutEngine) -> None: ...
+
+
 def uses_padding_free(packing: str, attn_implementation: str) -> bool:
     """Whether a pass on this attention implementation lays micro-batches out padding-free (``train.packing``)."""
     if packing == "left_padded":
@@ -108,8 +158,10 @@ class PolicyTrainer:
         train: TrainConfig,
         temperature: float,
         autocast: torch.dtype | None = None,
+        lockstep: Lockstep = solo,
     ) -> None:
         self.model = model
+        self.lockstep = lockstep
         self.backend = backend
         self.pad_token_id = pad_token_id
         self.algorithm = algorithm
@@ -143,8 +195,10 @@ class PolicyTrainer:
 
     def _micro_batches(
         self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], attn_implementation: str
-    ) -> list[tuple[range, ModelBatch]]:
-        """Consecutive token-budget micro-batches, each laid out for the pass's attention implementation."""
+    ) -> list[tuple[range, ModelBatch, int | None]]:
+        """Consecutive token-budget micro-batches, each laid out for the pass's attention implementation,
+        then empty ones (``range(0)``, one pad token) up to the count every rank runs, each with the number
+        of LM-head calls every rank makes in it (``lockstep``; None in one process: as many as it needs)."""
         packed = uses_padding_free(self.train_config.packing, attn_implementation)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
         out = []
@@ -152,12 +206,19 @@ class PolicyTrainer:
             ps, rs = [prompts[i] for i in chunk], [responses[i] for i in chunk]
             batch = padding_free(ps, rs) if packed else left_padded(ps, rs, self.pad_token_id)
             out.append((chunk, batch.to(self.device)))
-        return out
+        if self.lockstep is solo:
+            return [(chunk, batch, None) for chunk, batch in out]
+        [count] = self.lockstep([len(out)])
+        filler = left_padded([[self.pad_token_id]], [[self.pad_token_id]], self.pad_token_id).to(self.device)
+        out += [(range(0), filler)] * (count - len(out))
+        calls = self.lockstep([head_calls(sum(b.response_lengths), self.train_config.logits_chunk_tokens)
+                               for _, b in out])
+        return [(chunk, batch, n) for (chunk, batch), n in zip(out, calls, strict=True)]
 
-    def _run(self, scorer: torch.nn.Module, batch: ModelBatch, *, with_entropy: bool):
+    def _run(self, scorer: torch.nn.Module, batch: ModelBatch, *, with_entropy: bool, head_calls: int | None):
         with self._precision():
             return scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.logit_index, batch.targets,
-                          temperature=self.temperature, with_entropy=with_entropy)
+                          temperature=self.temperature, with_entropy=with_entropy, head_calls=head_calls)
 
     @torch.no_grad()
     def score(
@@ -170,7 +231,10 @@ class PolicyTrainer:
         self.model.eval()
         implementation = FCI_KERNEL if segmentations is not None else self.model.config._attn_implementation
         scored: list[ScoredSequence] = []
-        for chunk, batch in self._micro_batches(prompts, responses, implementation):
+        for chunk, batch, calls in self._micro_batches(prompts, responses, implementation):
+            if not chunk:  # lockstep filler: the forward only keeps the ranks' collectives in step
+                self._run(self.scorer, batch, with_entropy=False, head_calls=calls)
+                continue
             fci = None
             if segmentations is not None:
                 with FCICollector(
@@ -180,13 +244,13 @@ class PolicyTrainer:
                     aggregation=self.algorithm.step_attention,
                     spans=batch.spans,
                 ) as collector:
-                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True)
+                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls)
                 fci = collector.scores(
                     mask_first_step=self.algorithm.fci_mask_first_step,
                     mask_after_think=self.algorithm.fci_mask_after_think,
                 )
             else:
-                logprobs, entropies = self._run(self.scorer, batch, with_entropy=True)
+                logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls)
             rows = zip(split_flat(logprobs, batch.response_lengths), split_flat(entropies, batch.response_lengths))
             for j, (lp, ent) in enumerate(rows):
                 scored.append(ScoredSequence(lp, ent, None if fci is None else tuple(fci[j].tolist())))
@@ -202,40 +266,47 @@ class PolicyTrainer:
             raise ValueError("no reference model: algorithm.kl_coef is 0")
         scorer.lm.eval()
         out: list[tuple[float, ...]] = []
-        for _, batch in self._micro_batches(prompts, responses, scorer.lm.config._attn_implementation):
-            values, _ = self._run(scorer, batch, with_entropy=False)
-            out.extend(split_flat(values, batch.response_lengths))
+        for chunk, batch, calls in self._micro_batches(prompts, responses, scorer.lm.config._attn_implementation):
+            values, _ = self._run(scorer, batch, with_entropy=False, head_calls=calls)
+            if chunk:  # else a lockstep filler
+                out.extend(split_flat(values, batch.response_lengths))
         return out
 
     def update(self, sequences: Sequence[TrainSequence]) -> dict[str, float]:
         """One PPO epoch over ``sequences`` in order (spec §11: no shuffling); mean stats per optimizer step."""
-        if not sequences:
+        return self.train_mini_batches(mini_batches(sequences, self.train_config.mini_batch_sequences))
+
+    def train_mini_batches(self, batches: Sequence[MiniBatch]) -> dict[str, float]:
+        """One optimizer step per mini-batch; a rank's share may be empty (it still steps, in lockstep)."""
+        if not batches:
             return {}
         if self.backend is None:
             raise ValueError("this trainer only scores: it was built without an optimizer backend")
         self.model.train()
         totals: dict[str, float] = defaultdict(float)
-        steps = 0
-        mini = self.train_config.mini_batch_sequences
         implementation = self.model.config._attn_implementation
-        for start in range(0, len(sequences), mini):
-            minibatch = sequences[start : start + mini]
-            normaliser = Normaliser.of([len(s.response_ids) for s in minibatch])
-            micro = self._micro_batches([s.prompt_ids for s in minibatch], [s.response_ids for s in minibatch],
-                                        implementation)
-            for k, (chunk, batch) in enumerate(micro):
-                stats = self._micro_step([minibatch[i] for i in chunk], batch, normaliser, boundary=k == len(micro) - 1)
+        for minibatch in batches:
+            seqs = minibatch.sequences
+            micro = self._micro_batches([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], implementation)
+            for k, (chunk, batch, calls) in enumerate(micro):
+                stats = self._micro_step([seqs[i] for i in chunk], batch, minibatch.normaliser,
+                                         boundary=k == len(micro) - 1, head_calls=calls)
                 for key, value in stats.items():
                     totals[key] += value  # each is this micro-batch's share of the mini-batch value
             totals["grad_norm"] += self.backend.step()
-            steps += 1
         self.model.eval()
+        steps = len(batches)
         return {key: value / steps for key, value in totals.items()} | {"optimizer_steps": float(steps)}
 
     def _micro_step(
-        self, sequences: Sequence[TrainSequence], batch: ModelBatch, normaliser: Normaliser, *, boundary: bool
+        self, sequences: Sequence[TrainSequence], batch: ModelBatch, normaliser: Normaliser, *, boundary: bool,
+        head_calls: int | None,
     ) -> dict[str, float]:
-        logprobs, entropy = self._run(self.backend.module, batch, with_entropy=self.algorithm.entropy_coef > 0)
+        logprobs, entropy = self._run(self.backend.module, batch, with_entropy=self.algorithm.entropy_coef > 0,
+                                      head_calls=head_calls)
+        if not sequences:  # lockstep filler: a zero loss whose backward takes part in the gradient reduction
+            self.backend.backward(logprobs.sum() * 0.0, boundary=boundary)
+            return {}
         mask = response_mask(batch.response_lengths).to(self.device)
         width = mask.shape[1]
 
@@ -255,6 +326,10 @@ class PolicyTrainer:
         )
         self.backend.backward(loss, boundary=boundary)
         return stats
+
+    def push_weights(self, engine: RolloutEngine) -> None:
+        """Send the updated policy to the rollout engine (after every update, spec §3.2)."""
+        engine.update_weights(self.policy_state())
 
     def policy_state(self) -> dict[str, torch.Tensor]:
         """Weights to push to the rollout engine after an update: the full state dict, Hugging Face names

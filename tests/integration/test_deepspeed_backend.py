@@ -13,7 +13,7 @@ import torch
 from attnrl.config import resolve_config
 from attnrl.model.loading import load_policy
 from attnrl.training.backend import build_backend
-from attnrl.training.checkpoint import load_backend_state, save_checkpoint
+from attnrl.training.checkpoint import load_backend_state, save_checkpoint, trainer_state
 from attnrl.training.loop import LoopState
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
 
@@ -108,8 +108,8 @@ def test_zero_stage_trains_like_adamw_and_resumes_exactly(tiny_policy, plain_ada
     trainer.backend.step = type(trainer.backend).step.__get__(trainer.backend)
 
     # save → load into a fresh process-like setup → continue, against continuing without interruption.
-    checkpoint = save_checkpoint(tmp_path, step=1, model=trainer.model, weights=trainer.policy_state(),
-                                 tokenizer=tokenizer, backend=trainer.backend, loop_state=LoopState(), keep=1)
+    checkpoint = save_checkpoint(tmp_path, step=1, state=trainer_state(trainer.model, trainer.policy_state(), tokenizer,
+                                 trainer.backend), loop_state=LoopState(), keep=1)
     trainer.update(sequences)
     uninterrupted = _snapshot(trainer)
     resumed_model = load_policy(checkpoint / "model", dtype="float32").model
@@ -161,8 +161,8 @@ def test_bf16_keeps_fp32_master_weights_across_a_resume(tiny_policy, stage, tmp_
     sequences = _sequences(trainer)
     trainer.update(sequences)
     assert next(iter(trainer.policy_state().values())).dtype is torch.bfloat16
-    checkpoint = save_checkpoint(tmp_path, step=1, model=trainer.model, weights=trainer.policy_state(),
-                                 tokenizer=tokenizer, backend=trainer.backend, loop_state=LoopState(), keep=1)
+    checkpoint = save_checkpoint(tmp_path, step=1, state=trainer_state(trainer.model, trainer.policy_state(), tokenizer,
+                                 trainer.backend), loop_state=LoopState(), keep=1)
     for _ in range(2):
         trainer.update(sequences)
     resumed = _trainer(load_policy(checkpoint / "model", dtype="float32").model, tokenizer, config)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOL = "attnrl-process"
 SCHEDULED = {("pipeline", "pipeline-nightly"): "0 2 * * *", ("evaluate-latest", "evaluate-latest"): "0 */6 * * *"}
-ON_DEMAND = {("train", "train-on-demand"), ("prepare", "prepare-on-demand")}
+ON_DEMAND = {("train", "train-on-demand"), ("train", "train-on-ray-cluster"), ("prepare", "prepare-on-demand")}
 
 
 def _free_port() -> int:
@@ -118,6 +118,10 @@ def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server
         ]
     assert deployments[("pipeline", "pipeline-nightly")]["entrypoint"] == "flows/pipeline.py:pipeline"
     assert deployments[("evaluate-latest", "evaluate-latest")]["entrypoint"] == "flows/evaluate_latest.py:evaluate_latest"
+    # The cluster run: its driver finds the Ray cluster through the job variable, its layout in the overrides.
+    cluster = deployments[("train", "train-on-ray-cluster")]
+    assert cluster["job_variables"]["env"] == {"RAY_ADDRESS": "auto"}
+    assert "distributed.enabled=true" in cluster["parameters"]["overrides"]
     pool = httpx.get(f"{api_url}/work_pools/{POOL}").json()
     assert pool["type"] == "process"
 

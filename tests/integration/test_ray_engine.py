@@ -134,8 +134,8 @@ class KillOnceDuringGenerate(RayRolloutPool):
 
     killed = False
 
-    def _submit(self, index, requests, params, seed, keys):
-        ref = super()._submit(index, requests, params, seed, keys)
+    def _submit(self, index, requests, params, seed, keys, scored):
+        ref = super()._submit(index, requests, params, seed, keys, scored)
         if not self.killed and index == 0:
             type(self).killed = True
             ray.kill(self.actors[0], no_restart=True)

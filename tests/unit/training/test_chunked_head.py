@@ -82,3 +82,28 @@ def test_heads_that_transform_their_logits_are_refused(tiny_policy):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         ResponseScorer(model, 16)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_fixed_number_of_head_calls_adds_empty_calls_and_changes_nothing(grad):
+    # Data-parallel ranks under ZeRO-3 gather the head in every call: they agree on a count (trainer lockstep).
+    from attnrl.training.chunked_head import chunked_token_stats, head_calls
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    calls: list[int] = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    hidden, targets = torch.randn(7, 8, requires_grad=grad), torch.randint(0, 11, (7,))
+    with torch.set_grad_enabled(grad):
+        plain = chunked_token_stats(head, hidden, targets, temperature=0.7, chunk_tokens=3, with_entropy=True)
+        assert calls == [3, 3, 1] and head_calls(7, 3) == 3
+        calls.clear()
+        padded = chunked_token_stats(head, hidden, targets, temperature=0.7, chunk_tokens=3, with_entropy=True, calls=5)
+    assert calls == [3, 3, 1, 0, 0]
+    assert torch.equal(plain[0], padded[0]) and torch.equal(plain[1], padded[1])
+    if grad:  # the empty calls are part of the graph: their recompute gathers in the backward as well
+        calls.clear()
+        padded[0].sum().backward()
+        assert calls == [0, 0, 1, 3, 3]  # recomputed in reverse order, the empty calls included
+    with pytest.raises(ValueError, match="need 3 head calls"):
+        chunked_token_stats(head, hidden, targets, temperature=0.7, chunk_tokens=3, with_entropy=False, calls=2)

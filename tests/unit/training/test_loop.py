@@ -153,3 +153,57 @@ def test_empty_completions_are_left_out_of_scoring_trees_and_training(tiny_polic
         assert len(loop.run(2)) == 2, method
         if loop.state.pending_scored:  # the off-policy loop's next batch: no empty response kept
             assert all(r.token_ids for q in loop.state.pending_scored for r in q.responses)
+
+
+class SleepingEngine(CountingEngine):
+    """Records generation, sleep/wake and weight loads in order (what colocated engines are asked to do)."""
+
+    def __init__(self, *args, events: list[str], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def generate(self, requests, params, seed):
+        self.events.append("generate")
+        return super().generate(requests, params, seed)
+
+    def sleep(self):
+        self.events.append("sleep")
+
+    def wake(self):
+        self.events.append("wake")
+
+    def update_weights(self, state_dict):
+        self.events.append("weights")
+        super().update_weights(state_dict)
+
+
+def _colocated_loop(tiny_policy, method, events):
+    loop, engine = _loop(tiny_policy, method)
+    loop.colocated = True  # what distributed.enabled + placement=colocated set (a unit test runs it in-process)
+    model, tokenizer = tiny_policy
+    sleeping = SleepingEngine(copy.deepcopy(model), pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, phases=engine.phases, events=events)
+    loop.engine = sleeping
+    for name in ("score", "update", "logprobs"):
+        work = getattr(loop.trainer, name)
+        setattr(loop.trainer, name, lambda *a, _work=work, _name=name, **k: (events.append(_name), _work(*a, **k))[1])
+    return loop
+
+
+def test_colocated_engines_sleep_whenever_the_trainer_works(tiny_policy):
+    for method, steps in (("attnrl", 2), ("treerl", 1)):
+        events: list[str] = []
+        loop = _colocated_loop(tiny_policy, method, events)
+        metrics = loop.run(steps)
+        asleep = False
+        for event in events:
+            if event in ("sleep", "wake"):
+                assert asleep == (event == "wake"), (method, events)
+                asleep = event == "sleep"
+            elif event in ("generate", "weights"):
+                assert not asleep, f"{method}: the engines {event} while asleep: {events}"
+            else:
+                assert asleep, f"{method}: the trainer ran {event} beside awake engines: {events}"
+        assert not asleep and events.count("sleep") >= steps, (method, events)
+        # New weights are pushed (awake) after every step that trained on something.
+        assert events.count("weights") == sum(m["train_sequences"] > 0 for m in metrics), (method, events)

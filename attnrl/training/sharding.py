@@ -1,0 +1,56 @@
+"""Splitting a training batch over data-parallel ranks (spec §11).
+
+* ``pad_to_world``: the batch is padded to a multiple of the world size with copies of its last
+  sequence whose advantages are zero (verl's ``crop_or_pad_training_batch``). A copy adds nothing
+  to the policy-gradient term and still counts in the KL term and in the token count.
+* ``shard_mini_batches``: the padded batch is cut into the same consecutive mini-batches a single
+  process would use, and each mini-batch is split over the ranks balanced by tokens, so the
+  ranks' averaged gradient is the single process's, step for step.
+* ``shard_by_tokens``: a balanced split of any list of sequences (scoring passes), order kept
+  within each shard.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+from attnrl.training.trainer import MiniBatch, TrainSequence, mini_batches
+
+
+def pad_to_world(sequences: Sequence[TrainSequence], world_size: int) -> list[TrainSequence]:
+    """``sequences`` plus zero-advantage copies of the last one up to a multiple of ``world_size``."""
+    missing = -len(sequences) % world_size
+    if not sequences or not missing:
+        return list(sequences)
+    last = sequences[-1]
+    copy = TrainSequence(last.prompt_ids, last.response_ids, last.old_logprobs, (0.0,) * len(last.advantages),
+                         last.ref_logprobs)
+    return [*sequences, *([copy] * missing)]
+
+
+def shard_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Indices per rank: longest first onto the least-loaded rank (ties: the lower rank), then each
+    shard back in the original order. Every rank gets one while there are at least as many as ranks."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [(0, rank) for rank in range(world_size)]
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, rank = heapq.heappop(loads)
+        shards[rank].append(index)
+        # An empty rank goes first: a count of zero is the one imbalance the lockstep fillers pay for.
+        heapq.heappush(loads, (load + lengths[index], rank))
+    return [sorted(shard) for shard in shards]
+
+
+def shard_mini_batches(sequences: Sequence[TrainSequence], size: int, world_size: int) -> list[list[MiniBatch]]:
+    """Per rank, its share of every mini-batch of ``size`` sequences, with the whole mini-batch's
+    normaliser divided by the world size (``Normaliser.per_rank``)."""
+    per_rank: list[list[MiniBatch]] = [[] for _ in range(world_size)]
+    for batch in mini_batches(sequences, size):
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences]
+        normaliser = batch.normaliser.per_rank(world_size)
+        for rank, indices in enumerate(shard_by_tokens(lengths, world_size)):
+            per_rank[rank].append(MiniBatch(tuple(batch.sequences[i] for i in indices), normaliser))
+    return per_rank

@@ -1,0 +1,151 @@
+"""The TrainerGroup on CPU: 2 gloo ranks as Ray actors train like the single-process trainer at ZeRO 0, 2
+and 3 (the batch split over the ranks by tokens, lockstep micro-batches, spec §11 padding) and score like
+it. A rank that dies mid-run: tests/integration/test_distributed_training.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+import torch
+
+from attnrl.config import resolve_config
+from attnrl.model.loading import load_policy, save_policy
+from attnrl.steps import SeparatorVocab, segment_response
+from attnrl.training.backend import build_backend
+from attnrl.training.sharding import pad_to_world
+from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from infra.placement import place
+from infra.trainer_group import TrainerGroup
+
+LR = 1e-2
+# The single process and the group sum the same per-token terms in other orders (micro-batches split
+# differently, gloo's all-reduce, ZeRO-3's flat partitions): gradients agree to float noise, which the
+# pre-clip gradient norms show (rel 1e-5; they scale with the loss, so a normalisation error shows there).
+# AdamW divides each element by its own running magnitude (+ eps 1e-8), so an element whose true gradient
+# is ~0 turns noise of 1e-12–1e-10 into updates of 1e-4–1e-2·lr; over the two steps here the weights
+# differ by up to 2.5e-3·lr (measured at ZeRO-0) and are held to 5e-3 of one step's size. A lost or
+# doubled shard moves many elements by O(lr).
+UPDATE_ATOL = 5e-3 * LR
+SCORE_ATOL = 1e-5  # forwards of the same weights over other micro-batch layouts
+
+
+def _config(stage: int, *extra: str):
+    return resolve_config(preset="tiny", overrides=[
+        "distributed.enabled=true", "distributed.trainer_ranks=2", "rollout.ray.num_actors=1",
+        "train.backend=deepspeed", f"train.zero_stage={stage}", f"train.lr={LR}", "train.mini_batch_sequences=4",
+        # Micro-batches of 12 tokens and head chunks of 2: the ranks' shares need different numbers of
+        # forwards and of LM-head calls, which ZeRO-3 (the reference model's engine at every stage) gathers in.
+        "train.max_tokens_per_micro_batch=12", "train.logits_chunk_tokens=2", "algorithm.kl_coef=0.01", *extra,
+    ])
+
+
+BASE = [
+    TrainSequence((5, 6, 7), (8, 9, 10, 14), (-2.0, -1.5, -3.0, -0.5), (1.0, 1.0, -0.5, 0.3)),
+    TrainSequence((5, 6), (9, 9), (-2.5, -2.0), (-1.0, -1.0)),
+    TrainSequence((7,), (8, 8, 8), (-1.0, -1.0, -1.0), (0.5, 0.0, 0.5)),
+    TrainSequence((7, 7), (11,), (-3.0,), (2.0,)),
+    TrainSequence((6, 5, 7, 7), (9, 8, 10), (-1.2, -0.7, -2.2), (-0.4, 0.8, 0.8)),
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Both bundle kinds of a split layout (2 ranks + 1 engine) must fit; actors do not need real cores.
+    ray.init(num_cpus=4, object_store_memory=128 * 2**20, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tiny_policy, tmp_path_factory):
+    model, tokenizer = tiny_policy
+    return save_policy(model, tokenizer, tmp_path_factory.mktemp("policy") / "init")
+
+
+@pytest.fixture(scope="module")
+def single(policy_dir):
+    """The single-process trainer (plain AdamW) through the same two updates: 4 sequences, then 5 (which the
+    group pads to 6 with a zero-advantage copy of the last, so the single process trains on that copy too)."""
+    config = _config(0, "train.backend=torch")
+    policy = load_policy(policy_dir, dtype="float32")
+    reference = load_policy(policy_dir, dtype="float32").model
+    trainer = PolicyTrainer(policy.model, build_backend("torch", policy.model, config.train), reference=reference,
+                            pad_token_id=policy.tokenizer.pad_token_id, algorithm=config.algorithm,
+                            train=config.train, temperature=1.0)
+    refs = trainer.logprobs([s.prompt_ids for s in BASE], [s.response_ids for s in BASE], reference=True)
+    sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r) for s, r in zip(BASE, refs)]
+    vocab = SeparatorVocab.from_tokenizer(policy.tokenizer)
+    segmentations = [segment_response(s.response_ids, len(s.prompt_ids), vocab) for s in sequences]
+    scores = trainer.score([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], segmentations)
+    first = trainer.update(sequences[:4])
+    after_first = {k: v.clone() for k, v in trainer.policy_state().items()}
+    padded = pad_to_world(sequences, 2)
+    assert len(padded) == 6 and padded[-1].advantages == (0.0, 0.0, 0.0)
+    second = trainer.update(padded)
+    return {"sequences": sequences, "segmentations": segmentations, "scores": scores, "refs": refs,
+            "stats": (first, second), "weights": (after_first, trainer.policy_state())}
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def _weights(group: TrainerGroup, directory) -> dict[str, torch.Tensor]:
+    return load_policy(group.save_final(directory), dtype="float32").model.state_dict()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_ranks_train_like_one_process(cluster, policy_dir, single, stage, tmp_path):
+    config = _config(stage)
+    placement = place(config)
+    group = TrainerGroup(config, placement, model_dir=policy_dir, resume=None)
+    try:
+        assert [r["rank"] for r in group.ranks] == [0, 1] and {r["backend"] for r in group.ranks} == {"gloo"}
+        assert len({r["pid"] for r in group.ranks}) == 2 and os.getpid() not in {r["pid"] for r in group.ranks}
+        sequences = single["sequences"]
+        prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
+        # Scoring is split over the ranks (ZeRO-3: every forward gathers the layers in lockstep).
+        scores = group.score(prompts, responses, single["segmentations"])
+        for mine, theirs in zip(scores, single["scores"], strict=True):
+            assert mine.logprobs == pytest.approx(theirs.logprobs, abs=SCORE_ATOL)
+            assert mine.entropies == pytest.approx(theirs.entropies, abs=SCORE_ATOL)
+            assert mine.fci == pytest.approx(theirs.fci, abs=SCORE_ATOL)
+        refs = group.logprobs(prompts, responses, reference=True)
+        assert [r for ref in refs for r in ref] == pytest.approx([r for ref in single["refs"] for r in ref], abs=SCORE_ATOL)
+
+        first = group.update(sequences[:4])
+        assert first["optimizer_steps"] == single["stats"][0]["optimizer_steps"] == 1
+        assert first["grad_norm"] == pytest.approx(single["stats"][0]["grad_norm"], rel=1e-5)
+        assert _max_diff(_weights(group, tmp_path / "first"), single["weights"][0]) <= UPDATE_ATOL
+        # 5 sequences: padded to 6 with a zero-advantage copy, mini-batches of 4 and 2 split over the ranks.
+        second = group.update(sequences)
+        assert second["optimizer_steps"] == 2
+        for key in ("grad_norm", "kl", "pg_loss"):
+            assert second[key] == pytest.approx(single["stats"][1][key], rel=1e-5), key
+        assert _max_diff(_weights(group, tmp_path / "second"), single["weights"][1]) <= UPDATE_ATOL
+    finally:
+        group.close()
+        placement.remove()
+
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["distributed.placement=colocated", "rollout.ray.num_actors=1"], "rollout.ray.num_actors: 1 — colocated"),
+    (["train.backend=torch"], "train.backend: 'torch' trains in one process"),
+    (["distributed.num_gpus_per_rank=1"], "distributed.num_gpus_per_rank: 1.0 asks for GPUs"),
+    (["distributed.comm_backend=nccl"], "distributed.comm_backend: 'nccl' needs GPU ranks"),
+    (["distributed.python=/nonexistent/python"], "distributed.python: /nonexistent/python does not exist"),
+    (["rollout.engine=vllm"], "distributed.overlap: the rollout side scores"),
+])
+def test_layouts_the_runtime_cannot_run_are_refused_naming_the_field(overrides, field):
+    from attnrl.errors import ConfigError
+    from infra.distributed import preflight
+
+    if torch.cuda.is_available() and "num_gpus_per_rank=1" in overrides[0]:
+        pytest.skip("this machine has CUDA: GPU ranks are allowed")
+    preflight(_config(0))  # the test layout itself is fine
+    with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
+        preflight(_config(0, *overrides))
