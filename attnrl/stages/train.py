@@ -5,6 +5,10 @@ Writes ``runs/train/checkpoints/step_*/`` (model, optimizer, loop state, lineage
 ``runs/train/lineage.json`` and ``runs/train/final/`` (the last policy, a plain ``save_pretrained``
 directory the evaluate stage reads). A re-run continues from the newest
 checkpoint instead of starting over.
+
+Where the trainer runs is a ``TrainingRuntime``: ``local_runtime`` (this process, engines in-process
+or on Ray) or, with ``distributed.enabled``, ``infra.distributed.distributed_runtime`` (a
+``TrainerGroup`` of DeepSpeed ranks and a pool of engines on Ray; this process holds no model).
 """
 
 from __future__ import annotations
