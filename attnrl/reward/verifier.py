@@ -28,7 +28,8 @@ from attnrl.reward.extract import extract_solution, last_boxed, normalise_answer
 from attnrl.reward.worker import GradeJob, GraderPool
 
 DEFAULT_GRADE_FN = "attnrl.reward.verifier:math_verify_grade"
-_INTEGER = re.compile(r"[-+]?\d+")
+# ASCII digits only: other Unicode digits go to Math-Verify.
+_INTEGER = re.compile(r"[-+]?[0-9]+")
 
 
 def math_verify_grade(solution: str, pred: str | None, answers: list[str]) -> bool:
@@ -182,5 +183,12 @@ def _decide_without_math_verify(response: str, answers: list[str]) -> float | Gr
         # Two plain integers that differ as strings differ as numbers: no need to ask Math-Verify
         # (this settles nearly every wrong answer of the synthetic task without a subprocess).
         if _INTEGER.fullmatch(key) and all(_INTEGER.fullmatch(normalise_answer(a)) for a in answers):
-            return 1.0 if any(int(key) == int(normalise_answer(a)) for a in answers) else 0.0
+            return 1.0 if any(_integer_value(key) == _integer_value(normalise_answer(a)) for a in answers) else 0.0
     return (solution, pred, answers)
+
+
+def _integer_value(text: str) -> str:
+    """A plain integer's canonical spelling (no sign for zero, no leading zeros), compared as a string:
+    ``int()`` refuses more than 4,300 digits, and a model can box any number of them."""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    return digits if digits == "0" or not text.startswith("-") else "-" + digits

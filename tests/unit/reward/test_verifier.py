@@ -182,3 +182,38 @@ def test_scripts_without_a_main_guard_can_grade(tmp_path) -> None:
         out = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == ["score 1.0"]
+
+
+HUGE = "9" * 20_000  # past int()'s 4,300-digit limit
+ADVERSARIAL = [
+    # (model output, ground truth, the score it must get)
+    (_answer(HUGE), HUGE, 1.0),
+    (_answer("0" * 5000 + HUGE), HUGE, 1.0),
+    (_answer("-" + HUGE), HUGE, 0.0),
+    (_answer(HUGE), "42", 0.0),
+    (_answer(HUGE + "1"), HUGE, 0.0),
+    (_answer("-0"), "0", 1.0),
+    (_answer(HUGE), "\\frac{1}{2}", 0.0),                        # a huge integer against a fraction
+    (_answer("9^{9^{9^{9^{9^{9^{9^{9}}}}}}}"), "3", 0.0),          # a power tower nobody can evaluate
+    (_answer("{" * 3000 + "1" + "}" * 3000), "1", None),          # deep nesting: right or wrong, no crash
+    (_answer("x" * 300_000), "7", 0.0),
+    ("\\boxed{" * 20_000, "1", 0.0),                              # unbalanced: boxes that never close
+    ("}}}}\\boxed{{{1}", "1", 0.0),
+    ("", "1", 0.0),
+    ("   \n\t  ", "1", 0.0),
+    (_answer(""), "1", 0.0),
+    (_answer("\x00\x07\x1b[31m5"), "5", None),                    # control characters
+    ("\x00" * 10_000, "0", 0.0),
+    (_answer("٣"), "3", None),                                    # a non-ASCII digit goes to Math-Verify
+]
+
+
+def test_no_model_output_crashes_or_hangs_grading():
+    """Every entry gets 0 or 1 (the expected one where it is fixed) from one batch that never raises; a
+    response that hangs Math-Verify is cut off by the hard timeout and scores 0."""
+    with Verifier(timeout_s=3.0) as verifier:
+        scores = verifier.score_batch([(output, [truth]) for output, truth, _ in ADVERSARIAL])
+    assert all(score in (0.0, 1.0) for score in scores), scores
+    wrong = [(output[:40], expected, got) for (output, _, expected), got in zip(ADVERSARIAL, scores, strict=True)
+             if expected is not None and got != expected]
+    assert wrong == []
