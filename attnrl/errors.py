@@ -15,3 +15,7 @@ class DataError(AttnRLError, ValueError):
 
 class ModelLoadError(AttnRLError, FileNotFoundError):
     """A model or tokenizer could not be loaded from a local path."""
+
+
+class TrainingStalled(AttnRLError, RuntimeError):
+    """Training rounds in a row left nothing to train on; the message says how many and why."""

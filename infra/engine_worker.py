@@ -16,7 +16,7 @@ import torch
 from attnrl.errors import AttnRLError
 from attnrl.rollout.engine import Completion, GenerationRequest, SamplingParams
 from attnrl.rollout.fingerprint import Fingerprint, fingerprint
-from attnrl.rollout.scoring import RolloutScorer, ScoringSpec
+from attnrl.rollout.scoring import RolloutScorer, ScoreKind, ScoringSpec
 
 
 class EngineFailed(AttnRLError):
@@ -118,27 +118,21 @@ class EngineWorker:
 
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int, keys: Sequence[int],
-        scored: bool = False,
+        scored: ScoreKind | None = None,
     ) -> list[list[Completion]] | tuple[list[list[Completion]], list[list[Any]]]:
-        """Completions; with ``scored``, also their scores with the weights that sampled them."""
+        """Completions; with ``scored``, also their scores of that kind with the weights that sampled them."""
         def call():
             completions = self.engine.generate(requests, params, seed, request_keys=keys)
-            if not scored:
+            if scored is None:
                 return completions
             if self.scorer is None:
                 raise ValueError("this engine was built without scoring settings (EngineSpec.scoring)")
-            return completions, self.scorer.score(requests, completions)
+            return completions, self.scorer.run(scored, requests, completions)
 
         return self._guarded(call)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> Fingerprint:
         return self._guarded(lambda: self.engine.update_weights(state_dict))
-
-    def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[tuple[float, ...]]:
-        """Log-probs of ``responses`` after ``prompts`` with this engine's weights, as the trainer computes them."""
-        if self.scorer is None:
-            raise ValueError("this engine was built without scoring settings (EngineSpec.scoring)")
-        return self._guarded(lambda: self.scorer.trainer.logprobs(prompts, responses))
 
     def fingerprint(self) -> Fingerprint:
         return self.engine.fingerprint()

@@ -48,8 +48,7 @@ from attnrl.rollout.balance import assign_by_tokens
 from attnrl.rollout.engine import Completion, GenerationRequest, SamplingParams
 from attnrl.rollout.fingerprint import Fingerprint, fingerprint, mismatches
 from infra.engine_worker import EngineFailed, EngineWorker
-from attnrl.rollout.scoring import ScoringSpec
-from attnrl.training.sharding import shard_by_tokens
+from attnrl.rollout.scoring import ScoreKind, ScoringSpec, check_score_kind
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -174,19 +173,15 @@ class RayRolloutPool:
         """Send each actor its share and return at once; ``result()`` collects (and retries) them."""
         return PendingRollout(self, list(requests), params, seed)
 
-    def submit_scored(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int) -> PendingRollout:
+    def submit_scored(self, requests: Sequence[GenerationRequest], params: SamplingParams, seed: int,
+                      kind: ScoreKind = "sequences") -> PendingRollout:
         """``submit``, and each engine then scores its completions with the weights that sampled them
-        (``scores()``); the samples are the ones ``submit`` gives."""
+        (``scores()``): ``sequences`` (log-probs, entropies, FCI) or just their ``logprobs``; the
+        samples are the ones ``submit`` gives."""
         if self.spec.scoring is None:
             raise ValueError("this pool's engines were built without scoring settings (EngineSpec.scoring)")
-        return PendingRollout(self, list(requests), params, seed, scored=True)
-
-    def submit_logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> PendingLogprobs:
-        """Start the log-prob pass of ``responses`` on the engines (split by tokens); ``result()`` collects it.
-        Queued behind the calls already sent, so it sees the weights that sampled them."""
-        if self.spec.scoring is None:
-            raise ValueError("this pool's engines were built without scoring settings (EngineSpec.scoring)")
-        return PendingLogprobs(self, [tuple(p) for p in prompts], [tuple(r) for r in responses])
+        check_score_kind(kind)
+        return PendingRollout(self, list(requests), params, seed, scored=kind)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Push ``state_dict`` to every actor and prove it arrived (fingerprints)."""
@@ -271,7 +266,7 @@ class RayRolloutPool:
             raise RolloutPoolError(f"a {self.spec.kind} rollout engine could not start: {last_line(exc)}") from exc
 
     def _submit(self, index: int, requests: list[GenerationRequest], params: SamplingParams, seed: int,
-                keys: list[int], scored: bool) -> ray.ObjectRef:
+                keys: list[int], scored: ScoreKind | None) -> ray.ObjectRef:
         return self.actors[index].generate.remote(requests, params, seed, keys, scored)
 
     def _verify(self, index: int, reported: Fingerprint) -> None:
@@ -327,20 +322,27 @@ def last_line(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-class _PendingShares:
-    """A call split into per-actor shares, in flight on a pool; a share whose actor died (or failed) is
-    resent to its replacement, which holds the latest weights."""
+class PendingRollout:
+    """One ``generate`` call in flight on a pool, split into per-actor shares; the driver is free until
+    ``result()``. A share whose actor died (or failed) is resent to its replacement, which holds the
+    latest weights."""
 
-    during = "call"
-
-    def __init__(self, pool: RayRolloutPool, shares: list[list[int]]) -> None:
+    def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
+                 seed: int, scored: ScoreKind | None = None) -> None:
         self._pool = pool
+        self._requests, self._params, self._seed, self._scored = requests, params, seed, scored
+        self._results: list[list[Completion]] | None = None
+        self._scores: list[list[Any]] | None = None
+        shares = assign_by_tokens(requests, len(pool.actors), params.max_new_tokens) if requests else []
         self._shares = [(i, indices) for i, indices in enumerate(shares) if indices]
         self._sent_to: dict[int, Any] = {}  # the actor each share went to
         self._refs = {i: self._send(i, indices) for i, indices in self._shares}
 
     def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
-        raise NotImplementedError
+        self._sent_to[index] = self._pool.actors[index]
+        return self._pool._submit(index, [self._requests[k] for k in indices], self._params,
+                                  derive_seed(self._seed, index) if self._pool.spec.kind == "hf" else self._seed,
+                                  indices, self._scored)
 
     def _share_results(self) -> list[tuple[list[int], Any]]:
         """Each share's indices and what its actor returned, retrying dead actors."""
@@ -355,28 +357,9 @@ class _PendingShares:
                     # Another call in flight may have replaced this actor already: then just resend.
                     if self._pool.actors[i] is self._sent_to[i]:
                         restarts += 1
-                        self._pool._handle_death(i, exc, restarts, self.during)
+                        self._pool._handle_death(i, exc, restarts, "generate")
                     self._refs[i] = self._send(i, indices)
         return out
-
-
-class PendingRollout(_PendingShares):
-    """One ``generate`` call in flight on a pool; the driver is free until ``result()``."""
-
-    during = "generate"
-
-    def __init__(self, pool: RayRolloutPool, requests: list[GenerationRequest], params: SamplingParams,
-                 seed: int, scored: bool = False) -> None:
-        self._requests, self._params, self._seed, self._scored = requests, params, seed, scored
-        self._results: list[list[Completion]] | None = None
-        self._scores: list[list[Any]] | None = None
-        super().__init__(pool, assign_by_tokens(requests, len(pool.actors), params.max_new_tokens) if requests else [])
-
-    def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
-        self._sent_to[index] = self._pool.actors[index]
-        return self._pool._submit(index, [self._requests[k] for k in indices], self._params,
-                                  derive_seed(self._seed, index) if self._pool.spec.kind == "hf" else self._seed,
-                                  indices, self._scored)
 
     def result(self) -> list[list[Completion]]:
         """The completions in request order; a share whose actor died is resent to its replacement."""
@@ -385,38 +368,16 @@ class PendingRollout(_PendingShares):
         results: list[list[Completion]] = [[] for _ in self._requests]
         scores: list[list[Any]] = [[] for _ in self._requests]
         for indices, share in self._share_results():
-            completions, scored = share if self._scored else (share, [[] for _ in indices])
+            completions, scored = share if self._scored is not None else (share, [[] for _ in indices])
             for k, group, group_scores in zip(indices, completions, scored, strict=True):
                 results[k], scores[k] = group, group_scores
         self._results, self._scores = results, scores
         return self._results
 
     def scores(self) -> list[list[Any]]:
-        """``submit_scored``: per request, per completion, its ``ScoredSequence`` (None where it is empty)."""
-        if not self._scored:
+        """``submit_scored``: per request, per completion, its ``ScoredSequence`` or log-probs (None where
+        it is empty)."""
+        if self._scored is None:
             raise ValueError("this call was submitted without scoring (use submit_scored)")
         self.result()
         return self._scores or []
-
-
-class PendingLogprobs(_PendingShares):
-    """A log-prob pass in flight on a pool (``submit_logprobs``)."""
-
-    during = "logprobs"
-
-    def __init__(self, pool: RayRolloutPool, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]]) -> None:
-        self._prompts, self._responses = prompts, responses
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-        super().__init__(pool, shard_by_tokens(lengths, len(pool.actors)))
-
-    def _send(self, index: int, indices: list[int]) -> ray.ObjectRef:
-        self._sent_to[index] = self._pool.actors[index]
-        return self._pool.actors[index].logprobs.remote([self._prompts[k] for k in indices],
-                                                        [self._responses[k] for k in indices])
-
-    def result(self) -> list[tuple[float, ...]]:
-        out: list[tuple[float, ...]] = [()] * len(self._prompts)
-        for indices, values in self._share_results():
-            for k, value in zip(indices, values, strict=True):
-                out[k] = value
-        return out

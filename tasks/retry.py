@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from attnrl.errors import ConfigError, DataError, ModelLoadError
+from attnrl.errors import ConfigError, DataError, ModelLoadError, TrainingStalled
 
 # A bad config, bad data or a missing model fails the same way every time: retrying only delays the error.
 # ModelLoadError is a FileNotFoundError (an OSError), so it must be excluded before anything OS-like is retried.
-DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError)
+# A stalled run (seeded rounds with nothing to train on) stalls again on a retry from the same checkpoint.
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError, TrainingStalled)
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 2
@@ -27,5 +28,5 @@ def failure_exception(state: Any) -> BaseException | None:
 
 
 def retry_unless_deterministic(task: Any, task_run: Any, state: Any) -> bool:
-    """``retry_condition_fn`` for stage tasks: retry anything except ConfigError, DataError, ModelLoadError."""
+    """``retry_condition_fn`` for stage tasks: retry anything except the ``DETERMINISTIC_ERRORS``."""
     return not isinstance(failure_exception(state), DETERMINISTIC_ERRORS)

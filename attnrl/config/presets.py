@@ -36,6 +36,9 @@ TINY: dict[str, Any] = {
         "engine": "hf",
         "sampling": {"n": 6, "max_new_tokens": 64},
         "batch_size": 256,
+        # Short, even responses: four parts cost the hf engine little, and the trainer's log-prob
+        # passes of each part run while the next one generates (benchmarks/pipeline.py).
+        "continuation_parts": 4,
         # The demo prints one line per training step instead of a bar per generation call.
         "progress": False,
         # On 2 CPU cores: one engine actor beside the trainer, no GPUs, a small object store.

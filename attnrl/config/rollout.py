@@ -130,5 +130,13 @@ class RolloutConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Training rollout sampling.")
     batch_size: int = Field(default=64, ge=1, description="hf engine: sequences per generate() call.")
     progress: bool = Field(default=True, description="Show a progress bar on long generation.")
+    continuation_parts: int = Field(
+        default=1,
+        ge=1,
+        description="One-step off-policy loop (spec §3.2): C's continuations go out in this many submissions of whole "
+        "questions, so the trainer builds the first part's trees and runs its log-prob passes while the engines "
+        "generate the rest. 1 = one submission: an engine that runs its calls in turn waits for each part's longest "
+        "sequence, which with vLLM and long responses costs more than the overlap gains.",
+    )
     ray: RayConfig = Field(default_factory=RayConfig, description="Engines as Ray actors (always for 'vllm').")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The 'vllm' engine.")

@@ -273,6 +273,13 @@ class TrainConfig(Section):
     """Stage 'train': optimisation of the policy (spec §11, §12)."""
 
     steps: int = Field(default=500, ge=1, description="Training steps (spec §15.3: 500 for AttnRL).")
+    max_rounds_without_update: int = Field(
+        default=20,
+        ge=1,
+        description="Generation rounds in a row that leave nothing to train on (every question filtered out, §7.6: "
+        "a policy that solves or fails everything) before the run stops with an error instead of sampling forever. "
+        "Such a round updates nothing, does not count as a step and writes no checkpoint.",
+    )
     lr: float = Field(default=1e-6, gt=0, description="AdamW learning rate, constant (§11).")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay (§11: 0.01).")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip (§11: 1.0).")

@@ -1,17 +1,19 @@
-"""Scoring initial samples where they were generated (spec §3.2, step 6; docs/scaling.md, overlap).
+"""Scoring samples where they were generated (spec §3.2, step 6; docs/scaling.md, overlap).
 
-With split placement the rollout engines score the next batch's initial samples (behaviour
-log-probs, entropies and FCI) with the weights that sampled them while the trainer group updates
-on the current batch. The scorer is a ``PolicyTrainer`` without an optimizer over the engine's
-policy (the hf engine's own model), with the trainer's settings, so it computes what the trainer
-would: the same passes, micro-batches and temperature.
+With split placement the rollout engines score what they sample with the weights that sampled it
+while the trainer group updates: the next batch's initial samples (``sequences``: behaviour
+log-probs, entropies and FCI) and the current batch's continuations (``logprobs``: their behaviour
+log-probs, spec §10.2), so the trainer's only passes are the reference's and the update. The scorer
+is a ``PolicyTrainer`` without an optimizer over the engine's policy (the hf engine's own model),
+with the trainer's settings, so it computes what the trainer would: the same passes, micro-batches
+and temperature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from transformers import PreTrainedModel
 
@@ -21,6 +23,17 @@ from attnrl.steps import SeparatorVocab, segment_response
 if TYPE_CHECKING:
     from attnrl.config.schema import AlgorithmConfig, TrainConfig
     from attnrl.training.trainer import ScoredSequence
+
+
+T = TypeVar("T")
+ScoreKind = Literal["sequences", "logprobs"]
+SCORE_KINDS: tuple[ScoreKind, ...] = ("sequences", "logprobs")
+
+
+
+def check_score_kind(kind: str) -> None:
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}; known: {', '.join(SCORE_KINDS)}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +61,34 @@ class RolloutScorer:
     def score(self, requests: Sequence[GenerationRequest],
               completions: Sequence[Sequence[Completion]]) -> list[list[ScoredSequence | None]]:
         """Per request, per completion, its scores (None for an empty completion: nothing to score)."""
-        flat = [(r, c) for r, group in zip(requests, completions, strict=True) for c in group if c.token_ids]
+        flat = _non_empty(requests, completions)
         segmentations = None
         if self.spec.with_fci:
             segmentations = [segment_response(c.token_ids, len(r.prompt_ids), self.spec.separators) for r, c in flat]
-        scored = iter(self.trainer.score([r.prompt_ids for r, _ in flat], [c.token_ids for _, c in flat], segmentations))
-        return [[next(scored) if c.token_ids else None for c in group] for group in completions]
+        return _regrouped(self.trainer.score([r.prompt_ids for r, _ in flat], [c.token_ids for _, c in flat],
+                                             segmentations), completions)
+
+    def logprobs(self, requests: Sequence[GenerationRequest],
+                 completions: Sequence[Sequence[Completion]]) -> list[list[tuple[float, ...] | None]]:
+        """Per request, per completion, the log-probs of its tokens after the request's prompt (None
+        for an empty completion): the trainer's ``logprobs`` pass."""
+        flat = _non_empty(requests, completions)
+        return _regrouped(self.trainer.logprobs([r.prompt_ids for r, _ in flat], [c.token_ids for _, c in flat]),
+                          completions)
+
+    def run(self, kind: ScoreKind, requests: Sequence[GenerationRequest],
+            completions: Sequence[Sequence[Completion]]) -> list[list[object]]:
+        """``score`` (``sequences``) or ``logprobs``; an unknown kind lists the known ones."""
+        check_score_kind(kind)
+        return self.score(requests, completions) if kind == "sequences" else self.logprobs(requests, completions)
+
+
+def _non_empty(requests: Sequence[GenerationRequest],
+               completions: Sequence[Sequence[Completion]]) -> list[tuple[GenerationRequest, Completion]]:
+    return [(r, c) for r, group in zip(requests, completions, strict=True) for c in group if c.token_ids]
+
+
+def _regrouped(values: Sequence[T], completions: Sequence[Sequence[Completion]]) -> list[list[T | None]]:
+    """``values`` of the non-empty completions, back in their groups (None where a completion is empty)."""
+    flat = iter(values)
+    return [[next(flat) if c.token_ids else None for c in group] for group in completions]

@@ -5,20 +5,24 @@ One training step, off-policy (spec §3.2, §3.3)::
     E        <- sample prompts (adaptive size, §7.5)
     plan     <- ADS + branch points for C (initial samples from the previous policy)
     out      <- ONE generation round with the current policy: n initial samples for D and
-                T continuations per branch point of C, sent as two submissions
+                T continuations per branch point of C (submitted in parts, see below)
     D        <- reward, segment, score (log-probs, entropy, FCI) with the current policy
     trees(C) <- values and advantages (§9), zero-advantage filter (§7.6)
     update on C's paths (behaviour log-probs per token, §10.2), push weights to the engine
     C, D     <- D, E
 
-Overlap: on an engine that generates in the background (the Ray actor pool), C's continuations
-are still being generated while the trainer scores D; they are collected only when the update
-needs them. With ``engine_scores`` (split placement, ``distributed.overlap``) the engines, which
-hold θ_k, do more of the step: they compute the behaviour log-probs of C's continuations while
-the trainer runs the reference pass, then generate and score D while the trainer updates on C;
-the new weights are pushed once D is scored (spec §3.2's policy versions either way). Same weights, same seeds, same samples: only the wall time changes. Each
-submission has its own seed (round, part), so an engine with or without background generation
-returns the same completions.
+Overlap: on an engine that generates in the background (the Ray actor pool), C's continuations go
+out in ``rollout.continuation_parts`` runs of whole questions, then D's initial samples, and every
+engine runs them in that order. The trainer builds the trees of each part as it comes back (rewards,
+behaviour log-probs with θ_k, advantages, the zero-advantage filter, reference log-probs) while the
+later parts generate, so little is left between the last continuation and the update. With
+``engine_scores`` (split placement, ``distributed.overlap``) the engines, which hold θ_k, also take
+the behaviour log-probs of each part of continuations, so the trainer trains on each full mini-batch
+of C's paths as soon as its parts are back, and they score D (log-probs, entropies, FCI) while the
+trainer updates on C; the new weights are pushed once D is scored (spec §3.2's policy versions
+either way). Same weights, same seeds, same samples: only the wall time changes. Each submission has
+its own seed (round, part), so an engine with or without background generation returns the same
+completions.
 
 On-policy (TreeRL-style, §3.1) samples a batch, scores it, and makes a second call for its
 continuations, all with the same weights. Every random choice is seeded from (seed, call
@@ -32,7 +36,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.problem import Problem
+from attnrl.errors import TrainingStalled
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import (
     Completion,
@@ -50,18 +55,20 @@ from attnrl.rollout.engine import (
     SamplingParams,
     submit_generation,
 )
-from attnrl.rollout.scoring import ScoringSpec
+from attnrl.rollout.scoring import ScoreKind, ScoringSpec
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
-from attnrl.training.metrics import step_metrics
+from attnrl.training.metrics import merged_update_stats, step_metrics
 from attnrl.training.prompts import PromptSampler
 from attnrl.training.rollouts import (
     BranchPoint,
+    QuestionPart,
     ScoredQuestion,
     build_trees,
     continuation_requests,
     plan_branches,
+    question_parts,
     score_initial,
     trainable_trees,
     training_sequences,
@@ -94,6 +101,7 @@ class LoopState:
     controller: dict[str, Any] = field(default_factory=dict)
     pending_scored: list[ScoredQuestion] | None = None  # C: initial samples awaiting their tree
     pending_prompts: list[Problem] | None = None        # D: sampled, not generated yet
+    rounds_without_update: int = 0                      # in a row: the filters left nothing to train on
     metrics: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -166,7 +174,7 @@ class RLLoop:
             step = self._off_policy_step if self.algorithm.off_policy else self._on_policy_step
             name = f"step-{self.state.step + 1}" if self._updates_this_call() else "bootstrap"
             stats = self.phases(name, step)
-            if stats is None:  # a bootstrapping call of the off-policy pipeline: no update yet
+            if stats is None:  # the off-policy pipeline's bootstrap, or a round with nothing to train on
                 continue
             stats["step_time_s"] = time.perf_counter() - started
             if (replaced := getattr(self.engine, "replaced_actors", None)) is not None:
@@ -191,11 +199,10 @@ class RLLoop:
             out.append(self._prompt_ids[problem.uid])
         return out
 
-    def _submit(self, *parts: list[GenerationRequest], scored: int | None = None) -> list[PendingGeneration]:
-        """One generation round (one ``generation_calls`` tick), each part submitted with its own seed;
-        part ``scored`` is also scored by the engines (``submit_scored``)."""
+    def _submit(self, *parts: list[GenerationRequest]) -> list[PendingGeneration]:
+        """One generation round (one ``generation_calls`` tick), each part submitted with its own seed."""
         call = self._next_round()
-        return [self._submit_part(call, i, requests, scored=i == scored) for i, requests in enumerate(parts)]
+        return [self._submit_part(call, i, requests) for i, requests in enumerate(parts)]
 
     def _next_round(self) -> int:
         call = self.state.generation_calls
@@ -203,11 +210,12 @@ class RLLoop:
         return call
 
     def _submit_part(self, call: int, part: int, requests: list[GenerationRequest], *,
-                     scored: bool = False) -> PendingGeneration:
-        """Part ``part`` of round ``call``: its seed depends on both only, whenever it is submitted."""
+                     scored: ScoreKind | None = None) -> PendingGeneration:
+        """Part ``part`` of round ``call``: its seed depends on both only, whenever it is submitted;
+        ``scored``: the engines also score it (``submit_scored``)."""
         seed = derive_seed(self.config.seed, "generate", call, part)
-        if scored:
-            return self.engine.submit_scored(requests, self.params, seed) if requests else NothingScored()
+        if scored is not None:
+            return self.engine.submit_scored(requests, self.params, seed, scored) if requests else NothingScored()
         return submit_generation(self.engine, requests, self.params, seed) if requests else FinishedGeneration([])
 
     def _collect(self, pending: PendingGeneration) -> list[list[Completion]]:
@@ -253,57 +261,59 @@ class RLLoop:
         state = self.state
         if state.pending_prompts is None:  # the very first call only samples (spec §3.2 bootstrapping)
             state.pending_prompts = self.sampler.take(self._batch_size())
-        current, upcoming = state.pending_scored, state.pending_prompts
+        current, upcoming = state.pending_scored or [], state.pending_prompts
         next_prompts = self.sampler.take(self._batch_size())
         plans, points = self._plan(current) if current else ([], [])
+        parts = question_parts(points, len(current), self.config.rollout.continuation_parts)
         tokens_before = state.generated_tokens
-        continuations, initial_requests = self._continuation_requests(current or [], points), self._initial_requests(upcoming)
+        continuations, initial_requests = self._continuation_requests(current, points), self._initial_requests(upcoming)
+
+        def submit() -> tuple[list[PendingGeneration], PendingGeneration]:
+            # The round's parts in the order they are needed, which is the order every engine runs them:
+            # C's continuations, a run of questions at a time, then D's initial samples.
+            call = self._next_round()
+            behaviour, initial_scores = ("logprobs", "sequences") if self.engine_scores else (None, None)
+            mc = [self._submit_part(call, 1 + i, continuations[part.points], scored=behaviour)
+                  for i, part in enumerate(parts)]
+            return mc, self._submit_part(call, 0, initial_requests, scored=initial_scores)
+
         stats = None
         if self.engine_scores:
-            # The engines generate C's continuations, then compute their behaviour log-probs while the
-            # trainer runs the reference pass, then generate and score D with θ_k while the trainer updates
-            # on C; the new weights go out once D is scored (the engines must score it with θ_k).
-            call = self._next_round()
-            mc = self._submit_part(call, 0, continuations)
-            submitted: list[PendingGeneration] = []
-
-            def behaviour(prefixes: list[tuple[int, ...]], tokens: list[tuple[int, ...]]) -> Callable[[], list]:
-                pending = self.engine.submit_logprobs(prefixes, tokens) if tokens else FinishedGeneration([])
-                submitted.append(self._submit_part(call, 1, initial_requests, scored=True))
-                return pending.result
-
+            # The engines generate C's continuations, then generate and score D with θ_k while the trainer
+            # builds C's trees part by part and updates on them; the new weights go out once D is scored
+            # (the engines must score it with θ_k).
+            mc, initial = self.phases("generate", submit)
             if current:
-                stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc),
-                                                                  push=False, behaviour=behaviour))
-            else:
-                behaviour([], [])
-            initial = submitted[0]
+                stats = self.phases("update", lambda: self._train(current, plans, points, parts, mc, push=False))
             scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial), initial.scores()))
             if current:
                 self.phases("sync-weights", self._push_weights)
         elif self.colocated:
             # The engines finish the round, then sleep while the trainer scores D and updates on C.
-            mc, initial = self.phases("generate", lambda: self._generated(
-                self._submit(continuations, initial_requests)))
+            def generated() -> tuple[list[PendingGeneration], PendingGeneration]:
+                mc, initial = submit()
+                self._generated([*mc, initial])
+                return mc, initial
+
+            mc, initial = self.phases("generate", generated)
             with self._engines_asleep():
                 scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
                 if current:
-                    stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc),
-                                                                      push=False))
+                    stats = self.phases("update", lambda: self._train(current, plans, points, parts, mc, push=False))
             self._push_weights()
         else:
-            # Continuations first: they are needed last, so they generate while D is scored.
-            mc, initial = self.phases("generate", lambda: self._submit(continuations, initial_requests))
+            # D's initial samples come last: the trainer builds C's trees from the parts already back while
+            # the rest generate, then scores D, then updates on C.
+            mc, initial = self.phases("generate", submit)
+            trees = self.phases("trees", lambda: list(self._tree_parts(current, plans, points, parts, mc))) if current else []
             scored_next = self.phases("score", lambda: self._score(upcoming, self._collect(initial)))
             if current:
-                stats = self.phases("update", lambda: self._train(current, plans, points, self._collect(mc)))
-        if stats is not None:
-            stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
-            stats["prompt_batch_size"] = float(len(current))
+                stats = self.phases("update", lambda: self._update(current, plans, points, trees))
+        self._round_totals(stats, tokens_before, len(current))
         state.pending_scored, state.pending_prompts = scored_next, next_prompts
         return stats
 
-    def _on_policy_step(self) -> dict[str, float]:
+    def _on_policy_step(self) -> dict[str, float] | None:
         state = self.state
         tokens_before = state.generated_tokens
         problems = self.sampler.take(self._batch_size())
@@ -311,14 +321,22 @@ class RLLoop:
         with self._engines_asleep():
             scored = self.phases("score", lambda: self._score(problems, completions))
         plans, points = self._plan(scored)
+        # One call, collected whole: the two-step loop of spec §3.1 runs its phases in turn.
         continuations = self.phases(
-            "generate-continuations", lambda: self._generate(self._continuation_requests(scored, points)))
+            "generate-continuations", lambda: self._generated(self._submit(self._continuation_requests(scored, points))))
+        whole = question_parts(points, len(scored), 1)
         with self._engines_asleep():
-            stats = self.phases("update", lambda: self._train(scored, plans, points, continuations, push=False))
+            stats = self.phases("update", lambda: self._train(scored, plans, points, whole, continuations, push=False))
         self._push_weights()
-        stats["generated_tokens"] = float(state.generated_tokens - tokens_before)
-        stats["prompt_batch_size"] = float(len(problems))
+        self._round_totals(stats, tokens_before, len(problems))
         return stats
+
+    def _round_totals(self, stats: dict[str, float] | None, tokens_before: int, questions: int) -> None:
+        """The step's token counts once its whole round is collected (however the phases were ordered)."""
+        if stats is not None:
+            stats["generated_tokens"] = float(self.state.generated_tokens - tokens_before)
+            stats["total_generated_tokens"] = float(self.state.generated_tokens)
+            stats["prompt_batch_size"] = float(questions)
 
     @contextlib.contextmanager
     def _engines_asleep(self) -> Iterator[None]:
@@ -352,79 +370,135 @@ class RLLoop:
             self.trainer.push_weights(self.engine)
             self._weights_changed = False
 
-    def _train(
-        self,
-        batch: list[ScoredQuestion],
-        plans: list[ExpansionPlan],
-        points: list[BranchPoint],
-        continuations: list[list[Completion]],
-        *,
-        push: bool = True,
-        behaviour: Callable[[list[tuple[int, ...]], list[tuple[int, ...]]], Callable[[], list]] | None = None,
-    ) -> dict[str, float]:
-        """Trees, the update, and (``push``) the new weights to the engines.
+    def _train(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
+               parts: list[QuestionPart], continuations: list[PendingGeneration], *, push: bool = True
+               ) -> dict[str, float] | None:
+        """C's trees, part by part as the continuations come back, and the update on them (then ``push``).
 
-        ``behaviour(prefixes, continuations)`` starts the continuations' behaviour log-prob pass on the
-        engines, which hold the policy that sampled them, and returns how to collect it; the trainer runs
-        the reference pass meanwhile, which needs only the paths' tokens (split placement, overlap).
-        Without it the trainer computes both, one after the other."""
+        With ``engine_scores`` the engines sent the behaviour log-probs, so nothing the trainer still
+        has to compute reads the policy: each full mini-batch is trained on as soon as its parts are
+        back, while the engines generate the later parts. The mini-batches are the same consecutive
+        runs of paths, in the same order, as those of one update on the whole batch (spec §11)."""
+        return self._update(batch, plans, points, self._tree_parts(batch, plans, points, parts, continuations),
+                            push=push, stream=self.engine_scores)
+
+    def _tree_parts(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
+                    parts: list[QuestionPart], continuations: list[PendingGeneration]) -> Iterator[TreePart]:
+        """Each part's trees once its continuations are back; the engines generate the later parts meanwhile.
+        With ``engine_scores`` the engines also sent the continuations' behaviour log-probs."""
+        for part, pending in zip(parts, continuations, strict=True):
+            yield self._tree_part(batch, plans, points, part, self._collect(pending),
+                                  pending.scores() if self.engine_scores else None)
+
+    def _tree_part(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
+                   part: QuestionPart, continuations: list[list[Completion]],
+                   engine_logprobs: list[list[tuple[float, ...] | None]] | None = None) -> TreePart:
+        """One run of questions: continuation rewards and behaviour log-probs, trees and advantages, the
+        zero-advantage filter, and the reference log-probs of the paths that will be trained on."""
+        questions, local = batch[part.questions], part.branch_points(points)
         # An empty continuation (out-of-vocabulary first id, spec §5.4) adds no leaf to its tree.
         continuations = [[c for c in group if c.token_ids] for group in continuations]
-        flat = [(p, c) for p, group in zip(points, continuations, strict=True) for c in group]
-        prefixes = [batch[p.question].prompt_ids + batch[p.question].responses[p.response].token_ids[: p.offset] for p, _ in flat]
+        flat = [(p, c) for p, group in zip(local, continuations, strict=True) for c in group]
+        prefixes = [questions[p.question].prompt_ids + questions[p.question].responses[p.response].token_ids[: p.offset]
+                    for p, _ in flat]
         tokens = [c.token_ids for _, c in flat]
         texts = [decode_response(self.tokenizer, t) for t in tokens]
         # The verifier sees the continuation only (spec §8: MC samples decode continuation tokens).
         mc_rewards = self.verifier.score_batch(
-            [(text, batch[p.question].problem.answers) for (p, _), text in zip(flat, texts, strict=True)]
+            [(text, questions[p.question].problem.answers) for (p, _), text in zip(flat, texts, strict=True)]
         )
-        prompt_of = {sq.problem.uid: sq.prompt_ids for sq in batch}
-
-        def paths(mc_logprobs: Sequence[tuple[float, ...]]) -> tuple[list[QuestionTree], list[QuestionTree], int]:
-            built = build_trees(batch, plans, points, continuations, mc_logprobs, mc_rewards, self.algorithm)
-            return built, *trainable_trees(built, self.algorithm)
-
         # Behaviour log-probs of continuation tokens: a fresh forward with the current policy, which
-        # sampled them; prefix tokens keep their stored values (spec §10.2).
-        refs = None
-        if behaviour is None:
-            mc_logprobs = self.trainer.logprobs(prefixes, tokens) if flat else []
+        # sampled them (the engine's own, when it scored them); prefix tokens keep their stored values
+        # (spec §10.2).
+        if engine_logprobs is not None:
+            mc_logprobs = [values for group in engine_logprobs for values in group if values is not None]
         else:
-            collect = behaviour(prefixes, tokens)
-            # Which paths are trained on depends on the rewards alone; their log-probs are placeholders here.
-            _, provisional, _ = paths([(0.0,) * len(t) for t in tokens])
-            refs = self._reference_logprobs(training_sequences(provisional, prompt_of))
-            mc_logprobs = collect()
-        built, trees, dropped_zero = paths(mc_logprobs)
-        if self.check_batch is not None:  # before anything is trained on it
-            self.check_batch(self.state.step + 1, [path for tree in trees for path in tree.paths])
-        sequences = training_sequences(trees, prompt_of)
-        if refs is None:
-            refs = self._reference_logprobs(sequences)
+            mc_logprobs = self.trainer.logprobs(prefixes, tokens) if flat else []
+        built = build_trees(questions, plans[part.questions], local, continuations, mc_logprobs, mc_rewards,
+                            self.algorithm)
+        trees, dropped_zero = trainable_trees(built, self.algorithm)
+        sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in questions})
+        refs = self._reference_logprobs(sequences)
         if refs is not None:
             sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
                          for s, r in zip(sequences, refs, strict=True)]
-        update = self.trainer.update(sequences)
-        self._weights_changed = bool(sequences)
+        return TreePart(built, trees, dropped_zero, mc_rewards, sequences)
+
+    def _update(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
+                parts: Iterable[TreePart], *, push: bool = True, stream: bool = False) -> dict[str, float] | None:
+        """The update on every part's paths, in batch order, and (``push``) the new weights to the engines;
+        with ``stream``, on each full mini-batch as soon as the parts that make it are here.
+
+        Each run of paths is checked (``check_batch``) before it is trained on. None when the filters
+        left nothing to train on: no update, no step (so no checkpoint); the adaptive batch size still
+        hears of the empty batch and grows (spec §7.5, B'' = 0)."""
+        size = self.config.train.mini_batch_sequences
+        done: list[TreePart] = []
+        waiting: list[tuple[TrainSequence, TrainingPath]] = []  # paths not trained on yet, with their sequences
+        updates: list[dict[str, float]] = []
+        for part in parts:
+            done.append(part)
+            waiting.extend(zip(part.sequences, (path for tree in part.trees for path in tree.paths), strict=True))
+            while stream and len(waiting) >= size:
+                updates.append(self._train_on(waiting[:size]))
+                del waiting[:size]
+        sequences = [s for part in done for s in part.sequences]
+        if self.algorithm.adaptive_batch:
+            self.controller.next_size(len(sequences))  # B'': the paths left after filtering
+        if not sequences:
+            self._nothing_to_train(len(batch))
+            return None
+        if waiting:
+            updates.append(self._train_on(waiting))
+        self.state.rounds_without_update = 0
+        self._weights_changed = True
         if push:
             self._push_weights()
         self.state.step += 1
-        if self.algorithm.adaptive_batch:
-            self.controller.next_size(len(sequences))
         return step_metrics(
             step=self.state.step,
             batch=batch,
             plans=plans,
             points=points,
-            mc_rewards=mc_rewards,
-            built=built,
-            trees=trees,
-            dropped_zero=dropped_zero,
+            mc_rewards=[r for part in done for r in part.mc_rewards],
+            built=[tree for part in done for tree in part.built],
+            trees=[tree for part in done for tree in part.trees],
+            dropped_zero=sum(part.dropped_zero for part in done),
             sequences=sequences,
-            update=update,
+            update=merged_update_stats(updates),
             continuations_per_point=self.algorithm.continuations_per_branch,
-            total_generated=self.state.generated_tokens,
         )
+
+    def _train_on(self, run: list[tuple[TrainSequence, TrainingPath]]) -> dict[str, float]:
+        """Check a run of paths (before anything is trained on it), then update on their sequences."""
+        if self.check_batch is not None:
+            self.check_batch(self.state.step + 1, [path for _, path in run])
+        return self.trainer.update([sequence for sequence, _ in run])
+
+    def _nothing_to_train(self, questions: int) -> None:
+        state, limit = self.state, self.config.train.max_rounds_without_update
+        state.rounds_without_update += 1
+        logger.warning("round %d: the filters left nothing of its %d questions to train on; no update, still %d "
+                       "steps done (%d such rounds in a row, train.max_rounds_without_update = %d)",
+                       state.generation_calls, questions, state.step, state.rounds_without_update, limit)
+        if state.rounds_without_update >= limit:
+            raise TrainingStalled(
+                f"{state.rounds_without_update} generation rounds in a row left nothing to train on after step "
+                f"{state.step} (train.max_rounds_without_update = {limit}): every question was filtered out "
+                "(spec §7.6: its responses all right or all wrong). Check the data's difficulty for this policy, "
+                "or the filters (algorithm.easy_filter, algorithm.zero_advantage_filter)")
+
+
+@dataclass(frozen=True)
+class TreePart:
+    """A run of questions ready for the update: its trees (all, and those the filter kept), the rewards of
+    its continuations, and the sequences to train on, reference log-probs attached."""
+
+    built: list[QuestionTree]
+    trees: list[QuestionTree]
+    dropped_zero: int
+    mc_rewards: list[float]
+    sequences: list[TrainSequence]
 
 
 class NothingScored(FinishedGeneration):

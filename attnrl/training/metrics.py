@@ -41,7 +41,6 @@ def step_metrics(
     sequences: Sequence[TrainSequence],
     update: dict[str, float],
     continuations_per_point: int,
-    total_generated: int,
 ) -> dict[str, float]:
     rewards = [r.reward for sq in batch for r in sq.responses]
     per_question: dict[int, list[float]] = defaultdict(list)
@@ -72,7 +71,20 @@ def step_metrics(
         "train_tokens": float(sum(tokens)),
         "valid_token_ratio": valid_tokens / built_tokens if built_tokens else 0.0,
         "valid_tokens": float(valid_tokens),
-        "total_generated_tokens": float(total_generated),
     }
     metrics.update({f"update/{k}": v for k, v in update.items()})
     return metrics
+
+
+def merged_update_stats(updates: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One step's ``Trainer.update`` stats from the updates it ran in turn (a streamed step runs one per
+    mini-batch): each value is a mean per optimizer step, so the merge weighs them by their steps."""
+    steps = sum(u.get("optimizer_steps", 0.0) for u in updates)
+    if not steps:
+        return {}
+    totals: dict[str, float] = defaultdict(float)
+    for u in updates:
+        for key, value in u.items():
+            if key != "optimizer_steps":
+                totals[key] += value * u["optimizer_steps"]
+    return {key: value / steps for key, value in totals.items()} | {"optimizer_steps": steps}

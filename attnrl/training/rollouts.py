@@ -138,6 +138,48 @@ def plan_branches(
     return plans, points
 
 
+@dataclass(frozen=True)
+class QuestionPart:
+    """A run of whole questions of a batch (``questions``) and their branch points (``points``)."""
+
+    questions: slice
+    points: slice
+
+    def branch_points(self, points: Sequence[BranchPoint]) -> list[BranchPoint]:
+        """This run's branch points, their question indices counted from its first question."""
+        first = self.questions.start
+        return [BranchPoint(p.question - first, p.response, p.offset) for p in points[self.points]]
+
+
+def question_parts(points: Sequence[BranchPoint], num_questions: int, parts: int) -> list[QuestionPart]:
+    """Cut the batch into at most ``parts`` runs of whole questions with about equal numbers of branch points.
+
+    Trees, advantages and the zero-advantage filter are per question (spec §7.6, §9), so a run can be
+    trained on (rewards, log-probs, trees) as soon as its continuations are back. ``points`` must be in
+    question order, as ``plan_branches`` returns them. A run ends at the first question that reaches
+    its share of the points; no run is without points unless the batch has none.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if any(a.question > b.question for a, b in zip(points, points[1:])):
+        raise ValueError("branch points must be in question order")
+    per_question = [0] * num_questions
+    for point in points:
+        per_question[point.question] += 1
+    out: list[QuestionPart] = []
+    start = first_point = seen = 0
+    for q, count in enumerate(per_question):
+        seen += count
+        if len(out) < parts - 1 and seen > first_point and seen * parts >= (len(out) + 1) * len(points):
+            out.append(QuestionPart(slice(start, q + 1), slice(first_point, seen)))
+            start, first_point = q + 1, seen
+    if first_point < len(points) or not out:
+        out.append(QuestionPart(slice(start, num_questions), slice(first_point, len(points))))
+    elif start < num_questions:  # questions without branch points after the last cut join the last run
+        out[-1] = QuestionPart(slice(out[-1].questions.start, num_questions), out[-1].points)
+    return out
+
+
 def continuation_requests(
     batch: Sequence[ScoredQuestion], points: Sequence[BranchPoint], *, n: int, max_new_tokens: int
 ) -> list[GenerationRequest]:

@@ -127,8 +127,13 @@ def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tm
     init = (tmp_path / "models" / "init" / "model.safetensors").read_bytes()
     real = loop_module.trainable_trees
 
-    def with_a_nan(built, algorithm):  # a real batch with one advantage corrupted
+    corrupted = []
+
+    def with_a_nan(built, algorithm):  # a real batch with its first trained advantage corrupted
         trees, dropped = real(built, algorithm)
+        if corrupted or not trees:  # a part of the batch may be filtered out entirely
+            return trees, dropped
+        corrupted.append(True)
         tree = trees[0]
         path = tree.paths[0]
         broken = dataclasses.replace(path, advantages=(math.nan, *path.advantages[1:]))

@@ -10,11 +10,13 @@ from attnrl.rollout.engine import Completion
 from attnrl.sampling import RunningMean
 from attnrl.steps import StepSegmentation
 from attnrl.training.rollouts import (
+    QuestionPart,
     ScoredQuestion,
     ScoredResponse,
     build_trees,
     continuation_requests,
     plan_branches,
+    question_parts,
     trainable_trees,
     training_sequences,
 )
@@ -98,3 +100,36 @@ def test_easy_questions_below_the_running_mean_are_dropped_before_branching():
     easy_mean.update([10.0])  # a past all-correct question with a far higher mean FCI
     plans, points = plan_branches([_question([1.0] * 4)], _algorithm(), easy_mean, random.Random(0))
     assert plans[0].drop and points == []
+
+
+def test_a_batch_built_in_question_parts_gives_the_trees_of_the_whole_batch():
+    algorithm = _algorithm("algorithm.num_branch_points=2")
+    rng = random.Random(3)
+    batch = [_question([float(rng.random() < 0.4) for _ in range(4)]) for _ in range(9)]
+    batch = [ScoredQuestion(make_problem(id=q, prompt="q", answers=["1"], source="toy", split="train", where="test"),
+                            sq.prompt_ids, sq.responses) for q, sq in enumerate(batch)]
+    plans, points = plan_branches(batch, algorithm, RunningMean(), random.Random(0))
+    assert points and len({p.question for p in points}) > 2
+    continuations = [[Completion((50 + k,), (-1.0,), "stop") for k in range(2)] for _ in points]
+    logprobs = [(-0.5,)] * (2 * len(points))
+    rewards = [float(rng.random() < 0.5) for _ in range(2 * len(points))]
+    whole = build_trees(batch, plans, points, continuations, logprobs, rewards, algorithm)
+    for count in (1, 2, 3, 4, 50):
+        parts = question_parts(points, len(batch), count)
+        # Whole questions, in order, every question and point exactly once, no part without points.
+        assert [p.questions.start for p in parts] == [0] + [p.questions.stop for p in parts[:-1]]
+        assert [p.points.start for p in parts] == [0] + [p.points.stop for p in parts[:-1]]
+        assert parts[-1].questions.stop == len(batch) and parts[-1].points.stop == len(points)
+        assert all(p.points.stop > p.points.start for p in parts) and len(parts) <= count
+        # Balanced: a part ends at the first question that reaches its share of the points.
+        assert all(part.points.stop * count >= (j + 1) * len(points) for j, part in enumerate(parts[:-1]))
+        pieces = []
+        for part in parts:
+            local = part.branch_points(points)
+            assert all(0 <= p.question < part.questions.stop - part.questions.start for p in local)
+            flat = slice(2 * part.points.start, 2 * part.points.stop)  # two continuations per point
+            pieces += build_trees(batch[part.questions], plans[part.questions], local, continuations[part.points],
+                                  logprobs[flat], rewards[flat], algorithm)
+        assert pieces == whole, count
+    assert len(question_parts(points, len(batch), 4)) == 4
+    assert question_parts([], 3, 4) == [QuestionPart(slice(0, 3), slice(0, 0))]
