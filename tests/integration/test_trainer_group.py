@@ -24,10 +24,11 @@ LR = 1e-2
 # differently, gloo's all-reduce, ZeRO-3's flat partitions): gradients agree to float noise, which the
 # pre-clip gradient norms show (rel 1e-5; they scale with the loss, so a normalisation error shows there).
 # AdamW divides each element by its own running magnitude (+ eps 1e-8), so an element whose true gradient
-# is ~0 turns noise of 1e-12–1e-10 into updates of 1e-4–1e-2·lr; over the two steps here the weights
-# differ by up to 2.5e-3·lr (measured at ZeRO-0) and are held to 5e-3 of one step's size. A lost or
-# doubled shard moves many elements by O(lr).
-UPDATE_ATOL = 5e-3 * LR
+# is ~0 turns that noise into an update of up to ~1e-2·lr, and which element does depends on the CPU's
+# kernels: element-wise bounds are flaky across machines. Whole tensors are not: the difference of the
+# two runs' updates, relative to the update's size, is at most 2e-4 in any tensor after the two steps
+# here (measured at ZeRO-0). A lost or doubled shard changes the gradient of every tensor by O(10 %).
+UPDATE_RTOL = 1e-3
 SCORE_ATOL = 1e-5  # forwards of the same weights over other micro-batch layouts
 
 
@@ -74,6 +75,7 @@ def single(policy_dir):
     trainer = PolicyTrainer(policy.model, build_backend("torch", policy.model, config.train), reference=reference,
                             pad_token_id=policy.tokenizer.pad_token_id, algorithm=config.algorithm,
                             train=config.train, temperature=1.0)
+    start = {k: v.clone() for k, v in trainer.policy_state().items()}
     refs = trainer.logprobs([s.prompt_ids for s in BASE], [s.response_ids for s in BASE], reference=True)
     sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r) for s, r in zip(BASE, refs)]
     vocab = SeparatorVocab.from_tokenizer(policy.tokenizer)
@@ -85,12 +87,15 @@ def single(policy_dir):
     assert len(padded) == 6 and padded[-1].advantages == (0.0, 0.0, 0.0)
     second = trainer.update(padded)
     return {"sequences": sequences, "segmentations": segmentations, "scores": scores, "refs": refs,
-            "stats": (first, second), "weights": (after_first, trainer.policy_state())}
+            "stats": (first, second), "weights": (start, after_first, trainer.policy_state())}
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+def _update_gap(mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> float:
+    """The largest, over tensors, of |mine − theirs| / |theirs − start| (L2): how far two updates from
+    ``start`` disagree, relative to the update."""
+    assert mine.keys() == theirs.keys() == start.keys()
+    return max(float((mine[k].float() - theirs[k].float()).norm() / (theirs[k].float() - start[k].float()).norm())
+               for k in mine)
 
 
 def _weights(group: TrainerGroup, directory) -> dict[str, torch.Tensor]:
@@ -119,13 +124,14 @@ def test_two_ranks_train_like_one_process(cluster, policy_dir, single, stage, tm
         first = group.update(sequences[:4])
         assert first["optimizer_steps"] == single["stats"][0]["optimizer_steps"] == 1
         assert first["grad_norm"] == pytest.approx(single["stats"][0]["grad_norm"], rel=1e-5)
-        assert _max_diff(_weights(group, tmp_path / "first"), single["weights"][0]) <= UPDATE_ATOL
+        start, after_first, after_second = single["weights"]
+        assert _update_gap(_weights(group, tmp_path / "first"), after_first, start) <= UPDATE_RTOL
         # 5 sequences: padded to 6 with a zero-advantage copy, mini-batches of 4 and 2 split over the ranks.
         second = group.update(sequences)
         assert second["optimizer_steps"] == 2
         for key in ("grad_norm", "kl", "pg_loss"):
             assert second[key] == pytest.approx(single["stats"][1][key], rel=1e-5), key
-        assert _max_diff(_weights(group, tmp_path / "second"), single["weights"][1]) <= UPDATE_ATOL
+        assert _update_gap(_weights(group, tmp_path / "second"), after_second, start) <= UPDATE_RTOL
     finally:
         group.close()
         placement.remove()

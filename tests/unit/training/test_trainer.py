@@ -178,3 +178,20 @@ def test_the_layout_follows_the_attention_kernel():
     assert uses_padding_free("padding_free", "sdpa") and not uses_padding_free("left_padded", "flash_attention_2")
     with pytest.raises(ConfigError, match="train.packing"):
         uses_padding_free("padding_free", "some_custom_kernel")
+
+
+def test_fci_follows_the_configured_delta(tiny_policy):
+    # Δ decides which later steps count towards a step's FCI (spec §5.2): the trainer must pass the config's on.
+    model, tokenizer = tiny_policy
+    engine = HFRolloutEngine(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    prompt = tuple(encode_prompt(tokenizer, [{"role": "user", "content": "1+2+3+4+5"}]))
+    [group] = engine.generate([GenerationRequest(prompt, n=4)], SamplingParams(temperature=1.0, max_new_tokens=48), seed=2)
+    vocab = SeparatorVocab.from_tokenizer(tokenizer)
+    responses = [c.token_ids for c in group]
+    segmentations = [segment_response(r, len(prompt), vocab) for r in responses]
+    assert max(s.num_steps for s in segmentations) >= 3
+    fci = {delta: [s.fci for s in _trainer(copy.deepcopy(model), tokenizer, f"algorithm.fci_delta={delta}").score(
+        [prompt] * len(responses), responses, segmentations)] for delta in (1, 2, 64)}
+    assert fci[1] != fci[2]
+    # Δ longer than any response: no later step is far enough away, every score is 0.
+    assert all(v == 0.0 for scores in fci[64] for v in scores)
