@@ -2,7 +2,8 @@
 
 ``lineage.json`` beside each checkpoint and metrics file records the git commits of the project
 directory (params.yaml, dvc.yaml, dvc.lock) and of the attnrl code, each with whether tracked files
-had uncommitted changes, the MD5 of every input file, which is the name
+had uncommitted changes, an MD5 of the code itself (``code_md5``: uncommitted edits count), the MD5
+of every input file, which is the name
 DVC 3 gives that file in its cache and in ``dvc.lock``, and the full resolved config. A number in
 a report can so be traced to the exact code, data and parameters behind it.
 """
@@ -19,6 +20,8 @@ from attnrl.config.schema import RunConfig
 from attnrl.utils.atomic import atomic_path
 
 LINEAGE_FILE = "lineage.json"
+# The pipeline's packages next to attnrl in a checkout (dvc.yaml lists them as the train stage's code).
+CODE_PACKAGES = ("infra", "tasks", "flows")
 _CHUNK = 1 << 20
 
 
@@ -56,10 +59,23 @@ def git_state(directory: Path) -> dict[str, Any]:
     return {"commit": commit, "dirty": None if commit is None or dirty is None else bool(dirty)}
 
 
+def code_md5(package: Path = Path(__file__).resolve().parent) -> str:
+    """MD5 over the relative path and bytes of every Python file of the attnrl package (``package``) and
+    of the pipeline's own packages beside it (``CODE_PACKAGES``): equal digests, the same code,
+    committed or not."""
+    digest = hashlib.md5()
+    for directory in [package, *(package.parent / name for name in CODE_PACKAGES)]:
+        for file in sorted(directory.rglob("*.py")) if directory.is_dir() else []:
+            digest.update(str(file.relative_to(package.parent)).encode() + b"\0")
+            digest.update(hashlib.md5(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def lineage(config: RunConfig, inputs: list[Path], root: str | Path = ".") -> dict[str, Any]:
     root = Path(root).resolve()
     return {
         "git": {"project": git_state(root), "code": git_state(Path(__file__).resolve().parent)},
+        "code_md5": code_md5(),
         "inputs_md5": input_hashes([Path(p).resolve() for p in inputs], root),
         "config": config.model_dump(mode="json"),
     }

@@ -1,24 +1,31 @@
 """The ``pipeline`` flow: every stage as a subflow, in order, with a check between stages.
 
-prepare → warmup → (difficulty) → evaluate the warmed-up policy (``runs/eval-init``) → train →
+prepare → warmup → difficulty (a pass-through unless ``difficulty.enabled``) → evaluate the warmed-up policy (``runs/eval-init``) → train →
 evaluate the trained policy (``runs/eval``) → report. Each stage flow runs its own data check (the
 Great Expectations gates of :mod:`tasks.checks`); the pipeline adds read-back checks of the model
 directories, the training metrics and the report. A failed check raises and the next stage never
 starts.
 
+The configuration is resolved once, when the run starts (a retry of the run gets the same one), and
+passed to every stage: editing ``params.yaml`` during a run changes nothing in it.
+
 In a DVC project (``.dvc/`` and ``dvc.yaml`` in ``root``) run with its own ``params.yaml`` and no
 overrides, each stage's outputs are recorded with ``dvc commit`` right after the stage and its checks
 passed, and pushed when a default remote is set (:mod:`tasks.versioning`): afterwards ``dvc status``
 is clean and ``dvc repro`` has nothing to do. A stage that fails its check is never recorded, so the
-previous versioned outputs stay in the cache and ``dvc.lock``.
+previous versioned outputs stay in the cache and ``dvc.lock``; nor is a stage recorded once
+``params.yaml`` no longer resolves to the run's configuration (``tasks.versioning.StageRecorder``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import RUN_ID
 
+from attnrl.config.identity import config_digest
+from attnrl.config.schema import RunConfig
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
 from attnrl.stages.report import ReportResult
@@ -33,13 +40,12 @@ from flows.stages import (
     train_flow,
     warmup_flow,
 )
-from infra import dvc_store
 from tasks.checks import (
     check_model_dir_task,
     check_report_task,
     check_train_metrics_task,
 )
-from tasks.versioning import record, versioned_stages
+from tasks.versioning import StageRecorder
 
 
 @dataclass(frozen=True)
@@ -50,43 +56,51 @@ class PipelineResult:
     report: ReportResult
 
 
+@task(name="resolve config", cache_policy=RUN_ID, persist_result=True)
+def run_config_task(config_path: str, overrides: list[str] | None, method: str | None) -> RunConfig:
+    """The run's one configuration. Cached on the flow run's id, so a retry of the run (from the UI or
+    the flow's own retries) uses the configuration its first attempt resolved, not today's file."""
+    return load_flow_config(config_path, overrides, method)
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
              method: str | None = None) -> PipelineResult:
     """Run every stage; returns the before/after evaluations, the training run and the report."""
-    config = load_flow_config(config_path, overrides, method)  # fail fast, before any stage starts
+    config = run_config_task(config_path, overrides, method)  # fail fast, before any stage starts
     layout = Layout.of(config, root)
     logger = get_run_logger()
-    common = {"config_path": config_path, "overrides": overrides, "root": root, "method": method}
-    stages = versioned_stages(root, config_path, overrides, method)
-    remote = dvc_store.default_remote(root) if stages else None
+    logger.info("configuration %s%s%s (sha256 %s), used by every stage of this run", config_path,
+                f" with overrides {overrides}" if overrides else "", f" and method {method}" if method else "",
+                config_digest(config)[:12])
+    common = {"config": config, "root": root}
+    recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
 
     prepared = prepare_flow(**common)
     logger.info("prepared %d training problems, evaluation: %s", prepared.train_count, prepared.eval_counts)
-    record(root, "prepare", stages, remote)
+    recorder.record("prepare")
 
     warmed = warmup_flow(**common)
     check_model_dir_task(warmed.model_dir)
-    record(root, "warmup", stages, remote)
+    recorder.record("warmup")
 
-    if config.difficulty.enabled:
-        difficulty_flow(**common)
-        record(root, "difficulty", stages, remote)
+    difficulty_flow(**common)  # with difficulty.enabled false it passes the problems through
+    recorder.record("difficulty")
 
     before = evaluate_flow(**common, out_dir=str(layout.runs_dir / "eval-init"))
-    record(root, "evaluate_init", stages, remote)
+    recorder.record("evaluate_init")
 
     trained = train_flow(**common)
     check_model_dir_task(trained.final_model)
     # A token budget (train.max_generated_tokens) may end training before train.steps.
     budgeted = config.train.max_generated_tokens is not None
     check_train_metrics_task(trained.metrics_path, None if budgeted else config.train.steps)
-    record(root, "train", stages, remote)
+    recorder.record("train")
 
     after = evaluate_flow(**common, model_dir=str(trained.final_model))
-    record(root, "evaluate", stages, remote)
+    recorder.record("evaluate")
 
     report = report_flow(**common)
     check_report_task(report.html_path)
-    record(root, "report", stages, remote)
+    recorder.record("report")
     return PipelineResult(before=before, after=after, train=trained, report=report)

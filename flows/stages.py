@@ -1,8 +1,10 @@
-"""One Prefect flow per stage. Each resolves the typed config itself (a bad key or value fails the flow at
-once, naming the field, before any task runs) and calls that stage's task, which calls the one stage
-function in ``attnrl.stages`` with the stage's data check (``tasks/checks.py``; skipped with
-``checks.enabled=false``): a bad output fails the flow before it replaces the previous output, so
-nothing downstream consumes it.
+"""One Prefect flow per stage. Each resolves the typed config itself (a bad key or value fails the flow
+at once, naming the field, before any task runs), or takes it resolved as ``config`` (the pipeline
+passes its run's one resolution to every stage, so an edit of ``params.yaml`` during the run changes
+none of them, and the UI shows each stage's configuration among its parameters), and calls that
+stage's task, which calls the one stage function in ``attnrl.stages`` with the stage's data check
+(``tasks/checks.py``; skipped with ``checks.enabled=false``): a bad output fails the flow before it
+replaces the previous output, so nothing downstream consumes it.
 
 Every flow takes the same parameters as the CLI: ``config_path`` (``--config``), ``overrides``
 (``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``).
@@ -16,6 +18,7 @@ from prefect import flow
 
 from attnrl.config import resolve_config
 from attnrl.config.schema import RunConfig
+from attnrl.errors import ConfigError
 from attnrl.stages.difficulty import DifficultyResult
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.prepare import PreparedData
@@ -30,35 +33,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run t
 DEFAULT_CONFIG = "params.yaml"
 
 
-def load_flow_config(config_path: str, overrides: list[str] | None, method: str | None) -> RunConfig:
-    """Resolve the config inside the flow run, so a bad config is that run's failure (no retries)."""
-    return resolve_config(path=config_path, method=method, overrides=overrides or [])
+def load_flow_config(config_path: str, overrides: list[str] | None, method: str | None,
+                     config: RunConfig | None = None) -> RunConfig:
+    """Resolve the config inside the flow run, so a bad config is that run's failure (no retries);
+    ``config``, already resolved, is used as it is."""
+    if config is None:
+        return resolve_config(path=config_path, method=method, overrides=overrides or [])
+    if overrides or method:
+        raise ConfigError(f"a stage given a resolved config takes no overrides ({overrides}) or method ({method}): "
+                          "apply them where the config is resolved")
+    return config
 
 
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-                 method: str | None = None) -> PreparedData:
-    return prepare_task(load_flow_config(config_path, overrides, method), root)
+                 method: str | None = None, config: RunConfig | None = None) -> PreparedData:
+    return prepare_task(load_flow_config(config_path, overrides, method, config), root)
 
 
 @flow(name="warmup", log_prints=True)
 def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-                method: str | None = None) -> WarmupResult:
-    return warmup_task(load_flow_config(config_path, overrides, method), root)
+                method: str | None = None, config: RunConfig | None = None) -> WarmupResult:
+    return warmup_task(load_flow_config(config_path, overrides, method, config), root)
 
 
 @flow(name="difficulty", log_prints=True)
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-                    method: str | None = None) -> DifficultyResult:
-    return difficulty_task(load_flow_config(config_path, overrides, method), root)
+                    method: str | None = None, config: RunConfig | None = None) -> DifficultyResult:
+    return difficulty_task(load_flow_config(config_path, overrides, method, config), root)
 
 
 @flow(name="train", log_prints=True)
 def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-               method: str | None = None) -> TrainResult:
+               method: str | None = None, config: RunConfig | None = None) -> TrainResult:
     """RL training; with checks on, the input problems are gated first and every step's rollout batch
     before its update."""
-    config = load_flow_config(config_path, overrides, method)
+    config = load_flow_config(config_path, overrides, method, config)
     if config.checks.enabled:
         gate_training_input_task(config, root)
     return train_task(config, root)
@@ -67,12 +77,12 @@ def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                   method: str | None = None, model_dir: str | None = None,
-                  out_dir: str | None = None) -> EvaluationResult:
+                  out_dir: str | None = None, config: RunConfig | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
-    return evaluate_task(load_flow_config(config_path, overrides, method), root, model_dir, out_dir)
+    return evaluate_task(load_flow_config(config_path, overrides, method, config), root, model_dir, out_dir)
 
 
 @flow(name="report", log_prints=True)
 def report_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-                method: str | None = None) -> ReportResult:
-    return report_task(load_flow_config(config_path, overrides, method), root)
+                method: str | None = None, config: RunConfig | None = None) -> ReportResult:
+    return report_task(load_flow_config(config_path, overrides, method, config), root)

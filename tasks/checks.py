@@ -55,16 +55,19 @@ def gate_training_input(config: RunConfig, root: str | Path = ".") -> list[GateR
     return gate_problem_files(config, [(path, path)], root)
 
 
-def gate_difficulty(config: RunConfig, root: str | Path, directory: Path) -> GateReport:
-    """Stage 'difficulty': the table and the kept problems of a new ``data/difficulty`` at ``directory``."""
+def gate_difficulty(config: RunConfig, root: str | Path, directory: Path) -> list[GateReport]:
+    """Stage 'difficulty': the table and the kept problems of a new ``data/difficulty`` at ``directory``
+    (the stage off: only the problems it passed through; its table is empty by design)."""
     layout = Layout.of(config, root)
     table = directory / "difficulty.parquet"
     if not table.is_file():
         raise DataError(f"data check difficulty_table: {layout.difficulty_dir / table.name} is missing")
-    report = data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(table), config,
-                                 target=str(layout.difficulty_dir / table.name), docs_dir=layout.data_docs(config))
-    gate_problem_files(config, [(directory / TRAIN_FILE, layout.difficulty_dir / TRAIN_FILE)], root)
-    return report
+    reports = []
+    if config.difficulty.enabled:
+        reports.append(data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(table), config,
+                                           target=str(layout.difficulty_dir / table.name),
+                                           docs_dir=layout.data_docs(config)))
+    return reports + gate_problem_files(config, [(directory / TRAIN_FILE, layout.difficulty_dir / TRAIN_FILE)], root)
 
 
 def gate_evaluation(config: RunConfig, root: str | Path, directory: Path, name: Path) -> list[GateReport]:

@@ -1,8 +1,7 @@
 """Prefect tasks that record each pipeline stage with DVC (``infra/dvc_store.py``).
 
-The pipeline records a stage only when ``dvc.lock`` can describe the run truthfully: the root is a
-DVC project and the run read that project's ``params.yaml`` with no overrides and no method preset.
-Pushing retries (the remote may be briefly unreachable); committing does not (it is local and
+The pipeline records a stage only when ``dvc.lock`` can describe the run truthfully
+(``StageRecorder``). Pushing retries (the remote may be briefly unreachable); committing does not (it is local and
 deterministic).
 """
 
@@ -14,21 +13,55 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from attnrl.config import RunConfig, resolve_config
+from attnrl.config.identity import changed_keys, config_digest
+from attnrl.errors import ConfigError
 from infra import dvc_store
 from tasks.retry import RETRIES, RETRY_DELAY_SECONDS
 
 
-def versioned_stages(root: str | Path, config_path: str, overrides: list[str] | None, method: str | None) -> set[str]:
-    """The dvc.yaml stage names the pipeline records after running them (empty: no recording)."""
-    root = Path(root)
-    if not dvc_store.is_dvc_project(root):
-        return set()
-    if overrides or method or Path(config_path).resolve() != (root / "params.yaml").resolve():
-        get_run_logger().warning(
-            "not recording stages with DVC: this run did not read %s unmodified (overrides %s, method %s, config %s), "
-            "so dvc.lock would not describe it", root / "params.yaml", overrides, method, config_path)
-        return set()
-    return set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+class StageRecorder:
+    """Records a pipeline run's stages with DVC, each right after it passed its checks.
+
+    Only when ``dvc.lock`` can describe the run truthfully: the root is a DVC project, the run read
+    that project's ``params.yaml`` with no overrides and no method preset, and the file still
+    resolves to the run's configuration when the stage is recorded. After an edit during the run
+    the stage and every later one are left unrecorded, with a warning naming the changed keys: the
+    run goes on with its own configuration, and ``dvc repro`` or another run records the new one.
+    """
+
+    def __init__(self, root: str | Path, config: RunConfig, stages: set[str], remote: str | None) -> None:
+        self.root, self.config, self.stages, self.remote = Path(root), config, stages, remote
+
+    @classmethod
+    def for_run(cls, root: str | Path, config: RunConfig, config_path: str, overrides: list[str] | None,
+                method: str | None) -> StageRecorder:
+        root = Path(root)
+        if not dvc_store.is_dvc_project(root):
+            return cls(root, config, set(), None)
+        if overrides or method or Path(config_path).resolve() != (root / "params.yaml").resolve():
+            get_run_logger().warning(
+                "not recording stages with DVC: this run did not read %s unmodified (overrides %s, method %s, "
+                "config %s), so dvc.lock would not describe it", root / "params.yaml", overrides, method, config_path)
+            return cls(root, config, set(), None)
+        stages = set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+        return cls(root, config, stages, dvc_store.default_remote(root))
+
+    def record(self, stage: str) -> None:
+        """Commit ``stage`` (and push it when the project has a default remote) if this run records it."""
+        if stage not in self.stages:
+            return
+        edit = _params_edit(self.root, self.config)
+        if edit:
+            get_run_logger().warning(
+                "not recording %s or any later stage with DVC: %s changed during this run (%s), so dvc.lock "
+                "would record parameters this run did not use; this run keeps its configuration (sha256 %s)",
+                stage, self.root / "params.yaml", edit, config_digest(self.config)[:12])
+            self.stages = set()
+            return
+        record_stage_task(self.root, stage)
+        if self.remote:
+            push_stage_task(self.root, stage)
 
 
 @task(name="dvc commit", cache_policy=NO_CACHE, persist_result=False)
@@ -42,9 +75,9 @@ def push_stage_task(root: str | Path, stage: str) -> None:
     dvc_store.push_stage(root, stage)
 
 
-def record(root: str | Path, stage: str, stages: set[str], remote: str | None) -> None:
-    """Commit ``stage`` (and push it when the project has a default remote) if the pipeline records it."""
-    if stage in stages:
-        record_stage_task(root, stage)
-        if remote:
-            push_stage_task(root, stage)
+def _params_edit(root: Path, config: RunConfig) -> str:
+    """How ``root/params.yaml`` now differs from ``config`` ('' when it resolves to it)."""
+    try:
+        return ", ".join(changed_keys(config, resolve_config(path=root / "params.yaml")))
+    except ConfigError as exc:
+        return f"it no longer resolves: {exc}"

@@ -6,7 +6,7 @@ that gives FCI (spec §5.1). Writes ``data/difficulty/``:
 * ``difficulty.parquet``: one row per problem: source, id, samples, correct, pass_rate,
   mean_fci (mean over responses of their mean step FCI, spec §7.2), kept;
 * ``train.parquet``: the kept problems (pass rate strictly between the configured bounds), which
-  the train stage reads when ``difficulty.enabled``;
+  the train stage reads when ``difficulty.enabled`` (disabled: every prepared problem, passed through);
 * ``ads_seed.json``: the ADS running mean (spec §7.2) seeded with the always-solved problems'
   mean FCI, so the easy filter has a reference from the first training step.
 """
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet, write_problems
+from attnrl.data.problem import Problem
 from attnrl.errors import DataError
 from attnrl.model.loading import load_policy
 from attnrl.reward.verifier import Verifier
@@ -50,12 +51,25 @@ class DifficultyResult:
     easy_mean: RunningMean
 
 
+TABLE_SCHEMA = pa.schema([("source", pa.string()), ("problem_id", pa.string()), ("level", pa.int64()),
+                          ("samples", pa.int64()), ("correct", pa.int64()), ("pass_rate", pa.float64()),
+                          ("mean_fci", pa.float64()), ("kept", pa.bool_())])
+
+
 def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
                         check: OutputCheck | None = None) -> DifficultyResult:
-    """``check`` sees the complete new ``data/difficulty`` directory before it replaces the old one."""
+    """``check`` sees the complete new ``data/difficulty`` directory before it replaces the old one.
+
+    With ``difficulty.enabled`` false the stage passes every prepared problem through, with an empty
+    table and an empty ADS seed, so the stage is always in the DAG (``dvc.yaml``): turning it on with
+    ``dvc exp run -S difficulty.enabled=true`` reruns it and everything after it."""
     layout = Layout.of(config, root)
     settings = config.difficulty
     problems = load_verl_parquet(layout.prepared_train)
+    if not settings.enabled:
+        _write(layout, [], problems, RunningMean(), check)
+        return DifficultyResult(layout.difficulty_dir / "difficulty.parquet", layout.difficulty_dir / TRAIN_FILE,
+                                0, len(problems), RunningMean())
     if settings.max_problems is not None and settings.max_problems < len(problems):
         problems = random.Random(derive_seed(config.seed, "difficulty")).sample(problems, settings.max_problems)
     init = initial_policy_path(config, root)
@@ -97,13 +111,17 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
             f"difficulty: no problem has a pass rate in ({settings.min_pass_rate}, {settings.max_pass_rate}); "
             "nothing is left to train on"
         )
+    _write(layout, rows, kept, easy_mean, check)
     out = layout.difficulty_dir
-    with atomic_path(out, validate=check) as tmp:
+    return DifficultyResult(out / "difficulty.parquet", out / TRAIN_FILE, len(rows), len(kept), easy_mean)
+
+
+def _write(layout: Layout, rows: list[dict], kept: list[Problem], easy_mean: RunningMean, check: OutputCheck | None) -> None:
+    with atomic_path(layout.difficulty_dir, validate=check) as tmp:
         tmp.mkdir()
-        pq.write_table(pa.Table.from_pylist(rows), tmp / "difficulty.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp / "difficulty.parquet")
         write_problems(kept, tmp / TRAIN_FILE)
         (tmp / ADS_SEED_FILE).write_text(json.dumps({"easy_mean": easy_mean.state_dict()}, indent=2))
-    return DifficultyResult(out / "difficulty.parquet", out / TRAIN_FILE, len(rows), len(kept), easy_mean)
 
 
 def ads_seed(config: RunConfig, root: str | Path = ".") -> RunningMean:

@@ -22,10 +22,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from attnrl.config.identity import changed_keys
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.errors import ConfigError
@@ -99,15 +101,16 @@ def train(
             "process (it imports vLLM); neither the single-process trainer (driver environment) nor the trainer group "
             "drives it yet, so the weights go through Ray's object store: set 'object_store'"
         )
+    problems_path = training_problems_path(config, root)
+    provenance = lineage(config, [problems_path, init], root)
     resume = latest_checkpoint(checkpoints)
-    if resume is not None and (changed := config_changes(resume, config)):
-        # Another configuration's run (e.g. `dvc repro` after a parameter change): start over.
-        logger.warning("%s was trained with different %s; starting a new run in %s", resume, ", ".join(changed), run)
+    if resume is not None and (changed := resume_changes(resume, config, provenance)):
+        # Another run's checkpoint (e.g. `dvc repro` after a change of parameters, code, data or the
+        # initial model, the state DVC hashes for this stage): start over.
+        logger.warning("%s was trained with a different %s; starting a new run in %s", resume, ", ".join(changed), run)
         shutil.rmtree(checkpoints)
         resume = None
-    problems_path = training_problems_path(config, root)
     problems = load_verl_parquet(problems_path)
-    provenance = lineage(config, [problems_path, init], root)
     start = load_object(DISTRIBUTED_RUNTIME, "distributed") if config.distributed.enabled else local_runtime
     with start(config, init=init, resume=resume) as runtime, \
             Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
@@ -195,27 +198,21 @@ RESUMABLE_CHANGES = ("train.steps", "train.max_generated_tokens", "train.save_ev
 IGNORED_SECTIONS = ("checks", "eval", "paths")  # read by other stages or not at all by training
 
 
-def config_changes(checkpoint: Path, config: RunConfig) -> list[str]:
-    """Config keys whose values differ from those recorded in ``checkpoint``'s lineage (none recorded: [])."""
+def resume_changes(checkpoint: Path, config: RunConfig, provenance: dict[str, Any]) -> list[str]:
+    """What differs between the run that wrote ``checkpoint`` (its lineage) and this one, whose lineage
+    is ``provenance``: config keys, the code, input files. Empty: the checkpoint can be resumed (none
+    recorded: a checkpoint from before lineage, resumed as it is)."""
     path = checkpoint / LINEAGE_FILE
     if not path.is_file():
         return []
-    before = _flatten(json.loads(path.read_text())["config"])
-    now = _flatten(config.model_dump(mode="json"))
-    keys = sorted(set(before) | set(now))
-    return [k for k in keys if before.get(k) != now.get(k)
-            and k not in RESUMABLE_CHANGES and k.split(".")[0] not in IGNORED_SECTIONS]
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+    recorded = json.loads(path.read_text())
+    changes = [k for k in changed_keys(recorded["config"], config)
+               if k not in RESUMABLE_CHANGES and k.split(".")[0] not in IGNORED_SECTIONS]
+    if "code_md5" not in recorded or recorded["code_md5"] != provenance["code_md5"]:
+        changes.append("code (code_md5)")
+    before, now = recorded["inputs_md5"], provenance["inputs_md5"]
+    changes += [f"input {name}" for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+    return changes
 
 
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:

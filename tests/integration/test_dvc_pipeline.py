@@ -12,15 +12,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
 
 from attnrl.config import dump_config, resolve_config
+from attnrl.data.loaders import load_verl_parquet
 from tests.conftest import PROJECT_ROOT, small_overrides
 
 PROJECT_FILES = ("attnrl", "infra", "tasks", "flows", "dvc.yaml")
-OUTPUTS = ("data/prepared", "models/init", "runs/eval-init", "runs/train", "runs/eval", "reports")
-ALL_STAGES = {"prepare", "warmup", "evaluate_init", "train", "evaluate", "report"}
+OUTPUTS = ("data/prepared", "data/difficulty", "models/init", "runs/eval-init", "runs/train", "runs/eval", "reports")
+ALL_STAGES = {"prepare", "warmup", "difficulty", "evaluate_init", "train", "evaluate", "report"}
 
 
 def _env(api_url: str, **extra: str) -> dict[str, str]:
@@ -129,6 +132,26 @@ def test_changing_a_training_parameter_reruns_train_evaluate_and_report_only(rep
     assert "up to date" in run(["dvc", "status"], project, env).stdout
 
 
+def test_a_code_change_starts_training_over_and_without_one_a_rerun_resumes_with_nothing_to_train(
+        reproduced, tmp_path):
+    project, env = _copy(reproduced, tmp_path)
+    env = {**env, "PYTHONPATH": str(project)}  # the copy's code runs, not this checkout's editable install
+    final = project / "runs" / "train" / "final" / "model.safetensors"
+    before = final.read_bytes()
+    # No change: a forced rerun of train resumes the finished checkpoint and trains nothing.
+    same = run(["dvc", "repro", "--force", "--single-item", "train"], project, env)
+    assert "(resumed from" in same.stdout and "starting a new run" not in same.stderr, same.stdout + same.stderr
+    assert final.read_bytes() == before
+    # A one-line change of the loss: dvc reruns train, which starts over instead of resuming.
+    loss = project / "attnrl" / "loss.py"
+    loss.write_text(loss.read_text().replace("unclipped = -advantages * ratio", "unclipped = -2.0 * advantages * ratio"))
+    changed = run(["dvc", "repro"], project, env)
+    assert ran_stages(changed.stdout) == {"train", "evaluate", "report"}, changed.stdout
+    assert "trained with a different code (code_md5); starting a new run" in changed.stderr, changed.stderr[-2000:]
+    assert "(resumed from" not in changed.stdout
+    assert final.read_bytes() != before
+
+
 def test_experiments_with_two_values_of_a_parameter_are_listed_with_metrics(reproduced, tmp_path):
     project, env = _copy(reproduced, tmp_path)
     for lr in ("0.002", "0.0005"):
@@ -141,6 +164,25 @@ def test_experiments_with_two_values_of_a_parameter_are_listed_with_metrics(repr
         assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
         average = data["metrics"]["runs/eval/metrics.json"]["data"]["average"]
         assert 0 <= average["mean_at_k"] <= 1
+
+
+def test_an_experiment_that_turns_the_difficulty_stage_on_trains_on_the_problems_it_kept(reproduced, tmp_path):
+    project, env = _copy(reproduced, tmp_path)
+    # A policy warmed up on level 1 long enough to solve some problems and not others (as in
+    # tests/unit/stages/test_stages.py), so the stage keeps some.
+    sets = ["difficulty.enabled=true", "difficulty.samples_per_problem=4", "data.synthetic.levels=[1]",
+            "data.synthetic.train_per_level=90", "warmup.steps=400", "warmup.batch_size=16", "warmup.lr=3e-3",
+            "rollout.sampling.max_new_tokens=12"]
+    done = run(["dvc", "exp", "run", "-n", "with-difficulty", *(a for s in sets for a in ("-S", s))], project, env)
+    assert {"difficulty", "train"} <= ran_stages(done.stdout), done.stdout
+    table = pq.read_table(project / "data" / "difficulty" / "difficulty.parquet").to_pylist()
+    kept = [(row["source"], row["problem_id"]) for row in table if row["kept"]]
+    estimated = len(load_verl_parquet(project / "data" / "prepared" / "train.parquet"))
+    assert len(table) == estimated and 0 < len(kept) < estimated
+    trained_on = project / "data" / "difficulty" / "train.parquet"
+    assert [(p.source, p.id) for p in load_verl_parquet(trained_on)] == kept
+    inputs = json.loads((project / "runs" / "train" / "lineage.json").read_text())["inputs_md5"]
+    assert "data/difficulty/train.parquet" in inputs and "data/prepared/train.parquet" not in inputs
 
 
 @pytest.fixture
@@ -230,3 +272,40 @@ def test_after_the_prefect_pipeline_dvc_status_is_clean_and_every_stage_is_pushe
     # Pushed as each stage finished: the remote has every cached object.
     assert "are in sync" in run(["dvc", "status", "--cloud"], project, env).stdout
     assert s3.list_objects_v2(Bucket="attnrl", Prefix="dvc/")["KeyCount"] > 0
+
+
+def test_a_params_edit_during_a_pipeline_run_changes_none_of_its_stages_and_is_not_recorded(
+        prefect_api, tmp_path, monkeypatch):
+    import flows.pipeline as pipeline_module
+
+    env = _env(str(prefect_api.api_url))
+    project = make_project(tmp_path / "project", env)
+    params = project / "params.yaml"
+    first = resolve_config(path=params)
+    edited = resolve_config(path=params, overrides=["train.lr=0.5", "eval.max_new_tokens=3"])
+    real_warmup = pipeline_module.warmup_flow
+
+    def warmup_then_edit(**kwargs):  # a colleague edits params.yaml while the run is between stages
+        result = real_warmup(**kwargs)
+        params.write_text(dump_config(edited))
+        return result
+
+    monkeypatch.setattr(pipeline_module, "warmup_flow", warmup_then_edit)
+    state = pipeline_module.pipeline(config_path=str(params), root=str(project), return_state=True)
+    assert state.is_completed(), state.message
+
+    # Every stage after the edit ran with the run's first configuration ...
+    trained = json.loads((project / "runs" / "train" / "lineage.json").read_text())["config"]
+    assert trained == first.model_dump(mode="json")
+    parent = prefect_api.read_flow_run(state.state_details.flow_run_id)
+    subflows = prefect_api.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+    assert len(subflows) == 7
+    # ... and the UI shows it among each stage's parameters.
+    assert all(run.parameters["config"]["train"]["lr"] == first.train.lr for run in subflows)
+    # Recorded with DVC: prepare, before the edit; nothing after it, with a warning that says why.
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == {"prepare"}
+    logs = " ".join(log.message for log in prefect_api.read_logs(
+        LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent.id]))))
+    assert "not recording warmup or any later stage with DVC" in logs, logs[-2000:]
+    assert "changed during this run (eval.max_new_tokens, train.lr)" in logs

@@ -16,8 +16,9 @@ from prefect.client.schemas.filters import (
     FlowRunFilterParentFlowRunId,
 )
 
+from attnrl.config import dump_config, resolve_config
 from attnrl.errors import ConfigError, DataError
-from flows.pipeline import pipeline
+from flows.pipeline import pipeline, run_config_task
 from flows.stages import train_flow, warmup_flow
 from tasks import checks
 from tasks.retry import RETRIES, retry_unless_deterministic
@@ -49,7 +50,8 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
         flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id]))
     )
     names = sorted(prefect_api.read_flow(run.flow_id).name for run in subflows)
-    assert names == ["evaluate", "evaluate", "prepare", "report", "train", "warmup"]  # difficulty is off in params.yaml
+    # difficulty is off in params.yaml: it passes the problems through
+    assert names == ["difficulty", "evaluate", "evaluate", "prepare", "report", "train", "warmup"]
     assert all(run.state.is_completed() for run in subflows), [(run.name, run.state) for run in subflows]
 
     # The train flow shows every step and the phases inside it as task runs, all Completed.
@@ -116,6 +118,30 @@ def test_a_deterministic_task_failure_is_not_retried(prefect_api, tmp_path):
     assert counter.read_text() == "1"
     [run] = _task_runs(prefect_api, state.state_details.flow_run_id)
     assert run.run_count == 1 and run.state.is_failed()
+
+
+@flow(name="edited-between-attempts-test", retries=1, retry_delay_seconds=0)
+def _edited_between_attempts(params: Path, attempts: Path) -> float:
+    """Resolves the run's config and logs its learning rate to ``attempts``; the first attempt then
+    edits ``params`` and fails."""
+    config = run_config_task(str(params), None, None)
+    with attempts.open("a") as log:
+        log.write(f"{config.train.lr}\n")
+    if len(attempts.read_text().split()) == 1:
+        params.write_text(dump_config(resolve_config(path=params, overrides=["train.lr=0.5"])))
+        raise OSError("the first attempt fails after params.yaml was edited (injected)")
+    return config.train.lr
+
+
+def test_a_retried_run_keeps_the_configuration_of_its_first_attempt(prefect_api, tmp_path):
+    params, attempts = tmp_path / "params.yaml", tmp_path / "attempts"
+    params.write_text(dump_config(resolve_config(preset="tiny")))
+    first = resolve_config(path=params).train.lr
+    state = _edited_between_attempts(params, attempts, return_state=True)
+    assert state.is_completed(), state.message
+    assert [float(lr) for lr in attempts.read_text().split()] == [first, first] and first != 0.5
+    assert resolve_config(path=params).train.lr == 0.5  # the file did change in between
+    assert _flow_run(prefect_api, state).run_count == 2
 
 
 def test_stage_tasks_retry_only_transient_failures():

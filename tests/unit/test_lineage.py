@@ -1,4 +1,4 @@
-"""Lineage records and the resume rule built on them (a changed config starts a new run)."""
+"""Lineage records and the resume rule built on them (a changed config, code or input starts a new run)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import subprocess
 
 from attnrl.config import resolve_config
-from attnrl.lineage import LINEAGE_FILE, file_md5, input_hashes, lineage, write_lineage
-from attnrl.stages.train import config_changes
+from attnrl.lineage import LINEAGE_FILE, code_md5, file_md5, input_hashes, lineage, write_lineage
+from attnrl.stages.train import resume_changes
 
 
 def test_input_hashes_are_md5_of_every_file_relative_to_the_root(tmp_path):
@@ -38,13 +38,41 @@ def test_lineage_names_the_commit_and_a_dirty_tree(tmp_path):
     assert lineage(config, [], tmp_path / "nowhere")["git"]["project"] == {"commit": None, "dirty": None}
 
 
-def test_a_checkpoint_resumes_only_under_the_same_training_config(tmp_path):
+def test_a_checkpoint_resumes_only_under_the_same_config_code_and_inputs(tmp_path):
+    (tmp_path / "problems.parquet").write_bytes(b"problems")
     config = resolve_config(preset="tiny")
-    write_lineage(tmp_path, lineage(config, [], tmp_path))
+    record = lineage(config, [tmp_path / "problems.parquet"], tmp_path)
+    write_lineage(tmp_path, record)
     longer = resolve_config(preset="tiny", overrides=["train.steps=99", "train.save_every=3", "eval.temperature=0.6"])
-    assert config_changes(tmp_path, longer) == []
+    assert resume_changes(tmp_path, longer, lineage(longer, [tmp_path / "problems.parquet"], tmp_path)) == []
     other = resolve_config(preset="tiny", overrides=["train.lr=0.5", "algorithm.clip_high=0.3"])
-    assert config_changes(tmp_path, other) == ["algorithm.clip_high", "train.lr"]
+    assert resume_changes(tmp_path, other, record) == ["algorithm.clip_high", "train.lr"]
+    assert resume_changes(tmp_path, config, record | {"code_md5": "0" * 32}) == ["code (code_md5)"]
+    (tmp_path / "problems.parquet").write_bytes(b"other problems")
+    assert resume_changes(tmp_path, config, lineage(config, [tmp_path / "problems.parquet"], tmp_path)) == [
+        "input problems.parquet"]
+    assert resume_changes(tmp_path, config, record | {"inputs_md5": {}}) == ["input problems.parquet"]
+    write_lineage(tmp_path, {k: v for k, v in record.items() if k != "code_md5"})
+    assert resume_changes(tmp_path, config, record) == ["code (code_md5)"]  # code not recorded: not the same
     (tmp_path / LINEAGE_FILE).unlink()
-    assert config_changes(tmp_path, other) == []  # checkpoints from before lineage existed still resume
+    assert resume_changes(tmp_path, other, record) == []  # checkpoints from before lineage existed still resume
     assert json.loads(json.dumps(lineage(config, [], tmp_path)))  # JSON all the way down
+
+
+def test_the_code_digest_covers_every_python_file_of_the_package_and_its_pipeline_packages(tmp_path):
+    package = tmp_path / "attnrl"
+    (package / "sub").mkdir(parents=True)
+    (tmp_path / "tasks").mkdir()
+    (package / "loss.py").write_text("x = 1\n")
+    (package / "sub" / "a.py").write_text("y = 2\n")
+    (tmp_path / "tasks" / "t.py").write_text("z = 3\n")
+    first = code_md5(package)
+    (package / "sub" / "a.pyc").write_bytes(b"compiled")  # not code we read
+    (tmp_path / "unrelated.py").write_text("w = 4\n")     # beside the packages, not in them
+    assert code_md5(package) == first
+    for edited in (package / "loss.py", tmp_path / "tasks" / "t.py"):
+        original = edited.read_text()
+        edited.write_text(original.replace("= ", "= -"))  # a one-line change
+        assert code_md5(package) != first, edited
+        edited.write_text(original)
+        assert code_md5(package) == first

@@ -78,6 +78,21 @@ def test_warmup_sft_needs_the_synthetic_task(tmp_path, config):
         warmup(real, tmp_path)
 
 
+def test_difficulty_off_passes_every_problem_through_with_an_empty_table_and_seed(tmp_path, config):
+    from attnrl.stages.difficulty import TABLE_SCHEMA, ads_seed, estimate_difficulty
+
+    assert not config.difficulty.enabled
+    prepare(config, tmp_path)  # no policy needed: nothing is sampled
+    result = estimate_difficulty(config, tmp_path)
+    prepared = load_verl_parquet(Layout.of(config, tmp_path).prepared_train)
+    assert load_verl_parquet(result.train_path) == prepared and result.kept == len(prepared) == 80
+    table = pq.read_table(result.table_path)
+    assert table.num_rows == result.estimated == 0 and table.schema.equals(TABLE_SCHEMA)
+    assert result.easy_mean.count == 0 and ads_seed(config, tmp_path).count == 0
+    seed = json.loads((tmp_path / "data" / "difficulty" / "ads_seed.json").read_text())
+    assert seed["easy_mean"]["count"] == 0
+
+
 def test_difficulty_refuses_to_leave_nothing_to_train_on(tmp_path, config):
     from attnrl.stages.difficulty import ads_seed, estimate_difficulty
 
