@@ -6,8 +6,9 @@
     attnrl config --preset NAME          print a complete params.yaml for a preset
 
 Every command runs the same flows as the deployments (one implementation per stage): with
-``PREFECT_API_URL`` set, runs are recorded on that server and visible in its UI; without it Prefect
-starts a temporary local API for the run. Every stage reads ``--config`` (default ``params.yaml``)
+``PREFECT_API_URL`` set (environment or profile), runs are recorded on that server and visible in
+its UI; without it, on the server ``make server`` started for the project in the current directory
+if it answers (``flows/prefect_api.py``); else Prefect starts a temporary local API for the run. Every stage reads ``--config`` (default ``params.yaml``)
 plus ``--set key.path=value`` overrides.
 """
 
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from attnrl.config import METHODS, PRESETS, dump_config, resolve_config
@@ -42,8 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
+        from flows.prefect_api import project_prefect_api
+
         started = time.perf_counter()
-        COMMANDS[args.command](args)
+        with project_prefect_api(Path.cwd()) as note:
+            if note:
+                print(f"attnrl {args.command}: {note}", file=sys.stderr)
+            COMMANDS[args.command](args)
         print(f"attnrl {args.command}: done in {time.perf_counter() - started:.0f}s")
         return 0
     except AttnRLError as exc:

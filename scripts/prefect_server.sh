@@ -5,7 +5,8 @@
 #                                     work pool if missing, `prefect deploy --all`, start a worker
 #   scripts/prefect_server.sh stop    stop the worker and the server started by `start`
 #
-# PIDs and logs go to $STATE_DIR (default .prefect-server/). The server keeps its SQLite database in
+# PIDs, logs and the server's API URL (api_url, read by the attnrl command) go to $STATE_DIR
+# (default .prefect-server/). The server keeps its SQLite database in
 # PREFECT_HOME (default ~/.prefect), so deployments and runs survive a restart.
 set -euo pipefail
 
@@ -59,12 +60,16 @@ start() {
         echo $! >"$STATE_DIR/worker.pid"
         echo "worker polling $POOL (log: $STATE_DIR/worker.log)"
     fi
+    # attnrl commands run in this directory (dvc repro's stages included) report to this server
+    # when no PREFECT_API_URL is configured (flows/prefect_api.py).
+    echo "$PREFECT_API_URL" >"$STATE_DIR/api_url"
     echo "UI: http://$HOST:$PORT    stop with: make server-stop"
 }
 
 stop() {
     stop_pid "$STATE_DIR/worker.pid" worker
     stop_pid "$STATE_DIR/server.pid" server
+    rm -f "$STATE_DIR/api_url"
 }
 
 case "${1:-}" in

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
+
+from prefect.client.schemas.sorting import FlowRunSort
 
 from flows.cli import main
 from tests.conftest import PROJECT_ROOT, small_overrides
@@ -54,3 +59,38 @@ def test_config_command_prints_a_loadable_preset(tmp_path):
     from attnrl.config import load_config
 
     assert load_config(tmp_path / "params.yaml").model.path == "models/DeepSeek-R1-Distill-Qwen-1.5B"
+
+
+def _recent_roots(client) -> set[str]:
+    """The ``root`` parameters of the session API's newest flow runs."""
+    return {run.parameters.get("root") for run in client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                                                        limit=20)}
+
+
+def test_a_command_reports_to_the_projects_running_server_and_without_one_to_a_temporary_api(prefect_api, tmp_path):
+    """What every stage of a `dvc repro` does: `make server` left its URL in .prefect-server/api_url."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),  # no profile with an API URL
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    (tmp_path / ".prefect-server").mkdir()
+    recorded = tmp_path / ".prefect-server" / "api_url"
+    command = [str(Path(sys.executable).parent / "attnrl"), "prepare", "--config", str(PROJECT_ROOT / "params.yaml"),
+               *_sets(small_overrides())]
+
+    recorded.write_text(str(prefect_api.api_url).rstrip("/") + "\n")
+    served = subprocess.run([*command, "--root", str(tmp_path / "served")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert "reporting to this project's Prefect server at" in served.stderr
+    assert str(tmp_path / "served") in _recent_roots(prefect_api)
+
+    with socket.socket() as probe:  # a port nothing listens on: a server that has stopped
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/api"
+    recorded.write_text(dead + "\n")
+    fallback = subprocess.run([*command, "--root", str(tmp_path / "temporary")], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert fallback.returncode == 0, fallback.stderr[-3000:]
+    assert f"no Prefect server answers at {dead}" in fallback.stderr
+    assert str(tmp_path / "temporary") not in _recent_roots(prefect_api)
+    assert (tmp_path / "temporary" / "data" / "prepared" / "train.parquet").is_file()
