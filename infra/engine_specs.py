@@ -153,6 +153,7 @@ def build_pool(
         "num_cpus_per_actor": ray_config.num_cpus_per_actor,
         "num_gpus_per_actor": ray_config.num_gpus_per_actor,
         "max_actor_restarts": ray_config.max_actor_restarts,
+        "call_timeout_s": ray_config.call_timeout_s,
         "address": ray_config.address,
         "object_store_mb": ray_config.object_store_mb,
         "initial_state_dict": state_dict,

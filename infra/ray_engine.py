@@ -20,9 +20,9 @@ once; every actor loads it and answers with its weight fingerprint, which must e
 trainer's (``attnrl.rollout.fingerprint``), else ``WeightSyncError``. The latest reference is kept,
 so an actor that replaces a dead one starts from the newest weights.
 
-Faults: an actor that dies during a call (``RayActorError``: process killed, node lost) is replaced
-by a fresh one (latest weights, fingerprint checked) and its part of the call is retried, at most
-``max_actor_restarts`` times per call. ``replaced_actors`` counts replacements over the pool's life.
+Faults: an actor that dies during a call (``RayActorError``: process killed, node lost), or hangs
+(no answer within ``call_timeout_s``), is replaced by a fresh one (latest weights, fingerprint
+checked) and its part of the call is retried, at most ``max_actor_restarts`` times per call. ``replaced_actors`` counts replacements over the pool's life.
 
 Connection: ``ray.init(address=...)`` with a configured address or ``RAY_ADDRESS``; otherwise a
 local Ray with a small object store and no dashboard. ``PREFECT_API_URL`` is passed to the actors
@@ -41,7 +41,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from attnrl.errors import AttnRLError
 from attnrl.rollout.balance import assign_by_tokens
@@ -116,6 +116,8 @@ def worker_runtime_env(spec: EngineSpec) -> dict[str, Any] | None:
 class RayRolloutPool:
     """``RolloutEngine`` over ``num_actors`` Ray actors, each building the engine of ``spec``."""
 
+    worker_class: type[EngineWorker] = EngineWorker  # what each actor runs
+
     def __init__(
         self,
         spec: EngineSpec,
@@ -124,6 +126,7 @@ class RayRolloutPool:
         num_cpus_per_actor: float = 1.0,
         num_gpus_per_actor: float = 0.0,
         max_actor_restarts: int = 3,
+        call_timeout_s: float | None = None,
         address: str | None = None,
         object_store_mb: int = 256,
         initial_state_dict: Mapping[str, torch.Tensor] | None = None,
@@ -134,6 +137,7 @@ class RayRolloutPool:
         self.spec = spec
         self.dtype = getattr(torch, spec.dtype)
         self.max_actor_restarts = max_actor_restarts
+        self.call_timeout_s = call_timeout_s
         self.replaced_actors = 0
         local_cpus = max(os.cpu_count() or 1, math.ceil(num_actors * num_cpus_per_actor))
         local_gpus = math.ceil(num_actors * num_gpus_per_actor) if num_gpus_per_actor else None
@@ -197,8 +201,8 @@ class RayRolloutPool:
         restarts = 0
         for i in range(len(self.actors)):
             try:
-                self._verify(i, ray.get(refs[i]))
-            except (RayActorError, EngineFailed) as exc:
+                self._verify(i, self._answer(refs[i]))
+            except (RayActorError, EngineFailed, GetTimeoutError) as exc:
                 restarts += 1
                 # The replacement already loads (and verifies) the latest weights; nothing left to retry.
                 self._handle_death(i, exc, restarts, "update_weights")
@@ -216,8 +220,8 @@ class RayRolloutPool:
         refs = [getattr(actor, method).remote() for actor in self.actors]
         for i, ref in enumerate(refs):
             try:
-                ray.get(ref)
-            except (RayActorError, EngineFailed) as exc:
+                self._answer(ref)
+            except (RayActorError, EngineFailed, GetTimeoutError) as exc:
                 # The replacement starts awake with the latest weights; a sleeping one is not needed.
                 self._handle_death(i, exc, 1, method)
 
@@ -225,17 +229,17 @@ class RayRolloutPool:
         """Every engine resets its prefix cache and must hold ``expected`` (after a native transfer)."""
         self._expected = expected
         self._weights_ref = None  # the object store no longer holds the latest weights
-        for i, reported in enumerate(ray.get([actor.after_weight_update.remote() for actor in self.actors])):
+        for i, reported in enumerate(self._answer([actor.after_weight_update.remote() for actor in self.actors])):
             self._verify(i, reported)
 
     # -- inspection ----------------------------------------------------------------------------
 
     def weights_fingerprints(self) -> list[Fingerprint]:
-        return ray.get([actor.fingerprint.remote() for actor in self.actors])
+        return self._answer([actor.fingerprint.remote() for actor in self.actors])
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]], actor: int = 0) -> list[list[float]]:
         """What actor ``actor`` computes for ``sequences`` now (tests compare it with the trainer)."""
-        return ray.get(self.actors[actor].prompt_logprobs.remote([list(s) for s in sequences]))
+        return self._answer(self.actors[actor].prompt_logprobs.remote([list(s) for s in sequences]))
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -257,11 +261,12 @@ class RayRolloutPool:
 
     def _new_actor(self, index: int) -> Any:
         options = self._actor_options | (self._placement(index) if self._placement is not None else {})
-        return ray.remote(EngineWorker).options(**options).remote(self.spec.kind, self.spec.options, self.spec.scoring)
+        return ray.remote(self.worker_class).options(**options).remote(self.spec.kind, self.spec.options,
+                                                                       self.spec.scoring)
 
     def _started(self, refs: list[ray.ObjectRef]) -> list[dict[str, Any]]:
         try:
-            return ray.get(refs)
+            return ray.get(refs)  # unbounded: starting an engine (a vLLM one) can take minutes
         except RayActorError as exc:
             raise RolloutPoolError(f"a {self.spec.kind} rollout engine could not start: {last_line(exc)}") from exc
 
@@ -279,10 +284,17 @@ class RayRolloutPool:
                 f"rollout actor {index} ({self.spec.kind}) does not hold the trainer's weights after the sync: {shown}"
             )
 
+    def _answer(self, ref: ray.ObjectRef | list[ray.ObjectRef]) -> Any:
+        """``ray.get`` bounded by ``call_timeout_s`` (``GetTimeoutError`` past it: the actor is hung)."""
+        return ray.get(ref, timeout=self.call_timeout_s)
+
     def _handle_death(self, index: int, exc: Exception, restarts: int, during: str) -> None:
-        """Replace actor ``index``, dead or failed (``EngineFailed``), unless the call used up its restarts."""
-        what = "failed" if isinstance(exc, EngineFailed) else "died"
-        cause = last_line(exc)
+        """Replace actor ``index``, dead, failed (``EngineFailed``) or hung (no answer within
+        ``call_timeout_s``), unless the call used up its restarts."""
+        if isinstance(exc, GetTimeoutError):
+            what, cause = "hung", f"no answer in {self.call_timeout_s:g} s (rollout.ray.call_timeout_s)"
+        else:
+            what, cause = ("failed" if isinstance(exc, EngineFailed) else "died"), last_line(exc)
         if restarts > self.max_actor_restarts:
             raise RolloutPoolError(
                 f"rollout actor {index} {what} during {during} and {self.max_actor_restarts} replacements "
@@ -303,7 +315,7 @@ class RayRolloutPool:
         if self._weights_ref is None and self.weights_source is not None:
             self._weights_ref = ray.put({n: t.detach().to("cpu", self.dtype) for n, t in self.weights_source().items()})
         if self._weights_ref is not None:
-            self._verify(index, ray.get(actor.update_weights.remote(self._weights_ref)))
+            self._verify(index, self._answer(actor.update_weights.remote(self._weights_ref)))
         self.replaced_actors += 1
 
 
@@ -351,9 +363,9 @@ class PendingRollout:
         for i, indices in self._shares:
             while True:
                 try:
-                    out.append((indices, ray.get(self._refs[i])))
+                    out.append((indices, self._pool._answer(self._refs[i])))
                     break
-                except (RayActorError, EngineFailed) as exc:
+                except (RayActorError, EngineFailed, GetTimeoutError) as exc:
                     # Another call in flight may have replaced this actor already: then just resend.
                     if self._pool.actors[i] is self._sent_to[i]:
                         restarts += 1

@@ -166,8 +166,11 @@ class TrainerRank:
 class TrainerGroup:
     """The trainer protocol of ``RLLoop`` over ``distributed.trainer_ranks`` ``TrainerRank`` actors."""
 
+    rank_class: type[TrainerRank] = TrainerRank  # what each actor runs
+
     def __init__(self, config: RunConfig, placement: Placement, *, model_dir: Path, resume: Path | None) -> None:
         self.world_size = config.distributed.trainer_ranks
+        self.call_timeout_s = config.distributed.call_timeout_s
         self.mini_batch = config.train.mini_batch_sequences
         self.kl = config.algorithm.kl_coef > 0
         runtime_env: dict[str, Any] = {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.distributed.num_cpus_per_rank))),
@@ -176,7 +179,7 @@ class TrainerGroup:
             runtime_env["py_executable"] = str(Path(config.distributed.python).expanduser().absolute())
         if not torch.cuda.is_available() and config.distributed.num_gpus_per_rank == 0:
             runtime_env["env_vars"]["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(TrainerRank)
+        actor = ray.remote(self.rank_class)
         self.actors = [
             actor.options(max_restarts=0, runtime_env=runtime_env, **placement.trainer_options(rank)).remote(rank, self.world_size)
             for rank in range(self.world_size)
@@ -256,7 +259,14 @@ class TrainerGroup:
         pending = dict(zip(refs, range(len(refs)), strict=True))
         results: list[Any] = [None] * len(refs)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.call_timeout_s)
+            if not ready:
+                silent = sorted(ranks[p] for p in pending.values())
+                self.close()
+                raise TrainerRankFailed(
+                    f"trainer rank(s) {', '.join(map(str, silent))} of {self.world_size} did not answer during {what} "
+                    f"within {self.call_timeout_s:g} s (distributed.call_timeout_s); the group was stopped, and the "
+                    "step is lost: a retry resumes from the newest complete checkpoint")
             position = pending.pop(ready[0])
             try:
                 results[position] = ray.get(ready[0])

@@ -56,3 +56,8 @@ class DistributedConfig(Section):
     start_timeout_s: float = Field(
         default=600, gt=0, description="How long the ranks may take to be placed, join the process group and load."
     )
+    call_timeout_s: float | None = Field(
+        default=7200, gt=0,
+        description="The longest the ranks may take to answer one call (a pass, an update, a save); past it the "
+        "call fails with TrainerRankFailed naming the ranks that did not answer. null: no bound.",
+    )

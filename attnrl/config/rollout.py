@@ -63,6 +63,12 @@ class RayConfig(Section):
         ge=0,
         description="Dead actors replaced (their requests retried) per call before the call fails.",
     )
+    call_timeout_s: float | None = Field(
+        default=3600.0,
+        gt=0,
+        description="The longest an actor may take to answer one call (a generation share, a weight load); past "
+        "it the actor counts as hung: it is replaced like a dead one and its share resent. null: no bound.",
+    )
 
 
 class VLLMConfig(Section):

@@ -4,6 +4,7 @@ pushes with their fingerprints, and an actor killed in the middle of a training 
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import ray
@@ -22,7 +23,8 @@ from attnrl.training.backend import build_backend
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer
 from attnrl.utils.seeding import derive_seed
-from infra.ray_engine import EngineSpec, RayRolloutPool
+from infra.engine_worker import EngineWorker
+from infra.ray_engine import EngineSpec, RayRolloutPool, RolloutPoolError
 from tests.conftest import small_overrides
 
 pytestmark = pytest.mark.integration
@@ -167,6 +169,40 @@ def test_an_actor_killed_during_a_training_step_is_replaced_and_training_goes_on
         metrics = loop.run(2)  # run() trains up to a total and returns every step's metrics
         assert len(metrics) == 2 and loop.state.step == 2 and pool.replaced_actors == 1
         assert _holds(pool, trainer.model)
+    finally:
+        pool.close()
+
+
+def test_an_actor_that_hangs_is_replaced_at_the_call_timeout_and_the_call_completes(local_ray, tiny_policy,
+                                                                                   model_dir, tmp_path):
+    _, tokenizer = tiny_policy
+    hung_once = tmp_path / "hung-once"
+
+    class HangsOnce(EngineWorker):  # the first actor to generate never answers; later ones are healthy
+        def generate(self, *args, **kwargs):
+            if not hung_once.exists():
+                hung_once.touch()
+                time.sleep(600)
+            return super().generate(*args, **kwargs)
+
+    class Pool(RayRolloutPool):
+        worker_class = HangsOnce
+
+    requests = _requests(tokenizer)
+    pool = Pool(_spec(model_dir), num_actors=1, num_cpus_per_actor=0.5, num_gpus_per_actor=0,
+                max_actor_restarts=1, call_timeout_s=5.0)
+    try:
+        started = time.monotonic()
+        got = pool.generate(requests, PARAMS, seed=7)
+        assert time.monotonic() - started < 300  # bounded by the call timeout, not by the 600 s hang
+        assert hung_once.exists() and pool.replaced_actors == 1
+        assert got == pool.generate(requests, PARAMS, seed=7)  # the replacement's answer is the healthy one
+        # One that keeps hanging fails the call, naming the actor and the bound.
+        hung_once.unlink()
+        pool.max_actor_restarts = 0
+        with pytest.raises(RolloutPoolError, match=r"rollout actor 0 hung during generate .* no answer in 5 s "
+                                                   r"\(rollout.ray.call_timeout_s\)"):
+            pool.generate(requests, PARAMS, seed=7)
     finally:
         pool.close()
 

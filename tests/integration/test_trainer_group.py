@@ -5,6 +5,7 @@ it. A rank that dies mid-run: tests/integration/test_distributed_training.py."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -17,7 +18,7 @@ from attnrl.training.backend import build_backend
 from attnrl.training.sharding import pad_to_world
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
 from infra.placement import place
-from infra.trainer_group import TrainerGroup
+from infra.trainer_group import TrainerGroup, TrainerRank, TrainerRankFailed
 
 LR = 1e-2
 # The single process and the group sum the same per-token terms in other orders (micro-batches split
@@ -136,6 +137,31 @@ def test_two_ranks_train_like_one_process(cluster, policy_dir, single, stage, tm
         group.close()
         placement.remove()
 
+
+
+def test_ranks_that_stop_answering_fail_the_call_at_the_timeout_naming_them(cluster, policy_dir, single):
+    class Rank1Hangs(TrainerRank):  # rank 1 never finishes an update; rank 0 then waits in the all-reduce
+        def update(self, batches):
+            if self.rank == 1:
+                time.sleep(600)
+            return super().update(batches)
+
+    class Group(TrainerGroup):
+        rank_class = Rank1Hangs
+
+    config = _config(0, "distributed.call_timeout_s=10")
+    placement = place(config)
+    group = Group(config, placement, model_dir=policy_dir, resume=None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TrainerRankFailed, match=r"trainer rank\(s\) 0, 1 of 2 did not answer during update "
+                                                   r"within 10 s \(distributed.call_timeout_s\)"):
+            group.update(single["sequences"][:4])
+        assert time.monotonic() - started < 300  # bounded by the call timeout, not by the 600 s hang
+        assert not group.actors  # the group was stopped
+    finally:
+        group.close()
+        placement.remove()
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
