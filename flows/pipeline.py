@@ -1,10 +1,10 @@
 """The ``pipeline`` flow: every stage as a subflow, in order, with a check between stages.
 
-prepare → warmup → difficulty (a pass-through unless ``difficulty.enabled``) → evaluate the warmed-up policy (``runs/eval-init``) → train →
-evaluate the trained policy (``runs/eval``) → report. Each stage flow runs its own data check (the
-Great Expectations gates of :mod:`tasks.checks`); the pipeline adds read-back checks of the model
-directories, the training metrics and the report. A failed check raises and the next stage never
-starts.
+prepare → warmup → difficulty (a pass-through unless ``difficulty.enabled``) → evaluate the
+warmed-up policy (``runs/eval-init``) → train → evaluate the trained policy (``runs/eval``) →
+report. Each stage flow runs its own data check (the Great Expectations gates of
+:mod:`tasks.checks`); the pipeline adds read-back checks of the model directories, the training
+metrics and the report. A failed check raises and the next stage never starts.
 
 The configuration is resolved once, when the run starts (a retry of the run gets the same one), and
 passed to every stage: editing ``params.yaml`` during a run changes nothing in it.

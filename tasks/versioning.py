@@ -1,8 +1,8 @@
 """Prefect tasks that record each pipeline stage with DVC (``infra/dvc_store.py``).
 
 The pipeline records a stage only when ``dvc.lock`` can describe the run truthfully
-(``StageRecorder``). Pushing retries (the remote may be briefly unreachable); committing does not (it is local and
-deterministic).
+(``StageRecorder``). Pushing retries (the remote may be briefly unreachable); committing does not
+(it is local and deterministic).
 """
 
 from __future__ import annotations
