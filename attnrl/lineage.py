@@ -3,9 +3,9 @@
 ``lineage.json`` beside each checkpoint and metrics file records the git commits of the project
 directory (params.yaml, dvc.yaml, dvc.lock) and of the attnrl code, each with whether tracked files
 had uncommitted changes, an MD5 of the code itself (``code_md5``: uncommitted edits count), the MD5
-of every input file, which is the name
-DVC 3 gives that file in its cache and in ``dvc.lock``, and the full resolved config. A number in
-a report can so be traced to the exact code, data and parameters behind it.
+of every input file, which is the name DVC 3 gives that file in its cache and in ``dvc.lock``, and
+the full resolved config. A number in a report can so be traced to the exact code, data and
+parameters behind it.
 """
 
 from __future__ import annotations

@@ -67,9 +67,7 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
     settings = config.difficulty
     problems = load_verl_parquet(layout.prepared_train)
     if not settings.enabled:
-        _write(layout, [], problems, RunningMean(), check)
-        return DifficultyResult(layout.difficulty_dir / "difficulty.parquet", layout.difficulty_dir / TRAIN_FILE,
-                                0, len(problems), RunningMean())
+        return _write(layout, [], problems, RunningMean(), check)
     if settings.max_problems is not None and settings.max_problems < len(problems):
         problems = random.Random(derive_seed(config.seed, "difficulty")).sample(problems, settings.max_problems)
     init = initial_policy_path(config, root)
@@ -111,17 +109,18 @@ def estimate_difficulty(config: RunConfig, root: str | Path = ".", *,
             f"difficulty: no problem has a pass rate in ({settings.min_pass_rate}, {settings.max_pass_rate}); "
             "nothing is left to train on"
         )
-    _write(layout, rows, kept, easy_mean, check)
+    return _write(layout, rows, kept, easy_mean, check)
+
+
+def _write(layout: Layout, rows: list[dict], kept: list[Problem], easy_mean: RunningMean,
+           check: OutputCheck | None) -> DifficultyResult:
     out = layout.difficulty_dir
-    return DifficultyResult(out / "difficulty.parquet", out / TRAIN_FILE, len(rows), len(kept), easy_mean)
-
-
-def _write(layout: Layout, rows: list[dict], kept: list[Problem], easy_mean: RunningMean, check: OutputCheck | None) -> None:
-    with atomic_path(layout.difficulty_dir, validate=check) as tmp:
+    with atomic_path(out, validate=check) as tmp:
         tmp.mkdir()
         pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMA), tmp / "difficulty.parquet")
         write_problems(kept, tmp / TRAIN_FILE)
         (tmp / ADS_SEED_FILE).write_text(json.dumps({"easy_mean": easy_mean.state_dict()}, indent=2))
+    return DifficultyResult(out / "difficulty.parquet", out / TRAIN_FILE, len(rows), len(kept), easy_mean)
 
 
 def ads_seed(config: RunConfig, root: str | Path = ".") -> RunningMean:
