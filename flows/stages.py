@@ -13,8 +13,9 @@ Every flow takes the same parameters as the CLI: ``config_path`` (``--config``),
 from __future__ import annotations
 
 import os
+from typing import ParamSpec, TypeVar
 
-from prefect import flow
+from prefect import Task, flow
 
 from attnrl.config import resolve_config
 from attnrl.config.schema import RunConfig
@@ -31,6 +32,8 @@ from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_ta
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
 
 DEFAULT_CONFIG = "params.yaml"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def load_flow_config(config_path: str, overrides: list[str] | None, method: str | None,
@@ -45,22 +48,30 @@ def load_flow_config(config_path: str, overrides: list[str] | None, method: str 
     return config
 
 
+def bounded(stage_task: Task[P, R], seconds: float | None) -> Task[P, R]:
+    """``stage_task`` with its run bounded by ``seconds`` (``timeouts.*``; None: unbounded)."""
+    return stage_task.with_options(timeout_seconds=seconds)
+
+
 @flow(name="prepare", log_prints=True)
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                  method: str | None = None, config: RunConfig | None = None) -> PreparedData:
-    return prepare_task(load_flow_config(config_path, overrides, method, config), root)
+    config = load_flow_config(config_path, overrides, method, config)
+    return bounded(prepare_task, config.timeouts.prepare_s)(config, root)
 
 
 @flow(name="warmup", log_prints=True)
 def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> WarmupResult:
-    return warmup_task(load_flow_config(config_path, overrides, method, config), root)
+    config = load_flow_config(config_path, overrides, method, config)
+    return bounded(warmup_task, config.timeouts.warmup_s)(config, root)
 
 
 @flow(name="difficulty", log_prints=True)
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                     method: str | None = None, config: RunConfig | None = None) -> DifficultyResult:
-    return difficulty_task(load_flow_config(config_path, overrides, method, config), root)
+    config = load_flow_config(config_path, overrides, method, config)
+    return bounded(difficulty_task, config.timeouts.difficulty_s)(config, root)
 
 
 @flow(name="train", log_prints=True)
@@ -71,7 +82,7 @@ def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = 
     config = load_flow_config(config_path, overrides, method, config)
     if config.checks.enabled:
         gate_training_input_task(config, root)
-    return train_task(config, root)
+    return bounded(train_task, config.timeouts.train_s)(config, root)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -79,10 +90,12 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
                   method: str | None = None, model_dir: str | None = None,
                   out_dir: str | None = None, config: RunConfig | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
-    return evaluate_task(load_flow_config(config_path, overrides, method, config), root, model_dir, out_dir)
+    config = load_flow_config(config_path, overrides, method, config)
+    return bounded(evaluate_task, config.timeouts.evaluate_s)(config, root, model_dir, out_dir)
 
 
 @flow(name="report", log_prints=True)
 def report_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> ReportResult:
-    return report_task(load_flow_config(config_path, overrides, method, config), root)
+    config = load_flow_config(config_path, overrides, method, config)
+    return bounded(report_task, config.timeouts.report_s)(config, root)

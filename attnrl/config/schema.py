@@ -373,6 +373,21 @@ class ChecksConfig(Section):
     )
 
 
+class TimeoutsConfig(Section):
+    """The longest each stage's task may run (seconds; null: no bound). Past it Prefect fails the task
+    run (TaskRunTimeoutError); the stage's task retries apply, each attempt bounded again. Prefect
+    interrupts a blocking call with SIGALRM when the flow runs in its process's main thread (the CLI, a
+    deployment's worker subprocess) and nothing else holds that signal. Ray calls inside a stage have
+    their own bounds (``rollout.ray.call_timeout_s``, ``distributed.call_timeout_s``)."""
+
+    prepare_s: float | None = Field(default=3600, gt=0, description="Stage 'prepare'.")
+    warmup_s: float | None = Field(default=6 * 3600, gt=0, description="Stage 'warmup'.")
+    difficulty_s: float | None = Field(default=6 * 3600, gt=0, description="Stage 'difficulty'.")
+    train_s: float | None = Field(default=7 * 24 * 3600, gt=0, description="Stage 'train' (the whole run).")
+    evaluate_s: float | None = Field(default=6 * 3600, gt=0, description="Stage 'evaluate' (each evaluation).")
+    report_s: float | None = Field(default=3600, gt=0, description="Stage 'report'.")
+
+
 class RunConfig(Section):
     """Everything one run reads. Serialised as params.yaml, grouped by stage."""
 
@@ -391,3 +406,4 @@ class RunConfig(Section):
         default_factory=DistributedConfig, description="Stage 'train' on a Ray actor group of DeepSpeed ranks."
     )
     checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Data checks between stages.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Bounds on each stage's task.")

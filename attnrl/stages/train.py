@@ -195,7 +195,7 @@ def local_runtime(config: RunConfig, *, init: Path, resume: Path | None) -> Iter
 
 # What may change between a run and its resumption: how far to train and how often to save.
 RESUMABLE_CHANGES = ("train.steps", "train.max_generated_tokens", "train.save_every", "train.keep_checkpoints")
-IGNORED_SECTIONS = ("checks", "eval", "paths")  # read by other stages or not at all by training
+IGNORED_SECTIONS = ("checks", "eval", "paths", "timeouts")  # read by other stages, or bounds only
 
 
 def resume_changes(checkpoint: Path, config: RunConfig, provenance: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from prefect.client.schemas.filters import (
 
 from attnrl.config import dump_config, resolve_config
 from attnrl.errors import ConfigError, DataError
+from attnrl.rollout.hf_engine import HFRolloutEngine
 from flows.pipeline import pipeline, run_config_task
-from flows.stages import train_flow, warmup_flow
+from flows.stages import prepare_flow, train_flow, warmup_flow
 from tasks import checks
 from tasks.retry import RETRIES, retry_unless_deterministic
 from tasks.stages import evaluate_task, train_task, warmup_task
@@ -142,6 +144,24 @@ def test_a_retried_run_keeps_the_configuration_of_its_first_attempt(prefect_api,
     assert [float(lr) for lr in attempts.read_text().split()] == [first, first] and first != 0.5
     assert resolve_config(path=params).train.lr == 0.5  # the file did change in between
     assert _flow_run(prefect_api, state).run_count == 2
+
+
+# pytest-timeout's own SIGALRM handler would make Prefect fall back to a watcher thread, which cannot
+# interrupt a blocking call; a flow run by the CLI or a worker has the signal to itself.
+@pytest.mark.timeout(600, method="thread")
+def test_a_hung_generation_fails_the_train_task_at_its_timeout(prefect_api, tmp_path, monkeypatch):
+    common = {"config_path": CONFIG, "overrides": [*small_overrides(), "timeouts.train_s=5"], "root": str(tmp_path)}
+    prepare_flow(**common)
+    warmup_flow(**common)
+    monkeypatch.setattr(HFRolloutEngine, "generate", lambda self, *args, **kwargs: time.sleep(600))  # never answers
+    started = time.monotonic()
+    state = train_flow(**common, return_state=True)
+    assert state.is_failed()
+    assert time.monotonic() - started < 300  # bounded by the timeout (three attempts), not by the 600 s hang
+    [train] = [run for run in _task_runs(prefect_api, state.state_details.flow_run_id) if run.name.startswith("train-")]
+    assert train.run_count == 1 + RETRIES  # a hang may be transient: each retry is bounded again
+    assert "exceeded timeout of 5" in train.state.message, train.state.message
+    assert not (tmp_path / "runs" / "train" / "final").exists()
 
 
 def test_stage_tasks_retry_only_transient_failures():
