@@ -8,8 +8,8 @@
 Every command runs the same flows as the deployments (one implementation per stage): with
 ``PREFECT_API_URL`` set (environment or profile), runs are recorded on that server and visible in
 its UI; without it, on the server ``make server`` started for the project in the current directory
-if it answers (``flows/prefect_api.py``); else Prefect starts a temporary local API for the run. Every stage reads ``--config`` (default ``params.yaml``)
-plus ``--set key.path=value`` overrides.
+if it answers (``flows/prefect_api.py``); else Prefect starts a temporary local API for the run.
+Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=value`` overrides.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from attnrl.errors import ConfigError
 from attnrl.model.loading import load_tokenizer
 from attnrl.stages.train import TrainingRuntime
 from attnrl.training.checkpoint import MODEL_DIR
-from attnrl.training.loop import engine_scores, scoring_spec
+from attnrl.rollout.scoring import engine_scores, scoring_spec
 from infra.engine_specs import build_pool
 from infra.placement import check_layout, place, required_resources
 from infra.ray_engine import connect

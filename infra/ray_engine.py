@@ -22,7 +22,8 @@ so an actor that replaces a dead one starts from the newest weights.
 
 Faults: an actor that dies during a call (``RayActorError``: process killed, node lost), or hangs
 (no answer within ``call_timeout_s``), is replaced by a fresh one (latest weights, fingerprint
-checked) and its part of the call is retried, at most ``max_actor_restarts`` times per call. ``replaced_actors`` counts replacements over the pool's life.
+checked) and its part of the call is retried, at most ``max_actor_restarts`` times per call.
+``replaced_actors`` counts replacements over the pool's life.
 
 Connection: ``ray.init(address=...)`` with a configured address or ``RAY_ADDRESS``; otherwise a
 local Ray with a small object store and no dashboard. ``PREFECT_API_URL`` is passed to the actors
@@ -52,6 +53,8 @@ from attnrl.rollout.scoring import ScoreKind, ScoringSpec, check_score_kind
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
+# What makes an actor's share of a call retried on a replacement: it died, failed, or hung.
+ACTOR_FAULTS = (RayActorError, EngineFailed, GetTimeoutError)
 
 
 class RolloutPoolError(AttnRLError):
@@ -202,7 +205,7 @@ class RayRolloutPool:
         for i in range(len(self.actors)):
             try:
                 self._verify(i, self._answer(refs[i]))
-            except (RayActorError, EngineFailed, GetTimeoutError) as exc:
+            except ACTOR_FAULTS as exc:
                 restarts += 1
                 # The replacement already loads (and verifies) the latest weights; nothing left to retry.
                 self._handle_death(i, exc, restarts, "update_weights")
@@ -221,7 +224,7 @@ class RayRolloutPool:
         for i, ref in enumerate(refs):
             try:
                 self._answer(ref)
-            except (RayActorError, EngineFailed, GetTimeoutError) as exc:
+            except ACTOR_FAULTS as exc:
                 # The replacement starts awake with the latest weights; a sleeping one is not needed.
                 self._handle_death(i, exc, 1, method)
 
@@ -365,7 +368,7 @@ class PendingRollout:
                 try:
                     out.append((indices, self._pool._answer(self._refs[i])))
                     break
-                except (RayActorError, EngineFailed, GetTimeoutError) as exc:
+                except ACTOR_FAULTS as exc:
                     # Another call in flight may have replaced this actor already: then just resend.
                     if self._pool.actors[i] is self._sent_to[i]:
                         restarts += 1

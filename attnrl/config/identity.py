@@ -28,8 +28,7 @@ def flat_tree(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]
 
 def changed_keys(before: Mapping[str, object] | RunConfig, after: Mapping[str, object] | RunConfig) -> list[str]:
     """The dotted keys whose values differ between two configurations (or nested mappings), sorted."""
-    before, after = _tree(before), _tree(after)
-    old, new = flat_tree(before), flat_tree(after)
+    old, new = flat_tree(_tree(before)), flat_tree(_tree(after))
     return sorted(k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
 
 

@@ -36,8 +36,8 @@ TINY: dict[str, Any] = {
         "engine": "hf",
         "sampling": {"n": 6, "max_new_tokens": 64},
         "batch_size": 256,
-        # Short, even responses: four parts cost the hf engine little, and the trainer's log-prob
-        # passes of each part run while the next one generates (benchmarks/pipeline.py).
+        # Short, even responses: four parts cost the hf engine little, and the trainer works on each
+        # part (trees, reference pass, full mini-batches) while the next one generates (benchmarks/pipeline.py).
         "continuation_parts": 4,
         # The demo prints one line per training step instead of a bar per generation call.
         "progress": False,

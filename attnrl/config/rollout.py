@@ -140,9 +140,9 @@ class RolloutConfig(Section):
         default=1,
         ge=1,
         description="One-step off-policy loop (spec §3.2): C's continuations go out in this many submissions of whole "
-        "questions, so the trainer builds the first part's trees and runs its log-prob passes while the engines "
-        "generate the rest. 1 = one submission: an engine that runs its calls in turn waits for each part's longest "
-        "sequence, which with vLLM and long responses costs more than the overlap gains.",
+        "questions, so the trainer builds each part's trees (and, with distributed.overlap, trains on its full "
+        "mini-batches) while the engines generate the rest. 1 = one submission: an engine that runs its calls in "
+        "turn waits for each part's longest sequence, which with vLLM and long responses can cost more than it gains.",
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="Engines as Ray actors (always for 'vllm').")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="The 'vllm' engine.")

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 from transformers import PreTrainedModel
 
-from attnrl.rollout.engine import Completion, GenerationRequest
+from attnrl.rollout.engine import Completion, FinishedGeneration, GenerationRequest
 from attnrl.steps import SeparatorVocab, segment_response
 
 if TYPE_CHECKING:
-    from attnrl.config.schema import AlgorithmConfig, TrainConfig
+    from transformers import PreTrainedTokenizerBase
+
+    from attnrl.config.schema import AlgorithmConfig, RunConfig, TrainConfig
     from attnrl.training.trainer import ScoredSequence
 
 
@@ -30,10 +32,20 @@ ScoreKind = Literal["sequences", "logprobs"]
 SCORE_KINDS: tuple[ScoreKind, ...] = ("sequences", "logprobs")
 
 
-
 def check_score_kind(kind: str) -> None:
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}; known: {', '.join(SCORE_KINDS)}")
+
+
+def engine_scores(config: RunConfig) -> bool:
+    """Whether the engines score what they sample during the update (split placement, spec §3.2 overlap)."""
+    d = config.distributed
+    return d.enabled and d.placement == "split" and d.overlap and config.algorithm.off_policy
+
+
+def needs_fci(config: RunConfig) -> bool:
+    """FCI costs a blocked attention pass: compute it only when branching or the easy filter reads it."""
+    return config.algorithm.branching == "fci" or config.algorithm.easy_filter != "off"
 
 
 @dataclass(frozen=True)
@@ -92,3 +104,22 @@ def _regrouped(values: Sequence[T], completions: Sequence[Sequence[Completion]])
     """``values`` of the non-empty completions, back in their groups (None where a completion is empty)."""
     flat = iter(values)
     return [[next(flat) if c.token_ids else None for c in group] for group in completions]
+
+
+def scoring_spec(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ScoringSpec:
+    """The loop's scoring settings, for engines that score like its trainer."""
+    return ScoringSpec(
+        algorithm=config.algorithm, train=config.train, temperature=config.rollout.sampling.temperature,
+        pad_token_id=tokenizer.pad_token_id, separators=SeparatorVocab.from_tokenizer(tokenizer),
+        with_fci=needs_fci(config),
+    )
+
+
+class NothingScored(FinishedGeneration):
+    """An empty scored submission."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    def scores(self) -> list[list[ScoredSequence | None]]:
+        return []

@@ -208,11 +208,9 @@ def resume_changes(checkpoint: Path, config: RunConfig, provenance: dict[str, An
     recorded = json.loads(path.read_text())
     changes = [k for k in changed_keys(recorded["config"], config)
                if k not in RESUMABLE_CHANGES and k.split(".")[0] not in IGNORED_SECTIONS]
-    if "code_md5" not in recorded or recorded["code_md5"] != provenance["code_md5"]:
+    if recorded.get("code_md5") != provenance["code_md5"]:  # lineage from before code_md5: not the same code
         changes.append("code (code_md5)")
-    before, now = recorded["inputs_md5"], provenance["inputs_md5"]
-    changes += [f"input {name}" for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
-    return changes
+    return changes + [f"input {name}" for name in changed_keys(recorded["inputs_md5"], provenance["inputs_md5"])]
 
 
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:

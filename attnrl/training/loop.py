@@ -55,7 +55,7 @@ from attnrl.rollout.engine import (
     SamplingParams,
     submit_generation,
 )
-from attnrl.rollout.scoring import ScoreKind, ScoringSpec
+from attnrl.rollout.scoring import NothingScored, ScoreKind, engine_scores, needs_fci
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
@@ -65,6 +65,7 @@ from attnrl.training.rollouts import (
     BranchPoint,
     QuestionPart,
     ScoredQuestion,
+    TreePart,
     build_trees,
     continuation_requests,
     plan_branches,
@@ -74,7 +75,7 @@ from attnrl.training.rollouts import (
     training_sequences,
 )
 from attnrl.training.trainer import ScoredSequence, Trainer, TrainSequence
-from attnrl.tree import QuestionTree, TrainingPath
+from attnrl.tree import TrainingPath
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -399,8 +400,6 @@ class RLLoop:
         # An empty continuation (out-of-vocabulary first id, spec §5.4) adds no leaf to its tree.
         continuations = [[c for c in group if c.token_ids] for group in continuations]
         flat = [(p, c) for p, group in zip(local, continuations, strict=True) for c in group]
-        prefixes = [questions[p.question].prompt_ids + questions[p.question].responses[p.response].token_ids[: p.offset]
-                    for p, _ in flat]
         tokens = [c.token_ids for _, c in flat]
         texts = [decode_response(self.tokenizer, t) for t in tokens]
         # The verifier sees the continuation only (spec §8: MC samples decode continuation tokens).
@@ -412,8 +411,12 @@ class RLLoop:
         # (spec §10.2).
         if engine_logprobs is not None:
             mc_logprobs = [values for group in engine_logprobs for values in group if values is not None]
+        elif flat:
+            prefixes = [questions[p.question].prompt_ids + questions[p.question].responses[p.response].token_ids[: p.offset]
+                        for p, _ in flat]
+            mc_logprobs = self.trainer.logprobs(prefixes, tokens)
         else:
-            mc_logprobs = self.trainer.logprobs(prefixes, tokens) if flat else []
+            mc_logprobs = []
         built = build_trees(questions, plans[part.questions], local, continuations, mc_logprobs, mc_rewards,
                             self.algorithm)
         trees, dropped_zero = trainable_trees(built, self.algorithm)
@@ -487,44 +490,3 @@ class RLLoop:
                 f"{state.step} (train.max_rounds_without_update = {limit}): every question was filtered out "
                 "(spec §7.6: its responses all right or all wrong). Check the data's difficulty for this policy, "
                 "or the filters (algorithm.easy_filter, algorithm.zero_advantage_filter)")
-
-
-@dataclass(frozen=True)
-class TreePart:
-    """A run of questions ready for the update: its trees (all, and those the filter kept), the rewards of
-    its continuations, and the sequences to train on, reference log-probs attached."""
-
-    built: list[QuestionTree]
-    trees: list[QuestionTree]
-    dropped_zero: int
-    mc_rewards: list[float]
-    sequences: list[TrainSequence]
-
-
-class NothingScored(FinishedGeneration):
-    """An empty scored submission."""
-
-    def __init__(self) -> None:
-        super().__init__([])
-
-    def scores(self) -> list[list[ScoredSequence | None]]:
-        return []
-
-
-def engine_scores(config: RunConfig) -> bool:
-    """Whether the engines score the next batch during the update (split placement, spec §3.2 overlap)."""
-    d = config.distributed
-    return d.enabled and d.placement == "split" and d.overlap and config.algorithm.off_policy
-
-
-def scoring_spec(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> ScoringSpec:
-    return ScoringSpec(
-        algorithm=config.algorithm, train=config.train, temperature=config.rollout.sampling.temperature,
-        pad_token_id=tokenizer.pad_token_id, separators=SeparatorVocab.from_tokenizer(tokenizer),
-        with_fci=needs_fci(config),
-    )
-
-
-def needs_fci(config: RunConfig) -> bool:
-    """FCI costs a blocked attention pass: compute it only when branching or the easy filter reads it."""
-    return config.algorithm.branching == "fci" or config.algorithm.easy_filter != "off"

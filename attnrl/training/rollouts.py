@@ -151,6 +151,18 @@ class QuestionPart:
         return [BranchPoint(p.question - first, p.response, p.offset) for p in points[self.points]]
 
 
+@dataclass(frozen=True)
+class TreePart:
+    """A run of questions ready for the update: its trees (all, and those the filter kept), the rewards of
+    its continuations, and the sequences to train on, reference log-probs attached."""
+
+    built: list[QuestionTree]
+    trees: list[QuestionTree]
+    dropped_zero: int
+    mc_rewards: list[float]
+    sequences: list[TrainSequence]
+
+
 def question_parts(points: Sequence[BranchPoint], num_questions: int, parts: int) -> list[QuestionPart]:
     """Cut the batch into at most ``parts`` runs of whole questions with about equal numbers of branch points.
 

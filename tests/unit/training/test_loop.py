@@ -13,9 +13,9 @@ from attnrl.errors import TrainingStalled
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import FinishedGeneration
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.rollout.scoring import RolloutScorer
+from attnrl.rollout.scoring import RolloutScorer, scoring_spec
 from attnrl.training.backend import build_backend
-from attnrl.training.loop import RLLoop, scoring_spec
+from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer
 from tests.conftest import small_overrides
 
