@@ -7,7 +7,10 @@ report. Each stage flow runs its own data check (the Great Expectations gates of
 metrics and the report. A failed check raises and the next stage never starts.
 
 The configuration is resolved once, when the run starts (a retry of the run gets the same one), and
-passed to every stage: editing ``params.yaml`` during a run changes nothing in it.
+passed to every stage: editing ``params.yaml`` during a run changes nothing in it. Each stage (its
+subflow, its checks and its DVC record) is one cached ``stage`` task run (:mod:`tasks.finished_stages`):
+a retry of the run skips, with a log line, every stage an earlier attempt completed whose outputs are
+unchanged, and continues with the one that failed.
 
 In a DVC project (``.dvc/`` and ``dvc.yaml`` in ``root``) run with its own ``params.yaml`` and no
 overrides, each stage's outputs are recorded with ``dvc commit`` right after the stage and its checks
@@ -19,7 +22,10 @@ previous versioned outputs stay in the cache and ``dvc.lock``; nor is a stage re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import RUN_ID
@@ -28,8 +34,10 @@ from attnrl.config.identity import config_digest
 from attnrl.config.schema import RunConfig
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
+from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
+from attnrl.stages.warmup import WarmupResult
 from flows.stages import (
     DEFAULT_CONFIG,
     difficulty_flow,
@@ -45,7 +53,10 @@ from tasks.checks import (
     check_report_task,
     check_train_metrics_task,
 )
+from tasks.finished_stages import run_stage
 from tasks.versioning import StageRecorder
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,32 +86,47 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
                 config_digest(config)[:12])
     common = {"config": config, "root": root}
     recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
+    digest = config_digest(config)
 
-    prepared = prepare_flow(**common)
-    logger.info("prepared %d training problems, evaluation: %s", prepared.train_count, prepared.eval_counts)
-    recorder.record("prepare")
+    def stage(name: str, outputs: list[Path], run: Callable[[], T]) -> T:
+        """``run`` (the stage's subflow and checks), then its DVC record: skipped as one on a retry."""
+        def run_and_record() -> T:
+            result = run()
+            recorder.record(name)
+            return result
+        return run_stage(name, digest, outputs, run_and_record)
 
-    warmed = warmup_flow(**common)
-    check_model_dir_task(warmed.model_dir)
-    recorder.record("warmup")
+    def prepare() -> PreparedData:
+        prepared = prepare_flow(**common)
+        logger.info("prepared %d training problems, evaluation: %s", prepared.train_count, prepared.eval_counts)
+        return prepared
 
-    difficulty_flow(**common)  # with difficulty.enabled false it passes the problems through
-    recorder.record("difficulty")
+    def warmup() -> WarmupResult:
+        warmed = warmup_flow(**common)
+        check_model_dir_task(warmed.model_dir)
+        return warmed
 
-    before = evaluate_flow(**common, out_dir=str(layout.runs_dir / "eval-init"))
-    recorder.record("evaluate_init")
+    def train() -> TrainResult:
+        trained = train_flow(**common)
+        check_model_dir_task(trained.final_model)
+        # A token budget (train.max_generated_tokens) may end training before train.steps.
+        budgeted = config.train.max_generated_tokens is not None
+        check_train_metrics_task(trained.metrics_path, None if budgeted else config.train.steps)
+        return trained
 
-    trained = train_flow(**common)
-    check_model_dir_task(trained.final_model)
-    # A token budget (train.max_generated_tokens) may end training before train.steps.
-    budgeted = config.train.max_generated_tokens is not None
-    check_train_metrics_task(trained.metrics_path, None if budgeted else config.train.steps)
-    recorder.record("train")
+    def report() -> ReportResult:
+        reported = report_flow(**common)
+        check_report_task(reported.html_path)
+        return reported
 
-    after = evaluate_flow(**common, model_dir=str(trained.final_model))
-    recorder.record("evaluate")
-
-    report = report_flow(**common)
-    check_report_task(report.html_path)
-    recorder.record("report")
-    return PipelineResult(before=before, after=after, train=trained, report=report)
+    eval_init = layout.runs_dir / "eval-init"
+    stage("prepare", [layout.prepared_dir], prepare)
+    stage("warmup", [layout.init_model], warmup)
+    # with difficulty.enabled false it passes the problems through
+    stage("difficulty", [layout.difficulty_dir], lambda: difficulty_flow(**common))
+    before = stage("evaluate_init", [eval_init], lambda: evaluate_flow(**common, out_dir=str(eval_init)))
+    trained = stage("train", [layout.train_dir], train)
+    after = stage("evaluate", [layout.eval_dir],
+                  lambda: evaluate_flow(**common, model_dir=str(trained.final_model)))
+    reported = stage("report", [layout.reports_dir], report)
+    return PipelineResult(before=before, after=after, train=trained, report=reported)

@@ -15,6 +15,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
     FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 
 from attnrl.config import dump_config, resolve_config
@@ -22,7 +24,8 @@ from attnrl.errors import ConfigError, DataError
 from attnrl.rollout.hf_engine import HFRolloutEngine
 from flows.pipeline import pipeline, run_config_task
 from flows.stages import prepare_flow, train_flow, warmup_flow
-from tasks import checks
+from tasks import checks, finished_stages
+from tasks import stages as stage_tasks
 from tasks.retry import RETRIES, retry_unless_deterministic
 from tasks.stages import evaluate_task, train_task, warmup_task
 from tests.conftest import PROJECT_ROOT, small_overrides
@@ -82,6 +85,77 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
     assert {"mean@k", "pass@k"} <= set(table[0])
     steps = json.loads(next(a for a in artifacts if a.key == "train-last-steps").data)
     assert [row["step"] for row in steps] == [1, 2]
+
+
+def _logs(client, flow_run_id, expected: str, timeout: float = 30.0) -> list[str]:
+    """The run's log messages, once one containing ``expected`` arrived (logs reach the API in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = [log.message for log in client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+        if any(expected in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
+
+
+def test_a_retried_pipeline_skips_the_stages_it_completed_and_reruns_the_one_that_failed(
+        prefect_api, tmp_path, monkeypatch):
+    reports = []
+
+    def report_failing_once(config, root):
+        reports.append(root)
+        if len(reports) == 1:
+            raise OSError("the report stage fails once (injected)")
+        return build_report(config, root)
+
+    build_report = stage_tasks.build_report
+    monkeypatch.setattr(stage_tasks, "build_report", report_failing_once)
+    retried = pipeline.with_options(retries=1, retry_delay_seconds=0)
+    state = retried(config_path=CONFIG, overrides=small_overrides(), root=str(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    assert len(reports) == 2
+    assert (tmp_path / "reports" / "report.html").is_file()
+    parent = _flow_run(prefect_api, state)
+    assert parent.run_count == 2
+
+    # Every stage's subflow ran once (report twice), and the second attempt said why it skipped each.
+    subflows = prefect_api.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+    names = sorted(prefect_api.read_flow(run.flow_id).name for run in subflows)
+    assert names == ["difficulty", "evaluate", "evaluate", "prepare", "report", "report", "train", "warmup"]
+    logs = _logs(prefect_api, parent.id, "skipping evaluate:")
+    for stage in ("prepare", "warmup", "difficulty", "evaluate_init", "train", "evaluate"):
+        assert sum(m.startswith(f"skipping {stage}: an earlier attempt of this flow run completed it")
+                   for m in logs) == 1, (stage, logs)
+    assert not any(m.startswith("skipping report") for m in logs)
+    stage_runs = [run for run in _task_runs(prefect_api, parent.id) if run.task_key.startswith("_stage_task")]
+    assert sorted(run.state.name for run in stage_runs) == ["Cached"] * 6 + ["Completed"] * 7 + ["Failed"]
+
+
+@flow(name="rewritten-between-attempts-test", retries=1, retry_delay_seconds=0)
+def _rewritten_between_attempts(output: Path, calls: Path) -> str:
+    """A stage that writes ``output``; the first attempt then rewrites it, as another writer would, and fails."""
+    def stage() -> str:
+        with calls.open("a") as log:
+            log.write("run\n")
+        output.write_text("stage output")
+        return "done"
+
+    result = finished_stages.run_stage("write", "digest", [output], stage)
+    if len(calls.read_text().split()) == 1:
+        output.write_text("someone else's output")
+        raise OSError("the first attempt fails after its output was rewritten (injected)")
+    return result
+
+
+def test_a_stage_whose_outputs_changed_since_it_completed_is_run_again_on_retry(prefect_api, tmp_path):
+    output, calls = tmp_path / "out.txt", tmp_path / "calls"
+    state = _rewritten_between_attempts(output, calls, return_state=True)
+    assert state.is_completed(), state.message
+    assert calls.read_text().split() == ["run", "run"]
+    assert output.read_text() == "stage output"
+    logs = _logs(prefect_api, state.state_details.flow_run_id, "rerunning write")
+    assert any(m.startswith("rerunning write: an earlier attempt of this flow run completed it") for m in logs), logs
 
 
 @task(name="flaky read", retries=RETRIES, retry_delay_seconds=0, retry_condition_fn=retry_unless_deterministic)
