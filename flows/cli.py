@@ -4,6 +4,7 @@
     attnrl pipeline      every stage in order, a check between stages (the ``pipeline`` flow)
     attnrl demo          the pipeline, then accuracy before and after RL per benchmark
     attnrl config --preset NAME          print a complete params.yaml for a preset
+    attnrl alerts --webhook URL          alert URL when a deployment run fails (``flows/alerts.py``)
 
 Every command runs the same flows as the deployments (one implementation per stage): with
 ``PREFECT_API_URL`` set (environment or profile), runs are recorded on that server and visible in
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config":
             sys.stdout.write(dump_config(resolve_config(preset=args.preset, overrides=args.set)))
             return 0
+        if args.command == "alerts":
+            return _alerts(args)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
@@ -56,6 +59,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttnRLError as exc:
         print(f"attnrl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    """Needs a Prefect server (``PREFECT_API_URL``, or the project's ``make server``): a temporary API
+    would forget the automation when the command exits."""
+    from flows.alerts import deployment_names, ensure_failure_alert
+    from flows.prefect_api import project_prefect_api
+
+    with project_prefect_api(Path.cwd()) as note:
+        if note:
+            print(f"attnrl alerts: {note}", file=sys.stderr)
+        if not _has_api_url():
+            raise AttnRLError("attnrl alerts needs a Prefect server: set PREFECT_API_URL or run `make server`")
+        deployments = deployment_names(Path(args.prefect_yaml))
+        automation = ensure_failure_alert(args.webhook, deployments)
+    print(f"attnrl alerts: automation {automation} posts to {args.webhook} when a run of "
+          f"{', '.join(deployments)} fails or crashes")
+    return 0
+
+
+def _has_api_url() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def _flow_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             cmd.add_argument("--model", default=None, help="model directory (default: the initial policy)")
             cmd.add_argument("--out", default=None, help="output directory (default: runs/eval)")
+    alerts = sub.add_parser("alerts", help="post to a webhook when a deployment run fails or crashes")
+    alerts.add_argument("--webhook", required=True, metavar="URL", help="receiver of the JSON POST")
+    alerts.add_argument("--prefect-yaml", default="prefect.yaml", help="the deployments to watch")
     config_cmd = sub.add_parser("config", help="print a complete configuration for a preset")
     config_cmd.add_argument("--preset", required=True, choices=sorted(PRESETS))
     config_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -48,6 +48,7 @@ from flows.stages import (
     train_flow,
     warmup_flow,
 )
+from flows.workspace import run_workspace
 from tasks.checks import (
     check_model_dir_task,
     check_report_task,
@@ -79,13 +80,18 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
              method: str | None = None) -> PipelineResult:
     """Run every stage; returns the before/after evaluations, the training run and the report."""
     config = run_config_task(config_path, overrides, method)  # fail fast, before any stage starts
+    get_run_logger().info("configuration %s%s%s (sha256 %s), used by every stage of this run", config_path,
+                          f" with overrides {overrides}" if overrides else "",
+                          f" and method {method}" if method else "", config_digest(config)[:12])
+    recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
+    with run_workspace(root, config, config_path, overrides, method, {"prepare", "warmup", "difficulty"}) as own:
+        return _run_stages(config, own, recorder)
+
+
+def _run_stages(config: RunConfig, root: Path, recorder: StageRecorder) -> PipelineResult:
     layout = Layout.of(config, root)
     logger = get_run_logger()
-    logger.info("configuration %s%s%s (sha256 %s), used by every stage of this run", config_path,
-                f" with overrides {overrides}" if overrides else "", f" and method {method}" if method else "",
-                config_digest(config)[:12])
-    common = {"config": config, "root": root}
-    recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
+    common = {"config": config, "root": str(root)}
     digest = config_digest(config)
 
     def stage(name: str, outputs: list[Path], run: Callable[[], T]) -> T:

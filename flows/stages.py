@@ -7,7 +7,8 @@ stage's task, which calls the one stage function in ``attnrl.stages`` with the s
 replaces the previous output, so nothing downstream consumes it.
 
 Every flow takes the same parameters as the CLI: ``config_path`` (``--config``), ``overrides``
-(``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``).
+(``--set key.path=value``), ``root`` (``--root``) and ``method`` (``--method``). A run holds its root's
+workspace lock, and a run with overrides in a DVC project writes to its own root (:mod:`flows.workspace`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
+from flows.workspace import run_workspace
 from tasks.checks import gate_training_input_task
 from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
 
@@ -57,21 +59,24 @@ def bounded(stage_task: Task[P, R], seconds: float | None) -> Task[P, R]:
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                  method: str | None = None, config: RunConfig | None = None) -> PreparedData:
     config = load_flow_config(config_path, overrides, method, config)
-    return bounded(prepare_task, config.timeouts.prepare_s)(config, root)
+    with run_workspace(root, config, config_path, overrides, method, {"prepare"}) as own:
+        return bounded(prepare_task, config.timeouts.prepare_s)(config, own)
 
 
 @flow(name="warmup", log_prints=True)
 def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> WarmupResult:
     config = load_flow_config(config_path, overrides, method, config)
-    return bounded(warmup_task, config.timeouts.warmup_s)(config, root)
+    with run_workspace(root, config, config_path, overrides, method, {"warmup"}) as own:
+        return bounded(warmup_task, config.timeouts.warmup_s)(config, own)
 
 
 @flow(name="difficulty", log_prints=True)
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                     method: str | None = None, config: RunConfig | None = None) -> DifficultyResult:
     config = load_flow_config(config_path, overrides, method, config)
-    return bounded(difficulty_task, config.timeouts.difficulty_s)(config, root)
+    with run_workspace(root, config, config_path, overrides, method, {"difficulty"}) as own:
+        return bounded(difficulty_task, config.timeouts.difficulty_s)(config, own)
 
 
 @flow(name="train", log_prints=True)
@@ -80,9 +85,10 @@ def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = 
     """RL training; with checks on, the input problems are gated first and every step's rollout batch
     before its update."""
     config = load_flow_config(config_path, overrides, method, config)
-    if config.checks.enabled:
-        gate_training_input_task(config, root)
-    return bounded(train_task, config.timeouts.train_s)(config, root)
+    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+        if config.checks.enabled:
+            gate_training_input_task(config, own)
+        return bounded(train_task, config.timeouts.train_s)(config, own)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -91,11 +97,13 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
                   out_dir: str | None = None, config: RunConfig | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
     config = load_flow_config(config_path, overrides, method, config)
-    return bounded(evaluate_task, config.timeouts.evaluate_s)(config, root, model_dir, out_dir)
+    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+        return bounded(evaluate_task, config.timeouts.evaluate_s)(config, own, model_dir, out_dir)
 
 
 @flow(name="report", log_prints=True)
 def report_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> ReportResult:
     config = load_flow_config(config_path, overrides, method, config)
-    return bounded(report_task, config.timeouts.report_s)(config, root)
+    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+        return bounded(report_task, config.timeouts.report_s)(config, own)

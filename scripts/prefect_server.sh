@@ -2,7 +2,8 @@
 # Local Prefect server + the prefect.yaml deployments + a process worker (used by `make server` / `make server-stop`).
 #
 #   scripts/prefect_server.sh start   start the server on $HOST:$PORT (if not already healthy), create the
-#                                     work pool if missing, `prefect deploy --all`, start a worker
+#                                     work pool if missing, `prefect deploy --all`, the failure alert
+#                                     when ATTNRL_ALERT_WEBHOOK is set (attnrl alerts), start a worker
 #   scripts/prefect_server.sh stop    stop the worker and the server started by `start`
 #
 # PIDs, logs and the server's API URL (api_url, read by the attnrl command) go to $STATE_DIR
@@ -53,6 +54,10 @@ start() {
     fi
     "$PREFECT" work-pool inspect "$POOL" >/dev/null 2>&1 || "$PREFECT" work-pool create "$POOL" --type process
     "$PREFECT" --no-prompt deploy --all
+    # The failure alert (flows/alerts.py): a webhook POST when a deployment run fails or crashes.
+    if [[ -n "${ATTNRL_ALERT_WEBHOOK:-}" ]]; then
+        "$VENV/bin/attnrl" alerts --webhook "$ATTNRL_ALERT_WEBHOOK"
+    fi
     if alive "$STATE_DIR/worker.pid"; then
         echo "worker already running (pid $(cat "$STATE_DIR/worker.pid"))"
     else

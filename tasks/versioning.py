@@ -39,7 +39,7 @@ class StageRecorder:
         root = Path(root)
         if not dvc_store.is_dvc_project(root):
             return cls(root, config, set(), None)
-        if overrides or method or Path(config_path).resolve() != (root / "params.yaml").resolve():
+        if not reads_versioned_params(root, config_path, overrides, method):
             get_run_logger().warning(
                 "not recording stages with DVC: this run did not read %s unmodified (overrides %s, method %s, "
                 "config %s), so dvc.lock would not describe it", root / "params.yaml", overrides, method, config_path)
@@ -62,6 +62,12 @@ class StageRecorder:
         record_stage_task(self.root, stage)
         if self.remote:
             push_stage_task(self.root, stage)
+
+
+def reads_versioned_params(root: str | Path, config_path: str, overrides: list[str] | None,
+                           method: str | None) -> bool:
+    """Whether a run reads ``root/params.yaml`` as it is: the configuration ``dvc.lock`` describes."""
+    return not overrides and not method and Path(config_path).resolve() == (Path(root) / "params.yaml").resolve()
 
 
 @task(name="dvc commit", cache_policy=NO_CACHE, persist_result=False)

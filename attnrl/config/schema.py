@@ -386,6 +386,9 @@ class TimeoutsConfig(Section):
     train_s: float | None = Field(default=7 * 24 * 3600, gt=0, description="Stage 'train' (the whole run).")
     evaluate_s: float | None = Field(default=6 * 3600, gt=0, description="Stage 'evaluate' (each evaluation).")
     report_s: float | None = Field(default=3600, gt=0, description="Stage 'report'.")
+    workspace_wait_s: float | None = Field(
+        default=24 * 3600, gt=0,
+        description="How long a run waits for another run on the same root to finish (flows/workspace.py).")
 
 
 class RunConfig(Section):

@@ -152,6 +152,24 @@ def test_a_code_change_starts_training_over_and_without_one_a_rerun_resumes_with
     assert final.read_bytes() != before
 
 
+def test_an_override_train_run_writes_to_its_own_root_and_leaves_the_versioned_outputs_byte_identical(
+        reproduced, tmp_path):
+    project, env = _copy(reproduced, tmp_path)
+    versioned = tree_digest(project)
+    first = run(["attnrl", "train", "--set", "train.lr=0.002"], project, env)
+    assert tree_digest(project) == versioned  # runs/train and every other versioned output untouched
+    [own] = (project / "runs" / "overrides").iterdir()
+    assert (own / "runs" / "train" / "final" / "model.safetensors").is_file(), first.stdout
+    assert (own / "models" / "init").resolve() == (project / "models" / "init").resolve()  # versioned input
+    assert "(resumed from" not in first.stdout
+    # The same overrides again: the same root, where the run resumes its own finished checkpoint.
+    again = run(["attnrl", "train", "--set", "train.lr=0.002"], project, env)
+    assert "(resumed from" in again.stdout, again.stdout
+    assert [p.name for p in (project / "runs" / "overrides").iterdir()] == [own.name]
+    assert tree_digest(project) == versioned
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+
+
 def test_experiments_with_two_values_of_a_parameter_are_listed_with_metrics(reproduced, tmp_path):
     project, env = _copy(reproduced, tmp_path)
     for lr in ("0.002", "0.0005"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,31 @@ def test_a_stage_whose_outputs_changed_since_it_completed_is_run_again_on_retry(
     assert output.read_text() == "stage output"
     logs = _logs(prefect_api, state.state_details.flow_run_id, "rerunning write")
     assert any(m.startswith("rerunning write: an earlier attempt of this flow run completed it") for m in logs), logs
+
+
+def test_runs_on_one_root_take_turns_and_runs_on_another_root_go_on_side_by_side(prefect_api, tmp_path, monkeypatch):
+    spans: dict[str, list[tuple[float, float]]] = {}
+
+    def slow_prepare(config, root, check=None):
+        started = time.monotonic()
+        time.sleep(3)
+        spans.setdefault(Path(root).name, []).append((started, time.monotonic()))
+        return prepare(config, root, check=check)
+
+    prepare = stage_tasks.prepare
+    monkeypatch.setattr(stage_tasks, "prepare", slow_prepare)
+    states = []
+    threads = [threading.Thread(target=lambda r=root: states.append(prepare_flow(
+        config_path=CONFIG, overrides=small_overrides(), root=str(tmp_path / r), return_state=True)))
+        for root in ("shared", "shared", "other")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(states) == 3 and all(state.is_completed() for state in states), [s.message for s in states]
+    (first, second), [other] = sorted(spans["shared"]), spans["other"]
+    assert first[1] <= second[0], spans  # the second run on "shared" waited for the first's lock
+    assert other[0] < max(first[1], second[1]) and other[1] > min(first[0], second[0]), spans  # no wait
 
 
 @task(name="flaky read", retries=RETRIES, retry_delay_seconds=0, retry_condition_fn=retry_unless_deterministic)
