@@ -1,5 +1,7 @@
 """prefect.yaml against a real, separate Prefect server: `prefect deploy --all` registers the deployments with
-their schedules, and a real process worker runs one of them to completion.
+their schedules, concurrency limits and triggers; a real process worker runs them; two pipeline runs started
+at once take turns; a completed train run is evaluated; a failing run fires the failure alert at a webhook
+receiver on 127.0.0.1.
 
 The server here is its own `prefect server start` process (not the session's test harness) with its own
 PREFECT_HOME, hence a fresh SQLite database; it and the worker are stopped in teardown.
@@ -7,12 +9,17 @@ PREFECT_HOME, hence a fresh SQLite database; it and the worker are stopped in te
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -23,6 +30,8 @@ from tests.conftest import PROJECT_ROOT, small_overrides
 pytestmark = pytest.mark.integration
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+ATTNRL = str(Path(sys.executable).with_name("attnrl"))
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 POOL = "attnrl-process"
 SCHEDULED = {("pipeline", "pipeline-nightly"): "0 2 * * *", ("evaluate-latest", "evaluate-latest"): "0 */6 * * *"}
 ON_DEMAND = {("train", "train-on-demand"), ("train", "train-on-ray-cluster"), ("prepare", "prepare-on-demand")}
@@ -71,6 +80,9 @@ def prefect_server(tmp_path_factory):
         "PWD": str(PROJECT_ROOT),  # prefect.yaml's pull step: {{ $PWD }} is the directory deploy runs in
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
+        # Quick turns: a run waiting for its deployment's slot retries every 2 s, a worker polls every 2 s.
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
     })
     log = (home / "server.log").open("w")
     # No scheduler: the scheduled deployments must not get runs that the run-once worker could pick up.
@@ -124,6 +136,17 @@ def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server
     assert "distributed.enabled=true" in cluster["parameters"]["overrides"]
     pool = httpx.get(f"{api_url}/work_pools/{POOL}").json()
     assert pool["type"] == "process"
+    # One run at a time of the pipeline, of evaluate-latest and of on-demand training; later ones wait.
+    for key in (("pipeline", "pipeline-nightly"), ("evaluate-latest", "evaluate-latest"), ("train", "train-on-demand")):
+        assert deployments[key]["global_concurrency_limit"]["limit"] == 1, deployments[key]
+        assert deployments[key]["concurrency_options"]["collision_strategy"] == "ENQUEUE", key
+    # evaluate-latest's trigger: a completed run of a train deployment, whose id it is given.
+    [trigger] = [a for a in httpx.post(f"{api_url}/automations/filter", json={}).json()
+                 if a["actions"][0]["type"] == "run-deployment"
+                 and a["actions"][0]["deployment_id"] == deployments[("evaluate-latest", "evaluate-latest")]["id"]]
+    assert trigger["trigger"]["expect"] == ["prefect.flow-run.Completed"]
+    assert trigger["trigger"]["match_related"]["prefect.resource.name"] == ["train-on-demand", "train-on-ray-cluster"]
+    assert trigger["actions"][0]["parameters"] == {"train_flow_run": "{{ event.resource.id }}"}
 
 
 def test_a_process_worker_runs_a_deployment_to_completion(prefect_server, tmp_path):
@@ -157,3 +180,134 @@ def test_a_process_worker_runs_a_deployment_to_completion(prefect_server, tmp_pa
     assert (tmp_path / "data" / "prepared" / "train.parquet").is_file()
     assert (tmp_path / "data" / "prepared" / "eval" / "synthetic.parquet").is_file()
     assert not (elsewhere / "data").exists() and not (elsewhere / "params.yaml").exists()
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A webhook receiver on a free 127.0.0.1 port: yields its URL and the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/attnrl-alerts", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _start_run(api_url: str, deployment: tuple[str, str], parameters: dict) -> str:
+    deployment_id = _deployments(api_url)[deployment]["id"]
+    for _ in range(10):  # 503: SQLite briefly locked by the server's own services; Prefect's client retries too
+        response = httpx.post(f"{api_url}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
+        if response.status_code != 503:
+            break
+        time.sleep(1)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _run(api_url: str, run_id: str) -> dict:
+    return httpx.get(f"{api_url}/flow_runs/{run_id}").json()
+
+
+def _wait(api_url: str, run_id: str, log: Path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while (run := _run(api_url, run_id))["state"]["type"] not in TERMINAL:
+        assert time.monotonic() < deadline, f"flow run {run['name']} still {run['state']['type']}:\n{log.read_text()}"
+        time.sleep(1)
+    return run
+
+
+def _worker(env: dict[str, str], log: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, *extra], cwd=cwd, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _files(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_two_pipeline_runs_at_once_take_turns_and_a_completed_train_run_is_evaluated(prefect_server, tmp_path):
+    api_url, env = prefect_server
+    root = tmp_path / "work"
+    parameters = {"overrides": small_overrides(), "root": str(root)}
+    first, second = (_start_run(api_url, ("pipeline", "pipeline-nightly"), parameters) for _ in range(2))
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, tmp_path)
+    try:
+        done = _wait(api_url, first, log, 600)
+        assert done["state"]["type"] == "COMPLETED", f"{done['state']}\n{log.read_text()}"
+        checkpoints = _files(root / "runs" / "train" / "checkpoints")
+        assert checkpoints
+        other = _wait(api_url, second, log, 600)
+        assert other["state"]["type"] == "COMPLETED", f"{other['state']}\n{log.read_text()}"
+        # The second waited for the first (the deployment's limit of one run), then resumed its finished
+        # training instead of deleting it: every checkpoint file of the first run is still there, unchanged.
+        assert other["start_time"] >= done["end_time"], (done, other)
+        states = httpx.get(f"{api_url}/flow_run_states/", params={"flow_run_id": second}).json()
+        assert "AwaitingConcurrencySlot" in {state["name"] for state in states}, [s["name"] for s in states]
+        after = _files(root / "runs" / "train" / "checkpoints")
+        assert {name: after.get(name) for name in checkpoints} == checkpoints
+
+        # A completed train deployment run triggers evaluate-latest on the policy that run trained.
+        train = _start_run(api_url, ("train", "train-on-demand"), parameters)
+        trained = _wait(api_url, train, log, 300)
+        assert trained["state"]["type"] == "COMPLETED", f"{trained['state']}\n{log.read_text()}"
+        deadline = time.monotonic() + 120
+        while True:
+            runs = httpx.post(f"{api_url}/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [_deployments(api_url)[("evaluate-latest", "evaluate-latest")]["id"]]}},
+            }).json()
+            if runs:
+                break
+            assert time.monotonic() < deadline, f"no evaluate-latest run after train run {train} completed"
+            time.sleep(1)
+        [evaluation] = runs
+        assert evaluation["parameters"] == {"train_flow_run": f"prefect.flow-run.{train}"}
+        evaluated = _wait(api_url, evaluation["id"], log, 300)
+        assert evaluated["state"]["type"] == "COMPLETED", f"{evaluated['state']}\n{log.read_text()}"
+        assert json.loads((root / "runs" / "eval-latest" / "metrics.json").read_text())["average"]
+    finally:
+        _stop(worker)
+
+
+def test_a_failing_deployment_run_fires_the_failure_alert_at_a_webhook(prefect_server, tmp_path, webhook):
+    api_url, env = prefect_server
+    url, received = webhook
+    for _ in range(2):  # a second time updates the automation in place
+        done = subprocess.run([ATTNRL, "alerts", "--webhook", url], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    automations = httpx.post(f"{api_url}/automations/filter", json={}).json()
+    assert [a["name"] for a in automations].count("attnrl: deployment run failed") == 1
+    # A nightly run whose configuration is invalid fails in its first task.
+    bad = {"overrides": [*small_overrides(), "train.lr=-1"], "root": str(tmp_path / "work")}
+    run_id = _start_run(api_url, ("pipeline", "pipeline-nightly"), bad)
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, tmp_path, "--run-once")
+    try:
+        failed = _wait(api_url, run_id, log, 180)
+        worker.wait(timeout=60)
+    finally:
+        _stop(worker)
+    assert failed["state"]["type"] == "FAILED", failed["state"]
+    deadline = time.monotonic() + 90
+    while not received:
+        assert time.monotonic() < deadline, "the failure alert never reached the webhook"
+        time.sleep(0.5)
+    [alert] = received
+    assert alert["source"] == "attnrl"
+    assert alert["subject"] == f"attnrl: pipeline run {failed['name']} is Failed", alert
+    assert "pipeline-nightly" in alert["body"] and run_id in alert["body"] and "train.lr" in alert["body"], alert
