@@ -5,6 +5,7 @@
     attnrl demo          the pipeline, then accuracy before and after RL per benchmark
     attnrl config --preset NAME          print a complete params.yaml for a preset
     attnrl alerts --webhook URL          alert URL when a deployment run fails (``flows/alerts.py``)
+    attnrl remote        make $ATTNRL_DVC_REMOTE (and $ATTNRL_DVC_REMOTE_ENDPOINT) the DVC default remote
 
 Every command runs the same flows as the deployments (one implementation per stage): with
 ``PREFECT_API_URL`` set (environment or profile), runs are recorded on that server and visible in
@@ -44,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "alerts":
             return _alerts(args)
+        if args.command == "remote":
+            return _remote(args)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
@@ -76,6 +79,17 @@ def _alerts(args: argparse.Namespace) -> int:
         automation = ensure_failure_alert(args.webhook, deployments)
     print(f"attnrl alerts: automation {automation} posts to {args.webhook} when a run of "
           f"{', '.join(deployments)} fails or crashes")
+    return 0
+
+
+def _remote(args: argparse.Namespace) -> int:
+    from infra import dvc_store
+
+    name = dvc_store.remote_from_env(args.root)
+    if name is None:
+        raise AttnRLError(f"${dvc_store.REMOTE_URL_ENV} is not set: export it (s3://bucket/prefix), with "
+                          f"${dvc_store.REMOTE_ENDPOINT_ENV} for an S3-compatible store and AWS_* credentials")
+    print(f"attnrl remote: DVC default remote {name!r} is {os.environ[dvc_store.REMOTE_URL_ENV]} (.dvc/config.local)")
     return 0
 
 
@@ -127,7 +141,7 @@ def _print_result(stage: str, result: Any) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
 
-    result = pipeline(**_flow_args(args))
+    result = pipeline(**_flow_args(args), experiment=args.experiment)
     print(format_table(result.after.scores))
     print(f"report: {result.report.html_path}")
 
@@ -175,12 +189,17 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         cmd.add_argument("--root", default=".", help="directory the config's relative paths start from")
         cmd.add_argument("--method", default=None, choices=sorted(METHODS), help="apply a method preset")
+        if name == "pipeline":
+            cmd.add_argument("--experiment", default=None, metavar="NAME",
+                             help="save the run as DVC experiment NAME-<date> and push it (flows/pipeline.py)")
         if name == "evaluate":
             cmd.add_argument("--model", default=None, help="model directory (default: the initial policy)")
             cmd.add_argument("--out", default=None, help="output directory (default: runs/eval)")
     alerts = sub.add_parser("alerts", help="post to a webhook when a deployment run fails or crashes")
     alerts.add_argument("--webhook", required=True, metavar="URL", help="receiver of the JSON POST")
     alerts.add_argument("--prefect-yaml", default="prefect.yaml", help="the deployments to watch")
+    remote = sub.add_parser("remote", help="the DVC default remote from $ATTNRL_DVC_REMOTE")
+    remote.add_argument("--root", default=".", help="the DVC project (default: the current directory)")
     config_cmd = sub.add_parser("config", help="print a complete configuration for a preset")
     config_cmd.add_argument("--preset", required=True, choices=sorted(PRESETS))
     config_cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

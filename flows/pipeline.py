@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import RUN_ID
+from prefect.runtime import flow_run
 
 from attnrl.config.identity import config_digest
 from attnrl.config.schema import RunConfig
@@ -77,15 +78,20 @@ def run_config_task(config_path: str, overrides: list[str] | None, method: str |
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
-             method: str | None = None) -> PipelineResult:
-    """Run every stage; returns the before/after evaluations, the training run and the report."""
+             method: str | None = None, experiment: str | None = None) -> PipelineResult:
+    """Run every stage; returns the before/after evaluations, the training run and the report. With
+    ``experiment``, a recorded run is also saved as the DVC experiment ``<experiment>-<UTC start
+    time>`` and pushed (the nightly deployment's record of each night)."""
     config = run_config_task(config_path, overrides, method)  # fail fast, before any stage starts
     get_run_logger().info("configuration %s%s%s (sha256 %s), used by every stage of this run", config_path,
                           f" with overrides {overrides}" if overrides else "",
                           f" and method {method}" if method else "", config_digest(config)[:12])
     recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
     with run_workspace(root, config, config_path, overrides, method, {"prepare", "warmup", "difficulty"}) as own:
-        return _run_stages(config, own, recorder)
+        result = _run_stages(config, own, recorder)
+        if experiment:
+            recorder.record_experiment(f"{experiment}-{flow_run.get_scheduled_start_time():%Y%m%d-%H%M%S}")
+        return result
 
 
 def _run_stages(config: RunConfig, root: Path, recorder: StageRecorder) -> PipelineResult:

@@ -69,6 +69,67 @@ def push_stage(root: str | Path, stage: str, remote: str | None = None) -> None:
     logger.info("dvc: pushed stage %s (%s)", stage, summary[-1] if summary else "nothing to push")
 
 
+# A remote from the environment (README "Versioned stages"): the store's URL and, for an S3-compatible
+# store, its endpoint; credentials come from the usual AWS_* variables. Written to .dvc/config.local,
+# which git ignores, so a deployment's worker and a laptop can point one project at different stores.
+REMOTE_URL_ENV = "ATTNRL_DVC_REMOTE"
+REMOTE_ENDPOINT_ENV = "ATTNRL_DVC_REMOTE_ENDPOINT"
+ENV_REMOTE = "env"
+
+
+def remote_from_env(root: str | Path) -> str | None:
+    """Make ``$ATTNRL_DVC_REMOTE`` (with ``$ATTNRL_DVC_REMOTE_ENDPOINT``) the project's default remote,
+    named ``env``; returns its name, or None when the variable is not set."""
+    url = os.environ.get(REMOTE_URL_ENV)  # the environment, not the run config: which store is per machine
+    if not url:
+        return None
+    steps = [("remote", "add", "--local", "--force", "--default", ENV_REMOTE, url)]
+    endpoint = os.environ.get(REMOTE_ENDPOINT_ENV)
+    if endpoint:
+        steps.append(("remote", "modify", "--local", ENV_REMOTE, "endpointurl", endpoint))
+    for step in steps:
+        done = _dvc(root, *step)
+        if done.returncode != 0:
+            raise VersioningError(f"dvc {' '.join(step[:2])} for ${REMOTE_URL_ENV}={url} failed: {_failure(done)}")
+    logger.info("dvc: default remote %s = %s%s (from the environment)", ENV_REMOTE, url,
+                f" at {endpoint}" if endpoint else "")
+    return ENV_REMOTE
+
+
+def uncached_metrics(root: str | Path) -> list[str]:
+    """The metrics files ``dvc.yaml`` leaves to git (``cache: false``): an experiment must include them."""
+    import yaml
+
+    paths = []
+    for stage in yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("metrics", []):  # dvc.yaml's own schema: metrics are optional per stage
+            if isinstance(entry, dict):  # a bare path is cached by DVC
+                paths += [name for name, options in entry.items() if options.get("cache") is False]
+    return paths
+
+
+def save_experiment(root: str | Path, name: str) -> None:
+    """``dvc exp save``: the workspace as it is (dvc.lock, params, metrics) as experiment ``name``."""
+    include = [arg for path in uncached_metrics(root) for arg in ("--include-untracked", path)]
+    done = _dvc(root, "exp", "save", "--force", "--name", name, *include)
+    if done.returncode != 0:
+        raise VersioningError(f"dvc exp save --name {name} in {root} failed: {_failure(done)}")
+    logger.info("dvc: saved experiment %s", name)
+
+
+def git_remote(root: str | Path, name: str) -> bool:
+    done = subprocess.run(["git", "remote", "get-url", name], cwd=root, capture_output=True, text=True)
+    return done.returncode == 0
+
+
+def push_experiment(root: str | Path, name: str, git_remote_name: str) -> None:
+    """``dvc exp push``: the experiment's git ref to ``git_remote_name``, its outputs to the default remote."""
+    done = _dvc(root, "exp", "push", "--force", git_remote_name, name)
+    if done.returncode != 0:
+        raise VersioningError(f"dvc exp push {git_remote_name} {name} failed: {_failure(done)}")
+    logger.info("dvc: pushed experiment %s to %s", name, git_remote_name)
+
+
 @dataclass(frozen=True)
 class S3Location:
     bucket: str

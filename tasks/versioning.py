@@ -1,7 +1,8 @@
 """Prefect tasks that record each pipeline stage with DVC (``infra/dvc_store.py``).
 
 The pipeline records a stage only when ``dvc.lock`` can describe the run truthfully
-(``StageRecorder``). Pushing retries (the remote may be briefly unreachable); committing does not
+(``StageRecorder``), and a run given an experiment name (the nightly deployment) as a DVC experiment,
+pushed with its outputs. A default remote can come from the environment (``dvc_store.remote_from_env``). Pushing retries (the remote may be briefly unreachable); committing does not
 (it is local and deterministic).
 """
 
@@ -18,6 +19,8 @@ from attnrl.config.identity import changed_keys, config_digest
 from attnrl.errors import ConfigError
 from infra import dvc_store
 from tasks.retry import RETRIES, RETRY_DELAY_SECONDS
+
+GIT_REMOTE = "origin"  # where experiments go: the project's own git remote
 
 
 class StageRecorder:
@@ -45,7 +48,7 @@ class StageRecorder:
                 "config %s), so dvc.lock would not describe it", root / "params.yaml", overrides, method, config_path)
             return cls(root, config, set(), None)
         stages = set(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
-        return cls(root, config, stages, dvc_store.default_remote(root))
+        return cls(root, config, stages, dvc_store.remote_from_env(root) or dvc_store.default_remote(root))
 
     def record(self, stage: str) -> None:
         """Commit ``stage`` (and push it when the project has a default remote) if this run records it."""
@@ -64,10 +67,38 @@ class StageRecorder:
             push_stage_task(self.root, stage)
 
 
+    def record_experiment(self, name: str) -> None:
+        """Save the recorded run as DVC experiment ``name`` and push it (its git ref to ``origin``, its
+        outputs to the default remote), so a fresh clone can ``dvc exp pull origin <name>`` it."""
+        logger = get_run_logger()
+        if not self.stages:
+            logger.warning("not recording experiment %s: this run's stages were not recorded with DVC", name)
+            return
+        save_experiment_task(self.root, name)
+        if not dvc_store.git_remote(self.root, GIT_REMOTE):
+            logger.warning("experiment %s saved but not pushed: the project has no git remote %r", name, GIT_REMOTE)
+        elif not self.remote:
+            logger.warning("experiment %s saved but not pushed: the project has no default DVC remote (set $%s)",
+                           name, dvc_store.REMOTE_URL_ENV)
+        else:
+            push_experiment_task(self.root, name)
+
+
 def reads_versioned_params(root: str | Path, config_path: str, overrides: list[str] | None,
                            method: str | None) -> bool:
     """Whether a run reads ``root/params.yaml`` as it is: the configuration ``dvc.lock`` describes."""
     return not overrides and not method and Path(config_path).resolve() == (Path(root) / "params.yaml").resolve()
+
+
+@task(name="dvc exp save", cache_policy=NO_CACHE, persist_result=False)
+def save_experiment_task(root: Path, name: str) -> None:
+    dvc_store.save_experiment(root, name)
+
+
+@task(name="dvc exp push", cache_policy=NO_CACHE, persist_result=False, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_SECONDS)
+def push_experiment_task(root: Path, name: str) -> None:
+    dvc_store.push_experiment(root, name, GIT_REMOTE)
 
 
 @task(name="dvc commit", cache_policy=NO_CACHE, persist_result=False)

@@ -219,24 +219,37 @@ def moto_s3():
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_push_then_pull_into_a_fresh_clone_restores_every_output_and_a_dead_endpoint_fails_clearly(
+def test_a_nightly_run_is_an_experiment_on_s3_that_a_fresh_clone_pulls_and_a_dead_endpoint_fails_clearly(
         reproduced, tmp_path, moto_s3, monkeypatch):
     import boto3
 
     server, endpoint = moto_s3
     project, env = _copy(reproduced, tmp_path)
-    env = {**env, **S3_ENV, "AWS_MAX_ATTEMPTS": "1"}
+    origin = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run(["git", "remote", "add", "origin", str(origin)], project, env)
+    run(["git", "push", "-q", "origin", "HEAD"], project, env)
+    # The store comes from the environment, as on a deployment's worker; credentials as AWS_* variables.
+    env = {**env, **S3_ENV, "AWS_MAX_ATTEMPTS": "1", "ATTNRL_DVC_REMOTE": "s3://attnrl/dvc",
+           "ATTNRL_DVC_REMOTE_ENDPOINT": endpoint}
     boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket="attnrl")
-    run(["dvc", "remote", "add", "-d", "s3", "s3://attnrl/dvc"], project, env)
-    run(["dvc", "remote", "modify", "s3", "endpointurl", endpoint], project, env)
-    run(["git", "add", "-A"], project, env)
-    run(["git", "commit", "-qm", "remote"], project, env)  # the remote (no credentials) is part of the project
-    run(["dvc", "push"], project, env)
+    run(["attnrl", "pipeline", "--experiment", "nightly"], project, env)  # what pipeline-nightly runs
+    [ref] = run(["git", "ls-remote", str(origin), "refs/exps/*"], tmp_path, env).stdout.splitlines()
+    name = ref.rsplit("/", 1)[1]
+    assert name.startswith("nightly-"), ref
 
     clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
-    run(["dvc", "pull"], clone, env)
-    assert tree_digest(clone) == tree_digest(project)
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    run(["attnrl", "remote"], clone, env)
+    run(["dvc", "exp", "pull", "origin", name], clone, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json", "--no-pager"], clone, env).stdout)
+    experiments = {rev["name"]: rev for row in shown for exp in (row.get("experiments") or []) for rev in exp["revs"]}
+    assert name in experiments, list(experiments)
+    metrics = experiments[name]["data"]["metrics"]
+    assert metrics["runs/eval/metrics.json"]["data"]["average"] == json.loads(
+        (project / "runs" / "eval" / "metrics.json").read_text())["average"]
+    run(["dvc", "exp", "apply", name], clone, env)
+    assert tree_digest(clone) == tree_digest(project)  # every versioned output, from S3
 
     # Artifacts read and written directly (boto3), as the evaluation of a remote checkpoint does.
     from infra.dvc_store import S3Artifacts, S3Location, VersioningError
