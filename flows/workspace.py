@@ -9,11 +9,13 @@ produce itself (prepared problems, the difficulty table, the initial policy) are
 when it has none of its own, so an on-demand train run starts from the versioned ones; the same
 configuration again gets the same root, and resumes there.
 
-Every top-level run holds its root's workspace lock for its whole duration: a Prefect global
-concurrency limit of one slot named after the root (created on first use). A second run on the same
-root waits for the slot (``timeouts.workspace_wait_s``); runs on other roots go on side by side. The
-slot is leased: a run that dies stops renewing it and the slot frees itself. Subflows (the stages of a
-pipeline run) run under their parent's lock and in their parent's root.
+In a DVC project every top-level run holds its root's workspace lock for its whole duration (the
+project's own root, or its isolated root): a Prefect global concurrency limit of one slot named after
+the root (created on first use). A second run on the same root waits for the slot
+(``timeouts.workspace_wait_s``); runs on other roots go on side by side. The slot is leased for a
+minute at a time: a run that dies stops renewing it, and the slot frees itself. Subflows (the stages
+of a pipeline run) run under their parent's lock and in their parent's root. Outside a DVC project
+(a scratch directory) there are no versioned outputs to guard, and runs take no lock.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from tasks.versioning import reads_versioned_params
 
 OVERRIDES_DIR = "overrides"
 LOCK_PREFIX = "attnrl-workspace-"
+LEASE_S = 60  # a run killed outright (SIGKILL, a lost node) frees its root within a minute; Prefect's shortest
 
 
 def _inputs(layout: Layout) -> dict[str, Path]:
@@ -81,6 +84,9 @@ def run_workspace(root: str | Path, config: RunConfig, config_path: str, overrid
         yield Path(root)
         return
     own = run_root(root, config, config_path, overrides, method, produces)
+    if not dvc_store.is_dvc_project(root):  # no versioned outputs, nothing shared to guard
+        yield own
+        return
     with workspace_lock(own, config.timeouts.workspace_wait_s):
         yield own
 
@@ -111,7 +117,8 @@ def workspace_lock(root: Path, wait_s: float | None) -> Iterator[None]:
     asked = time.monotonic()
     # Renewal failures (a brief API outage) must not kill a days-long training run: the lease's own
     # expiry is what frees the slot of a run that died.
-    with concurrency(name, occupy=1, timeout_seconds=wait_s, strict=True, raise_on_lease_renewal_failure=False):
+    with concurrency(name, occupy=1, timeout_seconds=wait_s, strict=True, lease_duration=LEASE_S,
+                     raise_on_lease_renewal_failure=False):
         waited = time.monotonic() - asked
         logger.info("holding the workspace lock of %s (%s)%s", root, name,
                     f" after waiting {waited:.0f}s for another run" if waited >= 1 else "")

@@ -170,20 +170,6 @@ def test_an_override_train_run_writes_to_its_own_root_and_leaves_the_versioned_o
     assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
 
 
-def test_experiments_with_two_values_of_a_parameter_are_listed_with_metrics(reproduced, tmp_path):
-    project, env = _copy(reproduced, tmp_path)
-    for lr in ("0.002", "0.0005"):
-        run(["dvc", "exp", "run", "-S", f"train.lr={lr}", "-n", f"lr-{lr}"], project, env)
-    shown = json.loads(run(["dvc", "exp", "show", "--json", "--no-pager"], project, env).stdout)
-    experiments = {rev["name"]: rev for row in shown for exp in (row.get("experiments") or []) for rev in exp["revs"]}
-    assert {"lr-0.002", "lr-0.0005"} <= set(experiments), list(experiments)
-    for name, lr in (("lr-0.002", 0.002), ("lr-0.0005", 0.0005)):
-        data = experiments[name]["data"]
-        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
-        average = data["metrics"]["runs/eval/metrics.json"]["data"]["average"]
-        assert 0 <= average["mean_at_k"] <= 1
-
-
 def test_an_experiment_that_turns_the_difficulty_stage_on_trains_on_the_problems_it_kept(reproduced, tmp_path):
     project, env = _copy(reproduced, tmp_path)
     # A policy warmed up on level 1 long enough to solve some problems and not others (as in

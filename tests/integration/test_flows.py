@@ -165,8 +165,13 @@ def test_runs_on_one_root_take_turns_and_runs_on_another_root_go_on_side_by_side
     def slow_prepare(config, root, check=None):
         started = time.monotonic()
         time.sleep(3)
-        spans.setdefault(Path(root).name, []).append((started, time.monotonic()))
+        project = Path(root).relative_to(tmp_path).parts[0]  # the run's isolated root is inside its project
+        spans.setdefault(project, []).append((started, time.monotonic()))
         return prepare(config, root, check=check)
+
+    for project in ("shared", "other"):  # DVC projects, where runs lock their root
+        (tmp_path / project / ".dvc").mkdir(parents=True)
+        (tmp_path / project / "dvc.yaml").write_text("stages: {}\n")
 
     prepare = stage_tasks.prepare
     monkeypatch.setattr(stage_tasks, "prepare", slow_prepare)
