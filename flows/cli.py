@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _alerts(args)
         if args.command == "remote":
             return _remote(args)
+        # A bad --set or config fails here, in one line, before a Prefect API starts; the flow resolves it
+        # again inside its run (the run's record of what it was given).
+        resolve_config(path=args.config, method=args.method, overrides=args.set)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output

@@ -12,7 +12,8 @@
   {0, 1}) and ``metrics.json`` (mean@K and pass@K in [0, 1], pass@K >= mean@K).
 
 A gate validates a pandas frame built from the files (not through the loaders, so it checks what
-is on disk), writes GX Data Docs HTML to ``checks.data_docs_dir`` and, on failure, raises
+is on disk) in one file-backed GX project in ``checks.data_docs_dir`` (its validation results
+and Data Docs HTML keep every gate run's history) and, on failure, raises
 ``DataGateError`` naming the suite, the file, each failing expectation and example rows. The
 pure core never imports this module; ``tasks/checks.py`` runs the gates from the stage flows.
 """
@@ -227,42 +228,76 @@ def eval_frames(samples_path: Path, metrics_path: Path) -> tuple[pd.DataFrame, p
 
 def run_gate(suite: str, frame: pd.DataFrame, config: RunConfig, *, target: str,
              docs_dir: Path | None) -> GateReport:
-    """Validate ``frame`` with ``suite``; Data Docs go to ``docs_dir`` (None: no report). Raises
-    ``DataGateError`` on failure."""
+    """Validate ``frame`` with ``suite``. With ``docs_dir``, in the file-backed GX project there
+    (``docs_dir/gx``), which keeps every validation result, and with its Data Docs at
+    ``docs_dir/index.html`` listing every gate run by target and time; None: an ephemeral
+    context, no report. Raises ``DataGateError`` on failure."""
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.core.run_identifier import RunIdentifier
 
     expectations = lookup(SUITES, suite, "data check suite", DataError)(config)
-    context = gx.get_context(mode="ephemeral")  # one per run: GX keeps a process-global "current project"
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas("attnrl").add_dataframe_asset(_asset_name(target))
-             .add_batch_definition_whole_dataframe("all"))
-    gx_suite = context.suites.add(gx.ExpectationSuite(name=suite))
-    for expectation in expectations:
-        gx_suite.add_expectation(expectation)
-    validation = context.validation_definitions.add(gx.ValidationDefinition(name=suite, data=batch, suite=gx_suite))
-    actions = []
-    if docs_dir is not None:
-        docs_dir = Path(docs_dir).resolve()
-        context.add_data_docs_site(site_name=SITE, site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-        })
-        actions.append(UpdateDataDocsAction(name="data-docs", site_names=[SITE]))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
+    context = _context(docs_dir)
+    batch = _batch_definition(context, suite)
+    gx_suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite, expectations=expectations))
+    validation = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=suite, data=batch, suite=gx_suite))
+    actions = [UpdateDataDocsAction(name="data-docs", site_names=[SITE])] if docs_dir is not None else []
+    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
         name=f"{suite}-gate", validation_definitions=[validation], actions=actions,
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": list(ID_COLUMNS),
                        "partial_unexpected_count": EXAMPLES},
     ))
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
-    docs = docs_dir / "index.html" if docs_dir is not None else None
+    # The run name is what Data Docs list a result by: the file or training step it checked.
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name(target)))
+    docs = Path(docs_dir).resolve() / "index.html" if docs_dir is not None else None
     if not result.success:
         failures = [_failure(r) for run in result.run_results.values() for r in run.results if not r.success]
         raise DataGateError(suite, target, failures, docs)
     logger.info("data check %s passed on %s (%d rows, %d expectations)", suite, target, len(frame), len(expectations))
     return GateReport(suite, target, len(frame), len(expectations), docs)
+
+
+def run_name(target: str) -> str:
+    """``target`` as a GX run name: its file store keeps runs in folders, so no path separators."""
+    return target.replace("/", "|").replace("\\", "|")
+
+
+def _context(docs_dir: Path | None) -> Any:
+    """The GX project of ``docs_dir`` (created on first use, its Data Docs site registered), or an
+    ephemeral context when there is no ``docs_dir``."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    if docs_dir is None:
+        context = gx.get_context(mode="ephemeral")
+    else:
+        Path(docs_dir).mkdir(parents=True, exist_ok=True)
+        context = gx.get_context(mode="file", project_root_dir=str(Path(docs_dir).resolve()))
+        if SITE not in (context.get_config().data_docs_sites or {}):
+            # Relative to the context's root (docs_dir/gx): the project can move without a stale path.
+            context.add_data_docs_site(site_name=SITE, site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": ".."},
+            })
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _batch_definition(context: Any, suite: str) -> Any:
+    """A whole-dataframe batch of the ``attnrl`` pandas source's asset named after ``suite``: one asset
+    per suite, so the project's configuration does not grow with every file or step checked."""
+    source = (context.data_sources.get(SITE) if SITE in context.data_sources.all()
+              else context.data_sources.add_pandas(SITE))
+    try:
+        asset = source.get_asset(suite)
+    except LookupError:
+        asset = source.add_dataframe_asset(suite)
+    try:
+        return asset.get_batch_definition("all")
+    except LookupError:
+        return asset.add_batch_definition_whole_dataframe("all")
 
 
 def _failure(result: Any) -> GateFailure:
@@ -280,7 +315,3 @@ def _failure(result: Any) -> GateFailure:
         observed = details.get("observed_value")
     column = config.kwargs.get("column") or ",".join(config.kwargs.get("column_list") or []) or None
     return GateFailure(config.type, column, details.get("unexpected_count"), tuple(examples), observed)
-
-
-def _asset_name(target: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in target)[-100:] or "data"

@@ -5,16 +5,22 @@ while it still sits at its temporary path (prepared problems, the difficulty tab
 results): a failing gate leaves the previous output in place. The train flow also gates its input
 problems before training and every step's rollout batch before the update. A failing gate raises
 ``DataGateError`` (a ``DataError``: never retried) naming the failing expectation and rows, with
-the GX Data Docs report path, so the flow stops before the next stage starts. Outputs without a
-suite (model directories, training metrics, the report) get plain read-back checks.
+the GX Data Docs report path, so the flow stops before the next stage starts. Every stage's gates
+link the Data Docs (the history of every gate run in the project's GX context) from its Prefect run as
+a link artifact (key ``data-checks``), as does a failing rollout-batch gate. Outputs without a suite (model directories,
+training metrics, the report) get plain read-back checks.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
 
 from prefect import task
+from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
 
 from attnrl.config.schema import RunConfig
@@ -26,7 +32,10 @@ from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.train import training_problems_path
 from attnrl.training.loop import BatchCheck
 from infra import data_gates
-from infra.data_gates import GateReport
+from infra.data_gates import DataGateError, GateReport
+
+DOCS_ARTIFACT = "data-checks"
+P = ParamSpec("P")
 
 
 def gate_problem_files(config: RunConfig, files: list[tuple[Path, Path]], root: str | Path = ".") -> list[GateReport]:
@@ -38,7 +47,7 @@ def gate_problem_files(config: RunConfig, files: list[tuple[Path, Path]], root: 
         if not path.is_file():
             raise DataError(f"data check prepared_problems: {name} is missing")
         frame = data_gates.prepared_frame(path, lambda messages: encode_prompt(tokenizer, messages))
-        reports.append(data_gates.run_gate("prepared_problems", frame, config, target=str(name), docs_dir=docs))
+        reports.append(_gate("prepared_problems", frame, config, str(name), docs))
     return reports
 
 
@@ -64,9 +73,8 @@ def gate_difficulty(config: RunConfig, root: str | Path, directory: Path) -> lis
         raise DataError(f"data check difficulty_table: {layout.difficulty_dir / table.name} is missing")
     reports = []
     if config.difficulty.enabled:
-        reports.append(data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(table), config,
-                                           target=str(layout.difficulty_dir / table.name),
-                                           docs_dir=layout.data_docs(config)))
+        reports.append(_gate("difficulty_table", data_gates.difficulty_frame(table), config,
+                             str(layout.difficulty_dir / table.name), layout.data_docs(config)))
     return reports + gate_problem_files(config, [(directory / TRAIN_FILE, layout.difficulty_dir / TRAIN_FILE)], root)
 
 
@@ -79,10 +87,8 @@ def gate_evaluation(config: RunConfig, root: str | Path, directory: Path, name: 
             raise DataError(f"data check eval_results: {Path(name) / path.name} is missing")
     samples, metrics = data_gates.eval_frames(samples_path, metrics_path)
     docs = Layout.of(config, root).data_docs(config)
-    return [data_gates.run_gate("eval_results", samples, config, target=str(Path(name) / samples_path.name),
-                                docs_dir=docs),
-            data_gates.run_gate("eval_metrics", metrics, config, target=str(Path(name) / metrics_path.name),
-                                docs_dir=docs)]
+    return [_gate("eval_results", samples, config, str(Path(name) / samples_path.name), docs),
+            _gate("eval_metrics", metrics, config, str(Path(name) / metrics_path.name), docs)]
 
 
 def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:
@@ -91,10 +97,40 @@ def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:
 
     def check(step: int, paths) -> None:
         if paths and step % config.checks.rollout_every == 0:
-            data_gates.run_gate("rollout_batch", data_gates.rollout_frame(paths), config,
-                                target=f"training step {step} rollout batch", docs_dir=docs)
+            try:
+                _gate("rollout_batch", data_gates.rollout_frame(paths), config, f"training step {step} rollout batch",
+                      docs)
+            except DataGateError as failed:  # linked only on failure: a link per passing step would bury the rest
+                _link_docs(failed.docs, f"data check rollout_batch FAILED on {failed.target}")
+                raise
 
     return check
+
+
+def _gate(suite: str, frame, config: RunConfig, target: str, docs: Path) -> GateReport:
+    return data_gates.run_gate(suite, frame, config, target=target, docs_dir=docs)
+
+
+def _linking_docs(gate: Callable[P, list[GateReport]]) -> Callable[P, list[GateReport]]:
+    """``gate`` that links the Data Docs from the Prefect run it runs in, passed or failed."""
+    @functools.wraps(gate)
+    def run(*args: P.args, **kwargs: P.kwargs) -> list[GateReport]:
+        try:
+            reports = gate(*args, **kwargs)
+        except DataGateError as failed:
+            _link_docs(failed.docs, f"data check {failed.suite} FAILED on {failed.target}")
+            raise
+        if reports:
+            _link_docs(reports[0].docs, "data checks passed: " + "; ".join(f"{r.suite} on {r.target}" for r in reports))
+        return reports
+
+    return run
+
+
+def _link_docs(index: Path | None, what: str) -> None:
+    if index is not None:
+        create_link_artifact(link=index.resolve().as_uri(), link_text="GX Data Docs: every data check of this project",
+                             key=DOCS_ARTIFACT, description=what)
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -134,10 +170,10 @@ def check_report(html_path: str | Path) -> Path:
 
 
 _CHECK = {"cache_policy": NO_CACHE, "persist_result": False}
-gate_prepared_task = task(name="data check: prepared problems", **_CHECK)(gate_prepared)
-gate_training_input_task = task(name="data check: training problems", **_CHECK)(gate_training_input)
-gate_difficulty_task = task(name="data check: difficulty table", **_CHECK)(gate_difficulty)
-gate_evaluation_task = task(name="data check: evaluation results", **_CHECK)(gate_evaluation)
+gate_prepared_task = task(name="data check: prepared problems", **_CHECK)(_linking_docs(gate_prepared))
+gate_training_input_task = task(name="data check: training problems", **_CHECK)(_linking_docs(gate_training_input))
+gate_difficulty_task = task(name="data check: difficulty table", **_CHECK)(_linking_docs(gate_difficulty))
+gate_evaluation_task = task(name="data check: evaluation results", **_CHECK)(_linking_docs(gate_evaluation))
 check_model_dir_task = task(name="check model dir", **_CHECK)(check_model_dir)
 check_train_metrics_task = task(name="check train metrics", **_CHECK)(check_train_metrics)
 check_report_task = task(name="check report", **_CHECK)(check_report)

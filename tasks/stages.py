@@ -3,7 +3,8 @@
 Each task calls exactly one stage function (one implementation per stage) and publishes what a person
 wants to see in the UI: a per-stage summary (counts, paths), the evaluation table and the last training
 steps. Generation- and I/O-heavy stages retry transient failures; deterministic ones (``ConfigError``,
-``DataError``, ``ModelLoadError``) fail at once (:mod:`tasks.retry`). The data checks of
+``DataError``, ``ModelLoadError``) fail at once (:mod:`tasks.retry`). Training and evaluation metrics are also logged with DVCLive
+(:mod:`infra.live_metrics`). The data checks of
 :mod:`tasks.checks` run inside the stage tasks, as nested task runs, on the stage's new output
 before it replaces the previous one, and on every training step's batch before its update.
 """
@@ -26,6 +27,7 @@ from attnrl.stages.prepare import PreparedData, prepare
 from attnrl.stages.report import ReportResult, build_report
 from attnrl.stages.train import TrainResult, train
 from attnrl.stages.warmup import WarmupResult, warmup
+from infra.live_metrics import LiveTrainMetrics, write_eval_metrics
 from tasks.checks import gate_difficulty_task, gate_evaluation_task, gate_prepared_task, rollout_batch_gate
 from tasks.retry import RETRIES, RETRY_DELAY_SECONDS, retry_unless_deterministic
 
@@ -103,7 +105,9 @@ def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
                     stats.get("step_time_s", float("nan")))
 
     check_batch = rollout_batch_gate(config, root) if config.checks.enabled else None
-    result = train(config, root, on_step=on_step, phases=train_phase, check_batch=check_batch)
+    live = LiveTrainMetrics(Layout.of(config, root).train_dir)
+    result = train(config, root, on_step=on_step, on_metrics=live, phases=train_phase, check_batch=check_batch)
+    live.sync(result.metrics)  # a run that trained no step (resumed a finished one) still leaves its log
     last = result.metrics[-LAST_STEPS:]
     if last:
         columns = [c for c in TRAIN_METRIC_COLUMNS if any(c in row for row in last)]
@@ -120,6 +124,7 @@ def evaluate_task(config: RunConfig, root: str | Path = ".", model_dir: str | Pa
     name = Path(out_dir) if out_dir is not None else Layout.of(config, root).eval_dir
     check = _gate(config, lambda tmp: gate_evaluation_task(config, root, tmp, name))
     result = evaluate(config, root, model_dir=model_dir, out_dir=out_dir, check=check)
+    write_eval_metrics(result.metrics_path.parent)
     table: list[dict[str, Any]] = [
         {"benchmark": s.benchmark, "problems": s.problems, "k": s.k,
          "mean@k": round(s.mean_at_k, 4), "pass@k": round(s.pass_at_k, 4)}

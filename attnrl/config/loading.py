@@ -67,7 +67,8 @@ def validate_config(tree: Mapping[str, Any], *, origin: str) -> RunConfig:
                 lines.append(f"{key}: unknown key")
             else:
                 lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
-        raise ConfigError(f"invalid configuration in {origin}:\n  " + "\n  ".join(lines)) from None
+        listed = lines[0] if len(lines) == 1 else "\n  " + "\n  ".join(lines)  # one bad key: one line
+        raise ConfigError(f"invalid configuration in {origin}: {listed}") from None
 
 
 def dump_config(config: RunConfig) -> str:
@@ -96,15 +97,28 @@ def _deep_merge(base: dict[str, Any], delta: Mapping[str, Any]) -> None:
 
 
 def _apply_override(tree: dict[str, Any], override: str) -> None:
+    """``a.b.c=value``; a numeric part indexes a list (``data.eval.0.k=8``: the first benchmark's K)."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected key.path=value")
     value = yaml.safe_load(raw) if raw.strip() else None
     parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = value
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the configuration"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {override!r}: {where} is a list of {len(node)}; "
+                                  f"{part!r} is not an index of it (0 to {len(node) - 1})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {override!r}: {where} is a value ({node!r}), not a section or a list")

@@ -362,7 +362,9 @@ class ChecksConfig(Section):
 
     enabled: bool = Field(default=True, description="Run the gates after each stage and on each training batch.")
     data_docs_dir: str = Field(
-        default="runs/data-checks", description="GX Data Docs HTML of every gate run (index.html)."
+        default="runs/data-checks",
+        description="The project's file-backed GX context (gx/: suites, checkpoints, every validation result) and "
+                    "its Data Docs (index.html), which list every gate run.",
     )
     rollout_every: int = Field(
         default=1, ge=1, description="Validate the rollout batch of every N-th training step (1 = every step)."

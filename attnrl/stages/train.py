@@ -1,7 +1,8 @@
 """Stage 'train': RL from the initial policy, resumable from the newest checkpoint (spec §3).
 
 Writes ``runs/train/checkpoints/step_*/`` (model, optimizer, loop state, lineage),
-``runs/train/metrics.jsonl`` and ``metrics.csv`` (one row of spec §15.4 metrics per step),
+``runs/train/metrics.jsonl`` (one row of spec §15.4 metrics per step; the train task also logs them with
+DVCLive in ``runs/train/dvclive/``),
 ``runs/train/lineage.json`` and ``runs/train/final/`` (the last policy, a plain ``save_pretrained``
 directory the evaluate stage reads). A re-run continues from the newest
 checkpoint instead of starting over.
@@ -14,7 +15,6 @@ or on Ray) or, with ``distributed.enabled``, ``infra.distributed.distributed_run
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import logging
 import shutil
@@ -77,10 +77,12 @@ def train(
     *,
     run_dir: str | Path | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    on_metrics: Callable[[list[dict[str, float]]], None] | None = None,
     phases: PhaseRunner = run_directly,
     check_batch: BatchCheck | None = None,
 ) -> TrainResult:
-    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved.
+    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved, and
+    ``on_metrics`` the whole history then (a resumed run's restored steps first: what ``metrics.jsonl`` holds).
 
     ``phases`` runs each step and its phases (see ``RLLoop``); the train flow passes one that makes
     them Prefect task runs. ``check_batch`` sees each step's training paths before the update (the
@@ -127,6 +129,8 @@ def train(
             if step % config.train.save_every == 0 or step == config.train.steps:
                 save_checkpoint(checkpoints, step=step, state=runtime.write_state, loop_state=loop.state_dict(),
                                 keep=config.train.keep_checkpoints, lineage=provenance)
+            if on_metrics is not None:
+                on_metrics(loop.state.metrics)
             if on_step is not None:
                 on_step(stats)
 
@@ -214,11 +218,5 @@ def resume_changes(checkpoint: Path, config: RunConfig, provenance: dict[str, An
 
 
 def _write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    """``metrics.jsonl`` and the same rows as ``metrics.csv`` (what ``dvc plots`` reads)."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_path(path.with_suffix(".csv")) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -43,6 +43,18 @@ def test_unknown_config_key_fails_with_the_key_named(prefect_api, tmp_path, caps
     assert not (tmp_path / "data").exists()
 
 
+def test_a_bad_set_fails_in_one_line_before_any_prefect_api_starts(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--config", str(PROJECT_ROOT / "params.yaml"),
+                           "--root", str(tmp_path), "--set", "data.eval.0.k=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"attnrl evaluate: error: invalid configuration in "
+                                        f"{PROJECT_ROOT / 'params.yaml'}: data.eval.0.k: Input should be greater "
+                                        f"than or equal to 1 (got 0)"], done.stderr
+    assert not list(tmp_path.iterdir())  # no run, no temporary API's files
+
+
 def test_missing_model_path_fails_clearly(prefect_api, tmp_path, capsys):
     code = main(["evaluate", "--config", str(PROJECT_ROOT / "params.yaml"), "--root", str(tmp_path),
                  "--model", str(tmp_path / "no-such-model")])

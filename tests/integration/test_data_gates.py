@@ -105,7 +105,7 @@ def test_a_failing_prepare_gate_keeps_the_previous_prepared_data(prefect_api, tm
         return [*small_overrides(), *LIMIT, f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"]
 
     root = tmp_path / "run"
-    prepare_flow(config_path=CONFIG, overrides=overrides(_aime()), root=str(root))
+    passed = prepare_flow(config_path=CONFIG, overrides=overrides(_aime()), root=str(root), return_state=True)
     prepared = root / "data" / "prepared"
     before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
     bad = _write_bad(tmp_path / "source" / "aime_bad.parquet", "unknown split")  # the loader takes any split
@@ -118,6 +118,31 @@ def test_a_failing_prepare_gate_keeps_the_previous_prepared_data(prefect_api, tm
     assert str(prepared / "train.parquet") in message  # named by its final path, not the temporary one
     assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before
     assert not [p for p in prepared.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
+
+    # Both runs' gates are in the project's one GX context, its Data Docs linked from each run.
+    docs = root / "runs" / "data-checks"
+    assert _validation_runs(docs, "prepared_problems", str(prepared / "train.parquet")) == 2
+    assert data_gates.run_name(str(prepared / "train.parquet")) in (docs / "index.html").read_text()
+    for state in (passed, state):
+        [link] = _artifacts(prefect_api, state, "data-checks")
+        assert link.type == "markdown" and link.data.endswith(f"]({(docs / 'index.html').resolve().as_uri()})")
+    assert "FAILED" in _artifacts(prefect_api, state, "data-checks")[0].description
+
+
+def _validation_runs(docs, suite: str, target: str) -> int:
+    """Validation results of ``suite`` on ``target`` kept in the file-backed GX project in ``docs``."""
+    import great_expectations as gx
+
+    store = gx.get_context(mode="file", project_root_dir=str(docs)).validation_results_store
+    return sum(1 for key in store.list_keys()
+               if key.expectation_suite_identifier.name == suite and key.run_id.run_name == data_gates.run_name(target))
+
+
+def _artifacts(client, state, key: str) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    return client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
 
 
 def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tmp_path, monkeypatch):

@@ -114,9 +114,21 @@ def test_repro_runs_every_stage_then_has_nothing_to_do(reproduced):
     checkpoint = next((project / "runs" / "train" / "checkpoints").glob("step_*"))
     assert json.loads((checkpoint / "lineage.json").read_text())["config"]["algorithm"]
 
-    # The plots dvc.yaml defines render from the versioned files.
-    plots = run(["dvc", "plots", "show", "--json"], project, env)
-    assert "reward" in plots.stdout and "mean_at_k" in plots.stdout
+    # The plots dvc.yaml defines render from the versioned files: DVCLive's per-step logs of training (one
+    # point per step of metrics.jsonl) and the evaluation; `dvc metrics show` has DVCLive's summaries.
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project, env).stdout)["data"]
+    reward = [entry for name, entries in plots.items() if name.endswith("dvclive/plots/metrics/reward.tsv")
+              for entry in entries]
+    assert reward, list(plots)
+    rows = [json.loads(line) for line in (project / "runs" / "train" / "metrics.jsonl").read_text().splitlines()]
+    points = [(float(d["step"]), float(d["reward"])) for d in reward[0]["content"]["data"]["values"]]
+    assert points == [(row["step"], row["reward"]) for row in rows]
+    assert any("mean_at_k" in name or "mean_at_k" in json.dumps(entries) for name, entries in plots.items())
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, env).stdout)
+    metrics = next(iter(shown.values()))["data"]
+    assert metrics["runs/train/dvclive/metrics.json"]["data"]["step"] == rows[-1]["step"]
+    summary = json.loads((project / "runs" / "eval" / "metrics.json").read_text())
+    assert metrics["runs/eval/dvclive/metrics.json"]["data"]["average"] == summary["average"]
 
 
 def test_changing_a_training_parameter_reruns_train_evaluate_and_report_only(reproduced, tmp_path):
@@ -231,9 +243,11 @@ def test_a_nightly_run_is_an_experiment_on_s3_that_a_fresh_clone_pulls_and_a_dea
     shown = json.loads(run(["dvc", "exp", "show", "--json", "--no-pager"], clone, env).stdout)
     experiments = {rev["name"]: rev for row in shown for exp in (row.get("experiments") or []) for rev in exp["revs"]}
     assert name in experiments, list(experiments)
-    metrics = experiments[name]["data"]["metrics"]
-    assert metrics["runs/eval/metrics.json"]["data"]["average"] == json.loads(
+    metrics = experiments[name]["data"]["metrics"]  # DVCLive's summaries: evaluation and the last training step
+    assert metrics["runs/eval/dvclive/metrics.json"]["data"]["average"] == json.loads(
         (project / "runs" / "eval" / "metrics.json").read_text())["average"]
+    assert metrics["runs/train/dvclive/metrics.json"]["data"] == json.loads(
+        (project / "runs" / "train" / "dvclive" / "metrics.json").read_text())
     run(["dvc", "exp", "apply", name], clone, env)
     assert tree_digest(clone) == tree_digest(project)  # every versioned output, from S3
 

@@ -100,6 +100,18 @@ def test_override_syntax_errors():
         resolve_config(preset="tiny", overrides=["train.steps.x=1"])
 
 
+def test_an_override_addresses_a_list_entry_by_its_index(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ndata:\n  eval:\n    - {kind: synthetic, name: a, k: 4}\n"
+                    "    - {kind: synthetic, name: b, k: 4}\n")
+    config = load_config(path, overrides=["data.eval.1.k=8"])
+    assert [spec.k for spec in config.data.eval] == [4, 8]
+    with pytest.raises(ConfigError, match=r"data.eval is a list of 2; '2' is not an index of it \(0 to 1\)"):
+        load_config(path, overrides=["data.eval.2.k=8"])
+    with pytest.raises(ConfigError, match="'k' is not an index"):
+        load_config(path, overrides=["data.eval.k=8"])
+
+
 def test_paper_preset_matches_spec_section_12():
     config = resolve_config(preset="r1-distill-1.5b")
     a = config.algorithm
