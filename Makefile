@@ -41,8 +41,11 @@ environments:
 demo: install
 	$(VENV)/bin/attnrl demo
 
+# Two pytest-xdist workers, one test module each at a time (module fixtures such as the DVC project or the
+# Prefect server stay in one worker): most integration tests wait on subprocesses and servers.
+TEST_WORKERS ?= 2
 test: environments
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/unit
