@@ -17,7 +17,6 @@ Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=v
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -37,8 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network from a temporary API
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:  # libraries at WARNING; attnrl's own lines and the flows' run logs at INFO, as a person reads them
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("attnrl").setLevel(logging.INFO)
     try:
         if args.command == "config":
             sys.stdout.write(dump_config(resolve_config(preset=args.preset, overrides=args.set)))
@@ -53,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the stage output
+        from flows.console import quiet_console
         from flows.prefect_api import project_prefect_api
+
+        if not args.verbose:
+            quiet_console()
 
         started = time.perf_counter()
         with project_prefect_api(Path.cwd()) as note:
@@ -144,26 +150,40 @@ def _print_result(stage: str, result: Any) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
 
-    result = pipeline(**_flow_args(args), experiment=args.experiment)
+    result, run = _with_run(pipeline, **_flow_args(args), experiment=args.experiment)
     print(format_table(result.after.scores))
-    print(f"report: {result.report.html_path}")
+    print(f"report: {Path(result.report.html_path).resolve()}")
+    print(run)
 
 
 def _demo(args: argparse.Namespace) -> None:
     """The pipeline on the embedded default, then mean@K before and after RL, per benchmark."""
     from flows.pipeline import pipeline
 
-    result = pipeline(**_flow_args(args))
+    result, run = _with_run(pipeline, **_flow_args(args))
     print("\n== accuracy of the warmed-up policy ==")
     print(format_table(result.before.scores))
     print("\n== accuracy after RL ==")
     print(format_table(result.after.scores))
     print()
     print(before_after(result.before.scores, result.after.scores))
-    steps = [{k: round(v, 3) for k, v in row.items() if k in ("step", "reward", "step_time_s")}
-             for row in result.train.metrics]
-    print("training steps:", json.dumps(steps))
-    print(f"report: {result.report.html_path}")
+    rewards = [row["reward"] for row in result.train.metrics]
+    if rewards:
+        print(f"\ntraining: {len(rewards)} steps, reward {rewards[0]:.3f} at the first, {rewards[-1]:.3f} at the last")
+    print(f"report: {Path(result.report.html_path).resolve()}")
+    print(run)
+
+
+def _with_run(flow: Any, **parameters: Any) -> tuple[Any, str]:
+    """Run ``flow``; its result and a line naming its Prefect run (the UI's link where a UI serves it)."""
+    from prefect.utilities.urls import url_for
+
+    state = flow(**parameters, return_state=True)
+    result = state.result()  # a failed run raises its error here
+    run_id = state.state_details.flow_run_id
+    if not _has_api_url():
+        return result, f"Prefect run: {run_id}, on a temporary API that ended with this command (`make server` keeps runs)"
+    return result, f"Prefect run: {url_for('flow-run', obj_id=run_id) or run_id} (logs: prefect flow-run logs {run_id})"
 
 
 def before_after(before: list[BenchmarkScore], after: list[BenchmarkScore]) -> str:

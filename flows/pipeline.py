@@ -22,6 +22,7 @@ previous versioned outputs stay in the cache and ``dvc.lock``; nor is a stage re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,10 @@ from attnrl.config.identity import config_digest
 from attnrl.config.schema import RunConfig
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
-from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
+from flows.console import duration, headline
 from flows.stages import (
     DEFAULT_CONFIG,
     difficulty_flow,
@@ -103,15 +104,13 @@ def _run_stages(config: RunConfig, root: Path, recorder: StageRecorder) -> Pipel
     def stage(name: str, outputs: list[Path], run: Callable[[], T]) -> T:
         """``run`` (the stage's subflow and checks), then its DVC record: skipped as one on a retry."""
         def run_and_record() -> T:
+            logger.info("%s: started", name)
+            started = time.perf_counter()
             result = run()
             recorder.record(name)
+            logger.info("%s: done in %s: %s", name, duration(time.perf_counter() - started), headline(result))
             return result
         return run_stage(name, digest, outputs, run_and_record)
-
-    def prepare() -> PreparedData:
-        prepared = prepare_flow(**common)
-        logger.info("prepared %d training problems, evaluation: %s", prepared.train_count, prepared.eval_counts)
-        return prepared
 
     def warmup() -> WarmupResult:
         warmed = warmup_flow(**common)
@@ -132,7 +131,7 @@ def _run_stages(config: RunConfig, root: Path, recorder: StageRecorder) -> Pipel
         return reported
 
     eval_init = layout.runs_dir / "eval-init"
-    stage("prepare", [layout.prepared_dir], prepare)
+    stage("prepare", [layout.prepared_dir], lambda: prepare_flow(**common))
     stage("warmup", [layout.init_model], warmup)
     # with difficulty.enabled false it passes the problems through
     stage("difficulty", [layout.difficulty_dir], lambda: difficulty_flow(**common))

@@ -27,11 +27,13 @@ from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
+from flows.console import attnrl_logs_in_runs
 from flows.workspace import run_workspace
 from tasks.checks import gate_training_input_task
 from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+attnrl_logs_in_runs()
 
 DEFAULT_CONFIG = "params.yaml"
 P = ParamSpec("P")

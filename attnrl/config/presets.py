@@ -31,7 +31,7 @@ TINY: dict[str, Any] = {
     # 800 steps get past the point (~500) where the model learns the addition table; the
     # fallible teacher (25 % wrong steps) leaves the policy right on ~40 % of held-out problems at
     # temperature 1, from ~75 % on one operation to ~25 % on five: room for RL.
-    "warmup": {"enabled": True, "steps": 800, "teacher_error_rate": 0.25},
+    "warmup": {"enabled": True, "steps": 800, "teacher_error_rate": 0.25, "log_every": 50},
     "rollout": {
         "engine": "hf",
         "sampling": {"n": 6, "max_new_tokens": 64},

@@ -62,7 +62,10 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
         for spec in config.data.eval:
             name = benchmark_name(spec)
             problems = load_verl_parquet(layout.prepared_eval(name))
-            rows.extend(evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name))
+            logger.info("evaluate %s: sampling %d responses to each of %d problems", name, spec.k, len(problems))
+            graded = evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name)
+            logger.info("evaluate %s: %d of %d responses correct", name, sum(r["reward"] for r in graded), len(graded))
+            rows.extend(graded)
     scores = benchmark_scores(
         SampleResult(str(r["benchmark"]), str(r["problem_id"]), float(r["reward"])) for r in rows
     )

@@ -74,7 +74,6 @@ def prepare(config: RunConfig, root: str | Path = ".", *, check: OutputCheck | N
             write_problems(problems, tmp / eval_file(name))
     eval_paths = {name: layout.prepared_eval(name) for name in evaluation}
     eval_counts = {name: len(problems) for name, problems in evaluation.items()}
-    logger.info("prepared %d training problems, %s evaluation problems", len(train), eval_counts)
     return PreparedData(layout.prepared_train, len(train), eval_paths, eval_counts, dropped)
 
 

@@ -25,7 +25,8 @@ def test_demo_runs_every_stage_and_prints_accuracy_per_level(prefect_api, tmp_pa
     assert code == 0, out
     assert "synthetic-L1" in out and "synthetic-L2" in out and "average" in out
     # Accuracy before and after RL, per level, and one line per training step.
-    assert "before" in out and "after" in out and '"step": 2.0' in out
+    assert "before" in out and "after" in out and "training: 2 steps, reward" in out
+    assert f"report: {(tmp_path / 'reports' / 'report.html').resolve()}" in out and "Prefect run: " in out
     assert (tmp_path / "runs" / "eval-init" / "metrics.json").is_file()
     assert len((tmp_path / "runs" / "train" / "metrics.jsonl").read_text().splitlines()) == 2
     report = (tmp_path / "reports" / "report.html").read_text()

@@ -87,6 +87,15 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
     steps = json.loads(next(a for a in artifacts if a.key == "train-last-steps").data)
     assert [row["step"] for row in steps] == [1, 2]
 
+    # What the console shows is in the runs' logs: a line per stage started and done with its headline,
+    # and attnrl's own progress lines (warmup loss, evaluation) in the subflow they belong to.
+    logs = _logs(prefect_api, parent.id, "report: done in")
+    for name in ("prepare", "warmup", "difficulty", "evaluate_init", "train", "evaluate", "report"):
+        assert f"{name}: started" in logs and any(m.startswith(f"{name}: done in ") for m in logs), (name, logs)
+    assert any(m.startswith("train: done in ") and ": 2 steps, reward " in m for m in logs), logs
+    warmup_run = next(run for run in subflows if prefect_api.read_flow(run.flow_id).name == "warmup")
+    assert any(m.startswith("warmup step 5/5 loss") for m in _logs(prefect_api, warmup_run.id, "warmup step"))
+
 
 def _logs(client, flow_run_id, expected: str, timeout: float = 30.0) -> list[str]:
     """The run's log messages, once one containing ``expected`` arrived (logs reach the API in batches)."""

@@ -1,0 +1,40 @@
+"""The console of an ``attnrl`` command: Prefect's run-life lines off the console (not off the run's logs),
+and one readable line per finished stage."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from attnrl.eval.metrics import BenchmarkScore
+from attnrl.stages.evaluate import EvaluationResult
+from attnrl.stages.train import TrainResult
+from attnrl.stages.warmup import WarmupResult
+from flows.console import RunLifeFilter, duration, headline
+
+
+def _record(name: str, message: str) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.INFO, __file__, 1, message, None, None)
+
+
+def test_the_run_life_lines_are_dropped_and_everything_else_passes():
+    keep = RunLifeFilter().filter
+    assert not keep(_record("prefect.task_runs", "Finished in state Completed()"))
+    assert not keep(_record("prefect.flow_runs", "Beginning subflow run 'x' for flow 'warmup'"))
+    assert not keep(_record("prefect.task_runs", "Created task run 'step-3' for task 'train-phase'"))
+    assert not keep(_record("prefect.flow_runs", "View at http://127.0.0.1:4200/runs/flow-run/1"))
+    assert keep(_record("prefect.flow_runs", "warmup: done in 2m10s: final loss 0.412"))
+    assert keep(_record("prefect.task_runs", "step 3/15  reward 0.500  tokens 9000  4.1s"))
+    assert keep(_record("attnrl.warmup", "Finished in state of mind"))  # not Prefect's: kept
+
+
+def test_a_stage_result_reads_as_one_line(tmp_path):
+    scores = [BenchmarkScore("synthetic-L1", 10, 4, 0.5, 1.0), BenchmarkScore("synthetic-L2", 10, 4, 0.25, 0.5)]
+    evaluation = EvaluationResult(scores, tmp_path / "metrics.json", tmp_path / "samples.parquet")
+    assert headline(evaluation) == "mean@K 37.5%, pass@K 75.0% over 2 benchmarks"
+    rows = [{"step": 1.0, "reward": 0.25}, {"step": 2.0, "reward": 0.5}]
+    trained = TrainResult(tmp_path / "final", tmp_path / "metrics.jsonl", rows, Path("runs/train/checkpoints/step_000001"))
+    assert headline(trained) == "2 steps, reward 0.250 -> 0.500, resumed from step_000001"
+    warmed = WarmupResult(tmp_path / "init", [{"step": 50, "loss": 0.41234}])
+    assert headline(warmed) == f"final loss 0.412 -> {tmp_path / 'init'}"
+    assert (duration(12.4), duration(130)) == ("12s", "2m10s")
