@@ -182,7 +182,8 @@ def _with_run(flow: Any, **parameters: Any) -> tuple[Any, str]:
     result = state.result()  # a failed run raises its error here
     run_id = state.state_details.flow_run_id
     if not _has_api_url():
-        return result, f"Prefect run: {run_id}, on a temporary API that ended with this command (`make server` keeps runs)"
+        return result, (f"Prefect run: {run_id}, on a temporary API that ended with this command "
+                        "(`make server` keeps runs)")
     return result, f"Prefect run: {url_for('flow-run', obj_id=run_id) or run_id} (logs: prefect flow-run logs {run_id})"
 
 

@@ -33,7 +33,8 @@ def quiet_console() -> None:
     the run's logs keep every line."""
     handlers = {h for name in ("", "prefect", *RUN_LOGGERS) for h in logging.getLogger(name).handlers}
     for handler in handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, RunLifeFilter) for f in handler.filters):
+        filtered = any(isinstance(f, RunLifeFilter) for f in handler.filters)
+        if isinstance(handler, logging.StreamHandler) and not filtered:
             handler.addFilter(RunLifeFilter())
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -6,9 +6,9 @@ results): a failing gate leaves the previous output in place. The train flow als
 problems before training and every step's rollout batch before the update. A failing gate raises
 ``DataGateError`` (a ``DataError``: never retried) naming the failing expectation and rows, with
 the GX Data Docs report path, so the flow stops before the next stage starts. Every stage's gates
-link the Data Docs (the history of every gate run in the project's GX context) from its Prefect run as
-a link artifact (key ``data-checks``), as does a failing rollout-batch gate. Outputs without a suite (model directories,
-training metrics, the report) get plain read-back checks.
+link the Data Docs (the history of every gate run in the project's GX context) from its Prefect run
+as a link artifact (key ``data-checks``), as does a failing rollout-batch gate. Outputs without a
+suite (model directories, training metrics, the report) get plain read-back checks.
 """
 
 from __future__ import annotations

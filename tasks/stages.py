@@ -3,8 +3,8 @@
 Each task calls exactly one stage function (one implementation per stage) and publishes what a person
 wants to see in the UI: a per-stage summary (counts, paths), the evaluation table and the last training
 steps. Generation- and I/O-heavy stages retry transient failures; deterministic ones (``ConfigError``,
-``DataError``, ``ModelLoadError``) fail at once (:mod:`tasks.retry`). Training and evaluation metrics are also logged with DVCLive
-(:mod:`infra.live_metrics`). The data checks of
+``DataError``, ``ModelLoadError``) fail at once (:mod:`tasks.retry`). Training and evaluation metrics
+are also logged with DVCLive (:mod:`infra.live_metrics`). The data checks of
 :mod:`tasks.checks` run inside the stage tasks, as nested task runs, on the stage's new output
 before it replaces the previous one, and on every training step's batch before its update.
 """

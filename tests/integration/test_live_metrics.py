@@ -51,6 +51,7 @@ def test_the_evaluation_summary_has_every_benchmark_and_the_average(tmp_path):
                "average": {"mean_at_k": 0.375, "pass_at_k": 0.75}}
     (tmp_path / "metrics.json").write_text(json.dumps(summary))
     written = json.loads(write_eval_metrics(tmp_path).read_text())
-    assert written == {"synthetic-L1": {"mean_at_k": 0.5, "pass_at_k": 1.0}, "aime24": {"mean_at_k": 0.25, "pass_at_k": 0.5},
+    assert written == {"synthetic-L1": {"mean_at_k": 0.5, "pass_at_k": 1.0},
+                       "aime24": {"mean_at_k": 0.25, "pass_at_k": 0.5},
                        "average": {"mean_at_k": 0.375, "pass_at_k": 0.75}}
     assert sorted(p.name for p in (tmp_path / "dvclive").iterdir()) == ["metrics.json"]

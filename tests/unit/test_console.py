@@ -33,7 +33,8 @@ def test_a_stage_result_reads_as_one_line(tmp_path):
     evaluation = EvaluationResult(scores, tmp_path / "metrics.json", tmp_path / "samples.parquet")
     assert headline(evaluation) == "mean@K 37.5%, pass@K 75.0% over 2 benchmarks"
     rows = [{"step": 1.0, "reward": 0.25}, {"step": 2.0, "reward": 0.5}]
-    trained = TrainResult(tmp_path / "final", tmp_path / "metrics.jsonl", rows, Path("runs/train/checkpoints/step_000001"))
+    resumed = Path("runs/train/checkpoints/step_000001")
+    trained = TrainResult(tmp_path / "final", tmp_path / "metrics.jsonl", rows, resumed)
     assert headline(trained) == "2 steps, reward 0.250 -> 0.500, resumed from step_000001"
     warmed = WarmupResult(tmp_path / "init", [{"step": 50, "loss": 0.41234}])
     assert headline(warmed) == f"final loss 0.412 -> {tmp_path / 'init'}"

@@ -58,4 +58,5 @@ def test_the_failure_alert_watches_every_deployment_for_failed_and_crashed_runs(
 
 
 def test_an_experiment_carries_the_metrics_that_dvc_leaves_to_git():
-    assert sorted(uncached_metrics(PROJECT_ROOT)) == ["runs/eval-init/dvclive/metrics.json", "runs/eval/dvclive/metrics.json"]
+    assert sorted(uncached_metrics(PROJECT_ROOT)) == ["runs/eval-init/dvclive/metrics.json",
+                                                      "runs/eval/dvclive/metrics.json"]
