@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ KNOWN_SPLITS = ("train", "validation", "test")
 ID_COLUMNS = ("row", "id")  # every frame carries them: failing rows are reported by file row and id
 EXAMPLES = 5
 SITE = "attnrl"
+_GX_PROJECT = threading.Lock()
 
 
 class DataGateError(DataError):
@@ -237,19 +239,23 @@ def run_gate(suite: str, frame: pd.DataFrame, config: RunConfig, *, target: str,
     from great_expectations.core.run_identifier import RunIdentifier
 
     expectations = lookup(SUITES, suite, "data check suite", DataError)(config)
-    context = _context(docs_dir)
-    batch = _batch_definition(context, suite)
-    gx_suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite, expectations=expectations))
-    validation = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=suite, data=batch, suite=gx_suite))
-    actions = [UpdateDataDocsAction(name="data-docs", site_names=[SITE])] if docs_dir is not None else []
-    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
-        name=f"{suite}-gate", validation_definitions=[validation], actions=actions,
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": list(ID_COLUMNS),
-                       "partial_unexpected_count": EXAMPLES},
-    ))
-    # The run name is what Data Docs list a result by: the file or training step it checked.
-    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name(target)))
+    # GX keeps the context a validation stores its result in process-global (get_context sets it): gates
+    # that two threads run at once, on two roots, must not swap contexts between set-up and run.
+    with _GX_PROJECT:
+        context = _context(docs_dir)
+        batch = _batch_definition(context, suite)
+        gx_suite = context.suites.add_or_update(gx.ExpectationSuite(name=suite, expectations=expectations))
+        validation = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=suite, data=batch, suite=gx_suite))
+        actions = [UpdateDataDocsAction(name="data-docs", site_names=[SITE])] if docs_dir is not None else []
+        checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"{suite}-gate", validation_definitions=[validation], actions=actions,
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": list(ID_COLUMNS),
+                           "partial_unexpected_count": EXAMPLES},
+        ))
+        # The run name is what Data Docs list a result by: the file or training step it checked.
+        result = checkpoint.run(batch_parameters={"dataframe": frame},
+                                run_id=RunIdentifier(run_name=run_name(target)))
     docs = Path(docs_dir).resolve() / "index.html" if docs_dir is not None else None
     if not result.success:
         failures = [_failure(r) for run in result.run_results.values() for r in run.results if not r.success]
