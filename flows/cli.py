@@ -158,6 +158,7 @@ def _pipeline(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """The pipeline on the embedded default, then mean@K before and after RL, per benchmark."""
+    from flows.console import headline
     from flows.pipeline import pipeline
 
     result, run = _with_run(pipeline, **_flow_args(args))
@@ -167,9 +168,7 @@ def _demo(args: argparse.Namespace) -> None:
     print(format_table(result.after.scores))
     print()
     print(before_after(result.before.scores, result.after.scores))
-    rewards = [row["reward"] for row in result.train.metrics]
-    if rewards:
-        print(f"\ntraining: {len(rewards)} steps, reward {rewards[0]:.3f} at the first, {rewards[-1]:.3f} at the last")
+    print(f"\ntraining: {headline(result.train)}")
     print(f"report: {Path(result.report.html_path).resolve()}")
     print(run)
 

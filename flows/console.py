@@ -13,6 +13,13 @@ from __future__ import annotations
 
 import logging
 
+from attnrl.stages.difficulty import DifficultyResult
+from attnrl.stages.evaluate import EvaluationResult
+from attnrl.stages.prepare import PreparedData
+from attnrl.stages.report import ReportResult
+from attnrl.stages.train import TrainResult
+from attnrl.stages.warmup import WarmupResult
+
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 RUN_LIFE_LINES = ("Created task run ", "Beginning flow run ", "Beginning subflow run ", "Finished in state ",
                   "View at ", "Created subflow run ", "Executing ")
@@ -66,13 +73,6 @@ def attnrl_logs_in_runs() -> None:
 
 def headline(result: object) -> str:
     """A stage result's one-line summary for the person watching: counts, loss, accuracy, steps, paths."""
-    from attnrl.stages.difficulty import DifficultyResult
-    from attnrl.stages.evaluate import EvaluationResult
-    from attnrl.stages.prepare import PreparedData
-    from attnrl.stages.report import ReportResult
-    from attnrl.stages.train import TrainResult
-    from attnrl.stages.warmup import WarmupResult
-
     if isinstance(result, PreparedData):
         return f"{result.train_count} training problems, {sum(result.eval_counts.values())} held out for evaluation"
     if isinstance(result, WarmupResult):

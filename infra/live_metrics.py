@@ -14,7 +14,6 @@ metrics) and no experiment saved (the pipeline saves the whole run as one, ``--e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -37,12 +36,13 @@ def _live(directory: Path, *, resume: bool) -> Any:
     return Live(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None)
 
 
-def _log_row(live: Any, row: Mapping[str, Any]) -> None:
-    """One training step: every finite number but the step itself, at that step."""
-    live.step = int(row[STEP])
-    for name, value in row.items():
-        if name != STEP and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            live.log_metric(name, value)
+def _log_rows(live: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Training steps: every finite number but the step itself, at that step; then the summary (the last)."""
+    for row in rows:
+        live.step = int(row[STEP])
+        for name, value in row.items():
+            if name != STEP and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                live.log_metric(name, value)
     live.make_summary()
 
 
@@ -59,8 +59,7 @@ class LiveTrainMetrics:
         if self._live is None:
             self.sync(rows)
             return
-        for row in rows[self._logged:]:
-            _log_row(self._live, row)
+        _log_rows(self._live, rows[self._logged:])
         self._logged = len(rows)
 
     def sync(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -68,19 +67,14 @@ class LiveTrainMetrics:
         if self._live is not None and self._logged == len(rows):
             return
         with atomic_path(self.directory) as tmp:
-            live = _live(tmp, resume=False)
-            for row in rows:
-                _log_row(live, row)
-            if not rows:
-                live.make_summary()
+            _log_rows(_live(tmp, resume=False), rows)
         self._live = _live(self.directory, resume=True)
         self._logged = len(rows)
 
 
-def write_eval_metrics(eval_dir: str | Path) -> Path:
+def write_eval_metrics(eval_dir: str | Path, summary: Mapping[str, Any]) -> Path:
     """``eval_dir/dvclive/metrics.json``, ``{<benchmark>: {mean_at_k, pass_at_k}, ..., average: {...}}``,
-    from the evaluation's own ``eval_dir/metrics.json`` (spec §14)."""
-    summary = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    from ``summary``, the evaluation's ``metrics.json`` content (``attnrl.eval.metrics.summarise``, spec §14)."""
     scores = {row["benchmark"]: row for row in summary["benchmarks"]} | {"average": summary["average"]}
     directory = Path(eval_dir) / LIVE_DIR
     with atomic_path(directory) as tmp:

@@ -47,7 +47,7 @@ def gate_problem_files(config: RunConfig, files: list[tuple[Path, Path]], root: 
         if not path.is_file():
             raise DataError(f"data check prepared_problems: {name} is missing")
         frame = data_gates.prepared_frame(path, lambda messages: encode_prompt(tokenizer, messages))
-        reports.append(_gate("prepared_problems", frame, config, str(name), docs))
+        reports.append(data_gates.run_gate("prepared_problems", frame, config, target=str(name), docs_dir=docs))
     return reports
 
 
@@ -73,8 +73,9 @@ def gate_difficulty(config: RunConfig, root: str | Path, directory: Path) -> lis
         raise DataError(f"data check difficulty_table: {layout.difficulty_dir / table.name} is missing")
     reports = []
     if config.difficulty.enabled:
-        reports.append(_gate("difficulty_table", data_gates.difficulty_frame(table), config,
-                             str(layout.difficulty_dir / table.name), layout.data_docs(config)))
+        reports.append(data_gates.run_gate("difficulty_table", data_gates.difficulty_frame(table), config,
+                                           target=str(layout.difficulty_dir / table.name),
+                                           docs_dir=layout.data_docs(config)))
     return reports + gate_problem_files(config, [(directory / TRAIN_FILE, layout.difficulty_dir / TRAIN_FILE)], root)
 
 
@@ -87,8 +88,10 @@ def gate_evaluation(config: RunConfig, root: str | Path, directory: Path, name: 
             raise DataError(f"data check eval_results: {Path(name) / path.name} is missing")
     samples, metrics = data_gates.eval_frames(samples_path, metrics_path)
     docs = Layout.of(config, root).data_docs(config)
-    return [_gate("eval_results", samples, config, str(Path(name) / samples_path.name), docs),
-            _gate("eval_metrics", metrics, config, str(Path(name) / metrics_path.name), docs)]
+    return [data_gates.run_gate("eval_results", samples, config, target=str(Path(name) / samples_path.name),
+                                docs_dir=docs),
+            data_gates.run_gate("eval_metrics", metrics, config, target=str(Path(name) / metrics_path.name),
+                                docs_dir=docs)]
 
 
 def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:
@@ -98,17 +101,13 @@ def rollout_batch_gate(config: RunConfig, root: str | Path = ".") -> BatchCheck:
     def check(step: int, paths) -> None:
         if paths and step % config.checks.rollout_every == 0:
             try:
-                _gate("rollout_batch", data_gates.rollout_frame(paths), config, f"training step {step} rollout batch",
-                      docs)
+                data_gates.run_gate("rollout_batch", data_gates.rollout_frame(paths), config,
+                                    target=f"training step {step} rollout batch", docs_dir=docs)
             except DataGateError as failed:  # linked only on failure: a link per passing step would bury the rest
-                _link_docs(failed.docs, f"data check rollout_batch FAILED on {failed.target}")
+                _link_failure(failed)
                 raise
 
     return check
-
-
-def _gate(suite: str, frame, config: RunConfig, target: str, docs: Path) -> GateReport:
-    return data_gates.run_gate(suite, frame, config, target=target, docs_dir=docs)
 
 
 def _linking_docs(gate: Callable[P, list[GateReport]]) -> Callable[P, list[GateReport]]:
@@ -118,13 +117,17 @@ def _linking_docs(gate: Callable[P, list[GateReport]]) -> Callable[P, list[GateR
         try:
             reports = gate(*args, **kwargs)
         except DataGateError as failed:
-            _link_docs(failed.docs, f"data check {failed.suite} FAILED on {failed.target}")
+            _link_failure(failed)
             raise
         if reports:
             _link_docs(reports[0].docs, "data checks passed: " + "; ".join(f"{r.suite} on {r.target}" for r in reports))
         return reports
 
     return run
+
+
+def _link_failure(failed: DataGateError) -> None:
+    _link_docs(failed.docs, f"data check {failed.suite} FAILED on {failed.target}")
 
 
 def _link_docs(index: Path | None, what: str) -> None:

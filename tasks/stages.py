@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from attnrl.config.schema import RunConfig
+from attnrl.eval.metrics import summarise
 from attnrl.stages.difficulty import DifficultyResult, estimate_difficulty
 from attnrl.stages.evaluate import EvaluationResult, evaluate
 from attnrl.stages.layout import Layout
@@ -124,7 +125,7 @@ def evaluate_task(config: RunConfig, root: str | Path = ".", model_dir: str | Pa
     name = Path(out_dir) if out_dir is not None else Layout.of(config, root).eval_dir
     check = _gate(config, lambda tmp: gate_evaluation_task(config, root, tmp, name))
     result = evaluate(config, root, model_dir=model_dir, out_dir=out_dir, check=check)
-    write_eval_metrics(result.metrics_path.parent)
+    write_eval_metrics(result.metrics_path.parent, summarise(result.scores))
     table: list[dict[str, Any]] = [
         {"benchmark": s.benchmark, "problems": s.problems, "k": s.k,
          "mean@k": round(s.mean_at_k, 4), "pass@k": round(s.pass_at_k, 4)}

@@ -49,8 +49,7 @@ def test_the_evaluation_summary_has_every_benchmark_and_the_average(tmp_path):
     summary = {"benchmarks": [{"benchmark": "synthetic-L1", "problems": 3, "k": 4, "mean_at_k": 0.5, "pass_at_k": 1.0},
                               {"benchmark": "aime24", "problems": 30, "k": 4, "mean_at_k": 0.25, "pass_at_k": 0.5}],
                "average": {"mean_at_k": 0.375, "pass_at_k": 0.75}}
-    (tmp_path / "metrics.json").write_text(json.dumps(summary))
-    written = json.loads(write_eval_metrics(tmp_path).read_text())
+    written = json.loads(write_eval_metrics(tmp_path, summary).read_text())
     assert written == {"synthetic-L1": {"mean_at_k": 0.5, "pass_at_k": 1.0},
                        "aime24": {"mean_at_k": 0.25, "pass_at_k": 0.5},
                        "average": {"mean_at_k": 0.375, "pass_at_k": 0.75}}
