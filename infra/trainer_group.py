@@ -171,6 +171,8 @@ class TrainerGroup:
     def __init__(self, config: RunConfig, placement: Placement, *, model_dir: Path, resume: Path | None) -> None:
         self.world_size = config.distributed.trainer_ranks
         self.call_timeout_s = config.distributed.call_timeout_s
+        # Placing the ranks, joining the process group and loading are bounded by their own field.
+        starting = (config.distributed.start_timeout_s, "distributed.start_timeout_s")
         self.mini_batch = config.train.mini_batch_sequences
         self.kl = config.algorithm.kl_coef > 0
         runtime_env: dict[str, Any] = {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.distributed.num_cpus_per_rank))),
@@ -185,10 +187,10 @@ class TrainerGroup:
             for rank in range(self.world_size)
         ]
         try:
-            master = self._gather([self.actors[0].address.remote()], "start", ranks=[0])[0]
+            master = self._gather([self.actors[0].address.remote()], "start", ranks=[0], bound=starting)[0]
             self.ranks = self._gather(
                 [a.setup.remote(config, master, str(model_dir), None if resume is None else str(resume)) for a in self.actors],
-                "start")
+                "start", bound=starting)
         except BaseException:
             self.close()
             raise
@@ -253,19 +255,22 @@ class TrainerGroup:
                 results[i] = value
         return results
 
-    def _gather(self, refs: list[ray.ObjectRef], what: str, ranks: list[int] | None = None) -> list[Any]:
-        """Every rank's result; the first rank to die or raise fails the call and takes the group down."""
+    def _gather(self, refs: list[ray.ObjectRef], what: str, ranks: list[int] | None = None,
+                bound: tuple[float | None, str] | None = None) -> list[Any]:
+        """Every rank's result; the first rank to die or raise fails the call and takes the group down. ``bound``:
+        (seconds, the field that sets them); default ``distributed.call_timeout_s``."""
+        timeout, field = bound or (self.call_timeout_s, "distributed.call_timeout_s")
         ranks = ranks if ranks is not None else list(range(len(refs)))
         pending = dict(zip(refs, range(len(refs)), strict=True))
         results: list[Any] = [None] * len(refs)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.call_timeout_s)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not ready:
                 silent = sorted(ranks[p] for p in pending.values())
                 self.close()
                 raise TrainerRankFailed(
                     f"trainer rank(s) {', '.join(map(str, silent))} of {self.world_size} did not answer during {what} "
-                    f"within {self.call_timeout_s:g} s (distributed.call_timeout_s); the group was stopped, and the "
+                    f"within {timeout:g} s ({field}); the group was stopped, and the "
                     "step is lost: a retry resumes from the newest complete checkpoint")
             position = pending.pop(ready[0])
             try:
