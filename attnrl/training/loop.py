@@ -425,7 +425,7 @@ class RLLoop:
         if refs is not None:
             sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
                          for s, r in zip(sequences, refs, strict=True)]
-        return TreePart(built, trees, dropped_zero, mc_rewards, sequences)
+        return TreePart(built, trees, dropped_zero, sequences)
 
     def _update(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
                 parts: Iterable[TreePart], *, push: bool = True, stream: bool = False) -> dict[str, float] | None:
@@ -463,13 +463,11 @@ class RLLoop:
             batch=batch,
             plans=plans,
             points=points,
-            mc_rewards=[r for part in done for r in part.mc_rewards],
             built=[tree for part in done for tree in part.built],
             trees=[tree for part in done for tree in part.trees],
             dropped_zero=sum(part.dropped_zero for part in done),
             sequences=sequences,
             update=merged_update_stats(updates),
-            continuations_per_point=self.algorithm.continuations_per_branch,
         )
 
     def _train_on(self, run: list[tuple[TrainSequence, TrainingPath]]) -> dict[str, float]:

@@ -153,13 +153,12 @@ class QuestionPart:
 
 @dataclass(frozen=True)
 class TreePart:
-    """A run of questions ready for the update: its trees (all, and those the filter kept), the rewards of
-    its continuations, and the sequences to train on, reference log-probs attached."""
+    """A run of questions ready for the update: its trees (all, and those the filter kept) and the sequences
+    to train on, reference log-probs attached."""
 
     built: list[QuestionTree]
     trees: list[QuestionTree]
     dropped_zero: int
-    mc_rewards: list[float]
     sequences: list[TrainSequence]
 
 

@@ -117,8 +117,9 @@ def test_grpo_trains_every_initial_response_with_one_call(tiny_policy):
 
 
 SPEC_METRICS = ["reward", "accuracy", "entropy", "response_length", "solve_all_ratio_mc", "solve_none_ratio_mc",
-                "valid_prompt_ratio", "valid_token_ratio", "filtered_ratio", "prompt_batch_size", "generated_tokens",
-                "step_time_s"]
+                "valid_ratio_mc", "valid_ratio_all", "correct_once_twice_invalid_ratio", "incorrect_once_filtered_ratio",
+                "valid_token_ratio", "filtered_ratio_all", "easy_filtered_ratio", "prompt_batch_size",
+                "generated_tokens", "step_time_s"]
 
 
 def test_every_step_reports_the_spec_metrics(tiny_policy):
