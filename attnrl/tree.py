@@ -73,13 +73,38 @@ class TrainingPath:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One node of a question tree as the report draws it (spec §9.1–§9.3).
+
+    ``start``/``end`` are token offsets along the node's path: a response segment covers
+    ``response[start:end]``; a continuation branches at ``start`` (its first token re-samples the
+    response's token there). ``parent`` indexes ``QuestionTree.segments`` (None: the question root).
+    ``reward`` is set on leaves only.
+    """
+
+    response_index: int
+    continuation: bool
+    start: int
+    end: int
+    parent: int | None
+    value: float
+    advantage: float
+    leaves: int
+    reward: float | None
+
+
+@dataclass(frozen=True)
 class QuestionTree:
-    """All trees of one question: V(root), the trainable paths and every leaf reward (spec §9, §10.1)."""
+    """All trees of one question: V(root), the trainable paths and every leaf reward (spec §9, §10.1).
+
+    ``segments`` lists every node below the question root, parents before children (empty for GRPO's
+    flat groups)."""
 
     question: str
     root_value: float
     paths: tuple[TrainingPath, ...]
     leaf_rewards: tuple[float, ...]
+    segments: tuple[Segment, ...] = ()
 
 
 @dataclass(eq=False)
@@ -127,9 +152,10 @@ def build_question_tree(question: str, responses: Sequence[InitialResponse]) -> 
         raise ValueError(f"question {question!r}: no responses")
     root = _Node(token_ids=(), logprobs=(), parent=None)
     leaves: list[_Leaf] = []
+    placed: list[_Placed] = []
     for index, response in enumerate(responses):
         _validate_response(question, index, response)
-        leaves.extend(_attach_response(root, index, response))
+        leaves.extend(_attach_response(root, index, response, placed))
 
     for leaf in leaves:
         _backpropagate(leaf.node)
@@ -141,6 +167,7 @@ def build_question_tree(question: str, responses: Sequence[InitialResponse]) -> 
         root_value=float(root.value),
         paths=paths,
         leaf_rewards=tuple(leaf.node.reward for leaf in leaves),  # type: ignore[misc]
+        segments=_segments(placed, advantages),
     )
 
 
@@ -173,10 +200,21 @@ def _check_lengths(where: str, token_ids: Sequence[int], logprobs: Sequence[floa
         raise ValueError(f"{where}: {len(token_ids)} token ids but {len(logprobs)} log-probs")
 
 
-def _attach_response(root: _Node, index: int, response: InitialResponse) -> list[_Leaf]:
+@dataclass(frozen=True)
+class _Placed:
+    """A node with where it lies along its path, for ``QuestionTree.segments``."""
+
+    node: _Node
+    response_index: int
+    continuation: bool
+    start: int
+
+
+def _attach_response(root: _Node, index: int, response: InitialResponse, placed: list[_Placed]) -> list[_Leaf]:
     """Hang one response's segment chain and continuations under the question root (spec §9.1, §6.5).
 
-    Returns its leaves: the original response's last segment first, then the continuations.
+    Returns its leaves: the original response's last segment first, then the continuations; every node
+    it makes is appended to ``placed``, parents first.
     """
     tokens, logprobs = tuple(response.token_ids), tuple(response.logprobs)
     # Duplicate offsets (the §6.3 fallback can repeat one) cut only once; their continuations share a parent.
@@ -188,6 +226,7 @@ def _attach_response(root: _Node, index: int, response: InitialResponse) -> list
     for start, end in pairwise(bounds):
         parent = parent.add_child(_Node(token_ids=tokens[start:end], logprobs=logprobs[start:end], parent=parent))
         segment_ending_at[end] = parent
+        placed.append(_Placed(parent, index, continuation=False, start=start))
     parent.reward = float(response.reward)
     leaves = [_Leaf(parent, index, original_tokens=len(tokens), ends_in_continuation=False)]
 
@@ -202,7 +241,26 @@ def _attach_response(root: _Node, index: int, response: InitialResponse) -> list
             )
         )
         leaves.append(_Leaf(node, index, original_tokens=continuation.offset, ends_in_continuation=True))
+        placed.append(_Placed(node, index, continuation=True, start=continuation.offset))
     return leaves
+
+
+def _segments(placed: Sequence[_Placed], advantages: dict[int, float]) -> tuple[Segment, ...]:
+    position = {id(p.node): i for i, p in enumerate(placed)}
+    return tuple(
+        Segment(
+            response_index=p.response_index,
+            continuation=p.continuation,
+            start=p.start,
+            end=p.start + len(p.node.token_ids),
+            parent=position.get(id(p.node.parent)),  # the root is not placed: None
+            value=float(p.node.value),
+            advantage=advantages[id(p.node)],
+            leaves=p.node.leaf_count,
+            reward=p.node.reward,
+        )
+        for p in placed
+    )
 
 
 def _backpropagate(leaf: _Node) -> None:

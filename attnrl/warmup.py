@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnrl.config.schema import WarmupConfig
+from attnrl.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -89,21 +90,22 @@ def run_warmup(
     model.train()
     try:
         running = 0.0
-        for step in range(config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config)
-            batch = collate([examples[rng.randrange(len(examples))] for _ in range(config.batch_size)], pad_token_id)
-            loss = response_loss(model, {k: v.to(device) for k, v in batch.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            running += loss.item()
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+        with Progress(logger, "warmup", config.steps, "steps") as progress:
+            for step in range(config.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, config)
+                batch = collate([examples[rng.randrange(len(examples))] for _ in range(config.batch_size)], pad_token_id)
+                loss = response_loss(model, {k: v.to(device) for k, v in batch.items()})
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                running += loss.item()
                 count = (step % config.log_every) + 1
-                history.append({"step": step + 1, "loss": running / count, "lr": learning_rate(step, config)})
-                logger.info("warmup step %d/%d loss %.4f", step + 1, config.steps, running / count)
-                running = 0.0
+                progress.update(loss=running / count)  # the mean over the history row being filled
+                if count == config.log_every or step + 1 == config.steps:
+                    history.append({"step": step + 1, "loss": running / count, "lr": learning_rate(step, config)})
+                    running = 0.0
     finally:
         torch.set_num_threads(previous_threads)
         model.eval()

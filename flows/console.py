@@ -6,7 +6,8 @@ and ``duration`` make the pipeline's line at the end of each stage.
 Prefect logs every run's life on its console handler ("Created task run ...", "Beginning subflow run ...",
 "Finished in state Completed()", a "View at" link per subflow): a line or more per task, which buries the
 lines a person reads. ``quiet_console`` drops those from the console handler only, so the Prefect run's
-logs (its API handler) keep every line; ``--verbose`` leaves the console as Prefect configures it.
+logs (its API handler) keep every line; ``--verbose`` leaves the console as Prefect configures it. It
+also drops the progress lines of a loop whose bar is on the terminal (``attnrl.utils.progress``).
 """
 
 from __future__ import annotations
@@ -19,19 +20,27 @@ from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
+from attnrl.utils.progress import ON_BAR
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 RUN_LIFE_LINES = ("Created task run ", "Beginning flow run ", "Beginning subflow run ", "Finished in state ",
                   "View at ", "Created subflow run ", "Executing ")
+TEMPORARY_API = "Starting temporary server on "
 # Libraries that log routine INFO lines through the root handler.
 CHATTY_LIBRARIES = ("great_expectations", "dvclive", "httpx", "ray")
 
 
-class RunLifeFilter(logging.Filter):
-    """Drops Prefect's run-life lines (see ``RUN_LIFE_LINES``); everything else passes."""
+class ConsoleFilter(logging.Filter):
+    """Drops Prefect's run-life lines (see ``RUN_LIFE_LINES``) and progress lines a bar already shows,
+    and keeps the first line of the temporary API's notice (its second is a link to Prefect's docs);
+    everything else passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith(RUN_LOGGERS) and str(record.msg).startswith(RUN_LIFE_LINES))
+        message = str(record.msg)
+        if record.name == "prefect" and message.startswith(TEMPORARY_API):
+            record.msg = message.split("\n", 1)[0]
+        run_life = record.name.startswith(RUN_LOGGERS) and message.startswith(RUN_LIFE_LINES)
+        return not (run_life or getattr(record, ON_BAR, False))
 
 
 def quiet_console() -> None:
@@ -40,9 +49,9 @@ def quiet_console() -> None:
     the run's logs keep every line."""
     handlers = {h for name in ("", "prefect", *RUN_LOGGERS) for h in logging.getLogger(name).handlers}
     for handler in handlers:
-        filtered = any(isinstance(f, RunLifeFilter) for f in handler.filters)
+        filtered = any(isinstance(f, ConsoleFilter) for f in handler.filters)
         if isinstance(handler, logging.StreamHandler) and not filtered:
-            handler.addFilter(RunLifeFilter())
+            handler.addFilter(ConsoleFilter())
     for name in CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
 

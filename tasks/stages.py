@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -98,16 +98,9 @@ def train_phase(name: str, fn: Callable[[], T]) -> T:
 @task(name="train", **_RETRYING)
 def train_task(config: RunConfig, root: str | Path = ".") -> TrainResult:
     """RL training, each step and phase a nested task run; a retry resumes from the newest checkpoint."""
-    logger = get_run_logger()
-
-    def on_step(stats: dict[str, float]) -> None:
-        logger.info("step %d/%d  reward %.3f  tokens %d  %.1fs", int(stats.get("step", 0)), config.train.steps,
-                    stats.get("reward", float("nan")), int(stats.get("generated_tokens", 0)),
-                    stats.get("step_time_s", float("nan")))
-
     check_batch = rollout_batch_gate(config, root) if config.checks.enabled else None
     live = LiveTrainMetrics(Layout.of(config, root).train_dir)
-    result = train(config, root, on_step=on_step, on_metrics=live, phases=train_phase, check_batch=check_batch)
+    result = train(config, root, on_metrics=live, phases=train_phase, check_batch=check_batch)
     live.sync(result.metrics)  # a run that trained no step (resumed a finished one) still leaves its log
     last = result.metrics[-LAST_STEPS:]
     if last:

@@ -163,7 +163,7 @@ class WarmupConfig(Section):
         "solves some problems but not all, leaving room for RL.",
     )
     threads: int = Field(default=2, ge=1, description="torch CPU threads for the warmup.")
-    log_every: int = Field(default=100, ge=1, description="Steps between loss log lines.")
+    log_every: int = Field(default=100, ge=1, description="Steps per row of the loss history (warmup metrics).")
 
 
 class DifficultyConfig(Section):
@@ -375,6 +375,16 @@ class ChecksConfig(Section):
     )
 
 
+class ReportConfig(Section):
+    """Stage 'report': what it shows besides the curves and the evaluation table."""
+
+    trace_problems: int = Field(
+        default=3, ge=0,
+        description="Held-out problems (of the first benchmark, highest level and disagreeing samples first) on which the report shows "
+        "the method at work: FCI per step, branch points, the tree's values and advantages (0: none).",
+    )
+
+
 class TimeoutsConfig(Section):
     """The longest each stage's task may run (seconds; null: no bound). Past it Prefect fails the task
     run (TaskRunTimeoutError); the stage's task retries apply, each attempt bounded again. Prefect
@@ -411,4 +421,5 @@ class RunConfig(Section):
         default_factory=DistributedConfig, description="Stage 'train' on a Ray actor group of DeepSpeed ranks."
     )
     checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Data checks between stages.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Stage 'report'.")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Bounds on each stage's task.")

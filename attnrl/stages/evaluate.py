@@ -21,7 +21,7 @@ from attnrl.data.problem import Problem
 from attnrl.eval.metrics import BenchmarkScore, SampleResult, benchmark_scores, summarise
 from attnrl.model.loading import load_policy, load_tokenizer
 from attnrl.reward.verifier import Verifier
-from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
+from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
 from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout, OutputCheck
@@ -29,9 +29,12 @@ from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.lineage import lineage, write_lineage
 from attnrl.utils.atomic import atomic_path
+from attnrl.utils.progress import Progress
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
+# Generation calls per benchmark: each a tenth of the progress.
+PROGRESS_CALLS = 10
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,6 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
         for spec in config.data.eval:
             name = benchmark_name(spec)
             problems = load_verl_parquet(layout.prepared_eval(name))
-            logger.info("evaluate %s: sampling %d responses to each of %d problems", name, spec.k, len(problems))
             graded = evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name)
             logger.info("evaluate %s: %d of %d responses correct", name, sum(r["reward"] for r in graded), len(graded))
             rows.extend(graded)
@@ -85,7 +87,14 @@ def evaluate_problems(problems: list[Problem], k: int, engine: RolloutEngine, to
         temperature=config.eval.temperature, top_p=config.eval.top_p, max_new_tokens=config.eval.max_new_tokens
     )
     requests = [GenerationRequest(tuple(encode_prompt(tokenizer, p.prompt)), n=k) for p in problems]
-    completions = engine.generate(requests, params, seed=derive_seed(config.seed, "eval", benchmark))
+    # In PROGRESS_CALLS calls, each seeded by its index, so the progress shows on any engine.
+    size = max(1, -(-len(requests) // PROGRESS_CALLS))
+    completions: list[list[Completion]] = []
+    with Progress(logger, f"evaluate {benchmark}", len(requests) * k, "samples") as progress:
+        for index, first in enumerate(range(0, len(requests), size)):
+            part = requests[first : first + size]
+            completions.extend(engine.generate(part, params, seed=derive_seed(config.seed, "eval", benchmark, index)))
+            progress.update(len(part) * k)
     texts = [[decode_response(tokenizer, c.token_ids) for c in group] for group in completions]
     rewards = verifier.score_batch([(text, p.answers) for p, group in zip(problems, texts) for text in group])
     rows, position = [], 0

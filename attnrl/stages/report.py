@@ -1,34 +1,51 @@
 """Stage 'report': ``reports/report.html`` and PNGs, readable without any server.
 
-* ``training_curves.png``: the per-step metrics of spec §15.4 (reward, accuracy, entropy,
-  valid-token ratio, MC solve-all / solve-none ratios, prompt batch size, generated tokens);
+* ``training_curves.png``: the per-step metrics of spec §15.4 (``CURVES``: reward, entropy, length,
+  tokens, and the diagnostics of Figs. 6 and 7 with the official definitions, ``training.metrics``);
 * ``evaluation.png``: mean@K and pass@K per benchmark, before and after training when the
   warmed-up policy was evaluated too (spec §14);
-* ``report.html``: both figures and the tables behind them.
+* ``traces.json`` and the "method at work" section: on ``report.trace_problems`` held-out problems,
+  the trained policy's steps shaded by FCI, its branch points beside entropy's, and the tree with
+  values and advantages (``method_trace``, ``trace_view``);
+* ``report.html``: all of it with the tables behind the figures, the run's lineage (commits, input
+  hashes, configuration) and a link to the data checks' Data Docs.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from attnrl.config.schema import RunConfig
+from attnrl.data.loaders import load_verl_parquet
+from attnrl.data.problem import Problem
 from attnrl.errors import DataError
+from attnrl.lineage import LINEAGE_FILE
 from attnrl.stages.layout import Layout
+from attnrl.stages.method_trace import trace_problems
+from attnrl.stages.prepare import benchmark_name
+from attnrl.stages.trace_view import STYLE, traces_html
+from attnrl.stages.warmup import initial_policy_path
 from attnrl.utils.atomic import atomic_path
 
+# (panel title, the per-step metrics it plots): spec §15.4's curves, Figs. 6 and 7 with the official names.
 CURVES = (
-    ("reward", "reward (initial samples)"),
-    ("entropy", "entropy"),
-    ("valid_token_ratio", "valid-token ratio"),
-    ("solve_all_ratio_mc", "MC solve-all ratio"),
-    ("solve_none_ratio_mc", "MC solve-none ratio"),
-    ("valid_prompt_ratio", "valid-prompt ratio"),
-    ("prompt_batch_size", "prompt batch size"),
-    ("total_generated_tokens", "generated tokens (cumulative)"),
+    ("reward", ("reward", "mc_reward")),
+    ("entropy", ("entropy",)),
+    ("response length (tokens)", ("response_length",)),
+    ("generated tokens (cumulative)", ("total_generated_tokens",)),
+    ("MC solve-all / solve-none ratio (Fig. 6)", ("solve_all_ratio_mc", "solve_none_ratio_mc")),
+    ("valid-prompt ratio (Fig. 6)", ("valid_ratio_mc", "valid_ratio_all")),
+    ("invalid once, invalid twice (Fig. 7a)", ("correct_once_twice_invalid_ratio", "incorrect_once_twice_invalid_ratio")),
+    ("invalid once, easy-filtered", ("correct_once_filtered_ratio", "incorrect_once_filtered_ratio")),
+    ("filtered ratio (Fig. 7c)", ("filtered_ratio_all", "easy_filtered_ratio")),
+    ("valid-token ratio (Fig. 7b)", ("valid_token_ratio", "valid_token_ratio_built")),
+    ("prompt batch size (Fig. 7d)", ("prompt_batch_size",)),
+    ("training sequences", ("train_sequences",)),
 )
 
 
@@ -45,15 +62,70 @@ def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:
     after = _read_json(layout.eval_dir / "metrics.json")
     before_file = layout.runs_dir / "eval-init" / "metrics.json"
     before = _read_json(before_file) if before_file.is_file() else None
+    trained = layout.train_dir / "final"
+    policy = trained if trained.is_dir() else initial_policy_path(config, root)
+    traces = trace_problems(config, policy, trace_candidates(config, root), config.report.trace_problems)
+    lineage_file = next((d / LINEAGE_FILE for d in (layout.train_dir, layout.eval_dir) if (d / LINEAGE_FILE).is_file()), None)
+    record = _read_json(lineage_file) if lineage_file is not None else None
     out = layout.reports_dir
+    docs = layout.data_docs(config) / "index.html"
     with atomic_path(out) as tmp:
         tmp.mkdir()
         figures = []
         if steps:
             figures.append(_plot_curves(steps, tmp / "training_curves.png"))
         figures.append(_plot_evaluation(after, before, tmp / "evaluation.png"))
-        (tmp / "report.html").write_text(_html(config, steps, after, before, [f.name for f in figures]))
+        (tmp / "traces.json").write_text(json.dumps([t.to_json() for t in traces], indent=1))
+        sections = {
+            "method": traces_html(traces),
+            "lineage": _lineage_html(record, lineage_file, root),
+            "checks": _checks_html(config, docs, out),
+        }
+        (tmp / "report.html").write_text(
+            _html(config, steps, after, before, [f.name for f in figures], os.path.relpath(policy, root), sections))
     return ReportResult(out / "report.html", tuple(out / f.name for f in figures))
+
+
+# Candidates sampled per traced problem: enough that some have samples that disagree.
+CANDIDATES_PER_TRACE = 4
+
+
+def trace_candidates(config: RunConfig, root: str | Path = ".") -> list[Problem]:
+    """The problems ``method_trace`` picks from: of the first benchmark, highest level first (the longest
+    chains of the synthetic task: the most steps to branch), in file order within a level."""
+    problems = load_verl_parquet(Layout.of(config, root).prepared_eval(benchmark_name(config.data.eval[0])))
+    ranked = sorted(problems, key=lambda p: -(p.level or 0))
+    return ranked[: CANDIDATES_PER_TRACE * config.report.trace_problems]
+
+
+def _lineage_html(record: dict[str, Any] | None, source: Path | None, root: str | Path) -> str:
+    if record is None or source is None:
+        return "<p>No lineage recorded.</p>"
+    esc = html.escape
+    git = record["git"]
+
+    def commit(state: dict[str, Any]) -> str:
+        if state["commit"] is None:
+            return "not a git checkout"
+        return f"<code>{esc(state['commit'][:12])}</code>" + (" with uncommitted changes" if state["dirty"] else "")
+
+    inputs = "".join(f"<tr><td>{esc(path)}</td><td><code>{esc(md5)}</code></td></tr>"
+                     for path, md5 in sorted(record["inputs_md5"].items()))
+    config = esc(json.dumps(record["config"], indent=1))
+    return (f"<p>From <code>{esc(os.path.relpath(source, root))}</code>: project {commit(git['project'])}, code "
+            f"{commit(git['code'])}, code MD5 <code>{esc(record['code_md5'])}</code>.</p>"
+            f"<table><tr><th>input</th><th>MD5 (DVC's hash)</th></tr>{inputs}</table>"
+            f"<details><summary>configuration</summary><pre>{config}</pre></details>")
+
+
+def _checks_html(config: RunConfig, docs: Path, out: Path) -> str:
+    if not config.checks.enabled:
+        return "<p>Data checks are off (<code>checks.enabled: false</code>).</p>"
+    if not docs.is_file():
+        return f"<p>No Data Docs at <code>{html.escape(str(docs))}</code> yet.</p>"
+    link = html.escape(os.path.relpath(docs, out))
+    return (f'<p><a id="data-checks" href="{link}">Data checks</a>: Great Expectations Data Docs of every gate '
+            "this project ran between stages and on training batches, passed or failed.</p>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -86,13 +158,16 @@ def _pyplot():
 
 def _plot_curves(steps: list[dict[str, float]], path: Path) -> Path:
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
+    fig, axes = plt.subplots(3, 4, figsize=(17, 10), constrained_layout=True)
     x = [row["step"] for row in steps]
-    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
-        ax.plot(x, [row.get(key, float("nan")) for row in steps], marker=".")
-        ax.set_title(title)
+    for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
+        for key in keys:  # a metric a run did not log (an older run, another method) plots as a gap
+            ax.plot(x, [row.get(key, float("nan")) for row in steps], marker=".", label=key)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -118,7 +193,7 @@ def _plot_evaluation(after: dict[str, Any], before: dict[str, Any] | None, path:
     return path
 
 
-def _html(config: RunConfig, steps, after, before, figures: list[str]) -> str:
+def _html(config: RunConfig, steps, after, before, figures: list[str], policy: str, sections: dict[str, str]) -> str:
     esc = html.escape
     rows = []
     before_by_name = {b["benchmark"]: b for b in before["benchmarks"]} if before else {}
@@ -147,9 +222,12 @@ def _html(config: RunConfig, steps, after, before, figures: list[str]) -> str:
 <html><head><meta charset="utf-8"><title>attnrl report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-tr.avg{{font-weight:bold}}</style></head>
+tr.avg{{font-weight:bold}}{STYLE}</style></head>
 <body><h1>attnrl report</h1>{summary}
-<h2>Evaluation (spec §14)</h2><table><tr>{header}</tr>{''.join(rows)}</table>
+<h2>Evaluation (spec §14)</h2><table id="evaluation"><tr>{header}</tr>{''.join(rows)}</table>
 <h2>Figures</h2>{images}
+<h2 id="method">The method at work ({esc(policy)})</h2>{sections["method"]}
+<h2 id="lineage">Lineage</h2>{sections["lineage"]}
+<h2>Data checks</h2>{sections["checks"]}
 </body></html>
 """

@@ -51,6 +51,7 @@ from attnrl.training.checkpoint import (
 from attnrl.training.loop import BatchCheck, PhaseRunner, RLLoop, run_directly
 from attnrl.training.trainer import PolicyTrainer, Trainer
 from attnrl.utils.atomic import atomic_path
+from attnrl.utils.progress import Progress
 from attnrl.utils.registry import load_object
 from attnrl.utils.seeding import seed_everything
 
@@ -122,6 +123,8 @@ def train(
         if resume is not None:
             loop.load_state_dict(load_loop_state(resume))
             logger.info("resuming from %s (step %d)", resume, loop.state.step)
+        # A line per step: each is seconds to hours of generation and update.
+        progress = Progress(logger, "train", config.train.steps, "steps", every_s=0, start=loop.state.step)
 
         def record(stats: dict[str, float]) -> None:
             _write_metrics(run / "metrics.jsonl", loop.state.metrics)
@@ -131,10 +134,13 @@ def train(
                                 keep=config.train.keep_checkpoints, lineage=provenance)
             if on_metrics is not None:
                 on_metrics(loop.state.metrics)
+            progress.update(reward=round(stats["reward"], 3), tokens=int(stats["generated_tokens"]),
+                            step=f"{stats['step_time_s']:.1f}s")
             if on_step is not None:
                 on_step(stats)
 
-        metrics = loop.run(config.train.steps, on_step=record)
+        with progress:
+            metrics = loop.run(config.train.steps, on_step=record)
         final = runtime.save_final(run / "final")
     _write_metrics(run / "metrics.jsonl", metrics)
     write_lineage(run, provenance)

@@ -94,7 +94,7 @@ def test_pipeline_runs_every_stage_as_a_completed_subflow(prefect_api, tmp_path)
         assert f"{name}: started" in logs and any(m.startswith(f"{name}: done in ") for m in logs), (name, logs)
     assert any(m.startswith("train: done in ") and ": 2 steps, reward " in m for m in logs), logs
     warmup_run = next(run for run in subflows if prefect_api.read_flow(run.flow_id).name == "warmup")
-    assert any(m.startswith("warmup step 5/5 loss") for m in _logs(prefect_api, warmup_run.id, "warmup step"))
+    assert any(m.startswith("warmup: 5/5 steps (100%)  loss ") for m in _logs(prefect_api, warmup_run.id, "warmup: 5/5"))
 
 
 def _logs(client, flow_run_id, expected: str, timeout: float = 30.0) -> list[str]:

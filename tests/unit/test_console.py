@@ -10,7 +10,8 @@ from attnrl.eval.metrics import BenchmarkScore
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
-from flows.console import RunLifeFilter, duration, headline
+from attnrl.utils.progress import Progress
+from flows.console import ConsoleFilter, duration, headline
 
 
 def _record(name: str, message: str) -> logging.LogRecord:
@@ -18,7 +19,7 @@ def _record(name: str, message: str) -> logging.LogRecord:
 
 
 def test_the_run_life_lines_are_dropped_and_everything_else_passes():
-    keep = RunLifeFilter().filter
+    keep = ConsoleFilter().filter
     assert not keep(_record("prefect.task_runs", "Finished in state Completed()"))
     assert not keep(_record("prefect.flow_runs", "Beginning subflow run 'x' for flow 'warmup'"))
     assert not keep(_record("prefect.task_runs", "Created task run 'step-3' for task 'train-phase'"))
@@ -26,6 +27,32 @@ def test_the_run_life_lines_are_dropped_and_everything_else_passes():
     assert keep(_record("prefect.flow_runs", "warmup: done in 2m10s: final loss 0.412"))
     assert keep(_record("prefect.task_runs", "step 3/15  reward 0.500  tokens 9000  4.1s"))
     assert keep(_record("attnrl.warmup", "Finished in state of mind"))  # not Prefect's: kept
+    notice = _record("prefect", "Starting temporary server on http://127.0.0.1:8010\nSee https://www.prefect.io/docs")
+    assert keep(notice) and notice.getMessage() == "Starting temporary server on http://127.0.0.1:8010"
+
+
+def test_progress_lines_leave_the_console_to_the_bar_that_shows_them():
+    keep = ConsoleFilter().filter
+    logger = logging.getLogger("attnrl.test_console")
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for bar in (True, False):
+            with Progress(logger, "warmup", 2, "steps", every_s=0, bar=bar) as progress:
+                progress.update(loss=0.5)
+                progress.update(loss=0.25)
+    finally:
+        logger.removeHandler(handler)
+    lines = [(r.getMessage(), keep(r)) for r in seen]
+    assert len(lines) == 4
+    assert lines[0][0].startswith("warmup: 1/2 steps (50%)  loss 0.5  ") and lines[0][0].endswith(" left")
+    assert not lines[0][1]
+    # The last line comes after the bar is gone: on the console either way.
+    assert lines[1][0].startswith("warmup: 2/2 steps (100%)  loss 0.25  in ") and lines[1][1]
+    assert [keep for _, keep in lines[2:]] == [True, True]
 
 
 def test_a_stage_result_reads_as_one_line(tmp_path):

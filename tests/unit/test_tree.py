@@ -10,6 +10,7 @@ from attnrl.tree import (
     Continuation,
     InitialResponse,
     QuestionTree,
+    Segment,
     TrainingPath,
     build_question_tree,
     filter_zero_advantage_questions,
@@ -163,6 +164,22 @@ def test_several_offsets_given_out_of_order():
     assert [p.original_tokens for p in tree.paths] == [10, 2, 2, 5, 8]
     assert [p.token_ids[p.original_tokens] for p in tree.paths[1:]] == [20, 25, 50, 80]
     assert c8.token_ids == tuple(range(100, 108)) + (80, 81)
+
+
+def test_segments_list_every_node_with_its_value_and_advantage():
+    # V(root) = 1/3 over the leaves {1 (response 0), 0 (its continuation at 2), 0 (response 1)}.
+    tree = build_question_tree("q", [_response(4, 1.0, [_cont(2, 0.0, length=3)]), _response(3, 0.0)])
+    # A(n) = ((V(n) - V(root)) + (V(n) - V(parent))) / sqrt(|L(n)|), the root as parent of a first segment.
+    assert tree.segments == (
+        Segment(0, False, 0, 2, None, 0.5, (1 / 3) / math.sqrt(2), 2, None),
+        Segment(0, False, 2, 4, 0, 1.0, 7 / 6, 1, 1.0),
+        Segment(0, True, 2, 5, 0, 0.0, -5 / 6, 1, 0.0),
+        Segment(1, False, 0, 3, None, 0.0, -2 / 3, 1, 0.0),
+    )
+    # The segments' advantages are the ones the paths train on.
+    original, continuation = tree.paths
+    assert _segments(original) == [(2, tree.segments[0].advantage), (2, tree.segments[1].advantage)]
+    assert _segments(continuation) == [(2, tree.segments[0].advantage), (3, tree.segments[2].advantage)]
 
 
 def test_mathematically_zero_advantage_is_exactly_zero():

@@ -1,0 +1,171 @@
+"""Every command the README shows runs as shown, checked from the README's own text.
+
+Each command line of its ``bash`` blocks is checked by what it calls, as far as this machine can
+without a GPU cluster or an S3 bucket: ``attnrl config`` runs for real; other ``attnrl`` commands
+go through the CLI's own parser and configuration resolution (what the CLI does before any server
+starts, so a bad flag or ``--set`` key fails here); ``dvc`` through DVC's parser; ``prefect`` and
+the benchmark scripts through their ``--help``, which must list every option used; ``make`` targets
+through ``make -n``; files a command reads must exist. A command of a kind not listed here fails
+the test, so a new command in the README is checked or consciously listed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attnrl.config import resolve_config
+from attnrl.config.loading import dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv" / "bin"
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+# Commands for a machine this project's tests do not have; what they read is checked instead.
+ELSEWHERE = {
+    "git": "the user's own repository and remote",
+    "cd": "a directory of the user's",
+    "export": "the user's credentials",
+    "python3.11": "a GPU host's virtual environments (docs/gpu.md)",
+}
+
+
+def readme_commands() -> list[tuple[int, list[str]]]:
+    """(README line, argv) of every command in the ``bash`` blocks: continuation lines joined,
+    comments dropped, ``a && b`` split, redirections and leading VAR=value assignments removed."""
+    commands, block, joined, start = [], False, "", 0
+    for number, line in enumerate((ROOT / "README.md").read_text().splitlines(), start=1):
+        if line.startswith("```"):
+            block = line.strip() == "```bash" if not block else False
+            continue
+        if not block:
+            continue
+        if not joined:
+            start = number
+        joined += line.rstrip("\\") + " "
+        if line.endswith("\\"):
+            continue
+        words, joined = shlex.split(joined, comments=True), ""
+        while words:
+            cut = words.index("&&") if "&&" in words else len(words)
+            argv, words = words[:cut], words[cut + 1 :]
+            if ">" in argv:
+                argv = argv[: argv.index(">")]
+            while argv and ENV_ASSIGNMENT.match(argv[0]):
+                argv = argv[1:]
+            if argv:
+                commands.append((start, argv))
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def _options_in_help(argv: list[str], help_argv: list[str]) -> None:
+    done = _run(help_argv)
+    assert done.returncode == 0, f"{' '.join(help_argv)}: {done.stdout}{done.stderr}"
+    for option in (w.split("=")[0] for w in argv if w.startswith("--")):
+        assert option in done.stdout, f"{' '.join(argv)}: {option} is not in {' '.join(help_argv)}"
+
+
+def check_attnrl(argv: list[str]) -> None:
+    from flows.cli import _parser
+
+    args = _parser().parse_args(argv[1:])  # SystemExit on a bad flag or choice
+    if args.command == "config":
+        done = _run([str(VENV / "attnrl"), *argv[1:]])
+        assert done.returncode == 0, done.stderr
+        printed = yaml.safe_load(done.stdout)
+        assert dump_config(resolve_config(preset=args.preset, overrides=args.set)) == done.stdout and printed
+        if args.preset == "tiny" and not args.set:  # README: "regenerate a complete params.yaml"
+            assert done.stdout == (ROOT / "params.yaml").read_text()
+    elif args.command in ("alerts", "remote"):
+        return  # need a webhook receiver or $ATTNRL_DVC_REMOTE; parsed above
+    else:
+        resolve_config(path=ROOT / args.config, method=args.method, overrides=args.set)
+
+
+def check_python(argv: list[str]) -> None:
+    script = ROOT / argv[1]
+    assert script.is_file(), f"{' '.join(argv)}: {argv[1]} is missing"
+    _options_in_help(argv, [sys.executable, str(script), "--help"])
+    overrides = [argv[i + 1] for i, word in enumerate(argv) if word == "--set"]
+    resolve_config(preset="tiny", overrides=overrides)
+
+
+def check_dvc(argv: list[str]) -> None:
+    from dvc.cli import parse_args
+
+    parse_args(argv[1:])  # DvcParserError on an unknown command or flag
+
+
+def check_prefect(argv: list[str]) -> None:
+    words = list(argv[1:])
+    if words[:1] == ["--profile"]:
+        words = words[2:]  # a profile the README creates first; the command's own help needs none
+    _options_in_help(argv, [str(VENV / "prefect"), *[w for w in words if not w.startswith("-")], "--help"])
+    if words[:2] == ["deployment", "run"]:
+        deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+        names = {f"{d['entrypoint'].split(':')[1].removesuffix('_flow')}/{d['name']}" for d in deployments}
+        assert words[2] in names or words[2].replace("_", "-") in names, (words[2], names)
+
+
+def check_make(argv: list[str]) -> None:
+    for target in argv[1:]:
+        done = _run(["make", "-n", target])
+        assert done.returncode == 0, f"make {target}: {done.stderr}"
+
+
+def check_pip(argv: list[str]) -> None:
+    for i, word in enumerate(argv):
+        if word == "-r":
+            assert (ROOT / argv[i + 1]).is_file(), f"{' '.join(argv)}: {argv[i + 1]} is missing"
+
+
+def check_elsewhere(argv: list[str]) -> None:
+    for word in argv:
+        if word.endswith((".lock", ".txt", ".yaml")):
+            assert (ROOT / word).is_file(), f"{' '.join(argv)}: {word} is missing"
+
+
+def checker(argv: list[str]):
+    program = Path(argv[0]).name
+    if program == "pip" or argv[1:3] == ["-m", "pip"]:
+        return check_pip
+    if program == "python" and argv[1].endswith(".py"):
+        return check_python
+    known = {"attnrl": check_attnrl, "dvc": check_dvc, "prefect": check_prefect, "make": check_make}
+    if program in known:
+        return known[program]
+    if argv[0] in ELSEWHERE:
+        return check_elsewhere
+    raise AssertionError(f"the README shows `{' '.join(argv)}`, which this test does not know how to check")
+
+
+def test_the_readme_shows_commands_of_every_kind():
+    programs = {Path(argv[0]).name for _, argv in COMMANDS}
+    assert {"make", "attnrl", "dvc", "prefect", "python", "pip"} <= programs, programs
+    assert ["attnrl", "evaluate", "--set", "eval.temperature=1.0", "--set", "data.eval.0.k=8"] in (
+        [Path(argv[0]).name, *argv[1:]] for _, argv in COMMANDS)
+
+
+@pytest.mark.parametrize("line,argv", COMMANDS, ids=[f"README:{n}" for n, _ in COMMANDS])
+def test_a_readme_command_runs_as_shown(line, argv):
+    checker(argv)(argv)
+
+
+def test_a_bad_override_fails_in_one_line_before_any_server(tmp_path):
+    done = _run([str(VENV / "attnrl"), "evaluate", "--set", "data.eval.7.k=8"])
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # one line, no traceback
+    assert "data.eval.7.k" in done.stderr and "Starting temporary server" not in done.stdout + done.stderr
+    assert load_config(ROOT / "params.yaml")  # the file the README's commands read
