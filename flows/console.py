@@ -105,6 +105,3 @@ def headline(result: object) -> str:
         return str(result.html_path)
     return type(result).__name__
 
-
-def duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"

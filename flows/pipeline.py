@@ -39,7 +39,8 @@ from attnrl.stages.layout import Layout
 from attnrl.stages.report import ReportResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
-from flows.console import duration, headline
+from attnrl.utils.progress import duration
+from flows.console import headline
 from flows.stages import (
     DEFAULT_CONFIG,
     difficulty_flow,

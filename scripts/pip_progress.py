@@ -20,7 +20,7 @@ import time
 from collections import deque
 
 EVERY_S = 10.0
-COLLECTING = ("Collecting ", "Obtaining ", "Requirement already satisfied: ")
+COLLECTING = ("Collecting ", "Processing ", "Obtaining ", "Requirement already satisfied: ")
 INSTALLING = "Installing collected packages: "
 NOISE = "is ignored: it is neither a file nor a directory"
 TAIL_LINES = 60

@@ -32,7 +32,14 @@ from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.rollout.scoring import RolloutScorer, scoring_spec
 from attnrl.steps import SeparatorVocab
-from attnrl.training.rollouts import ScoredQuestion, ScoredResponse, score_initial
+from attnrl.training.rollouts import (
+    BranchPoint,
+    ScoredQuestion,
+    ScoredResponse,
+    continuation_requests,
+    response_view,
+    score_initial,
+)
 from attnrl.tree import Continuation, InitialResponse, Segment, build_question_tree
 from attnrl.utils.seeding import derive_seed
 
@@ -65,16 +72,9 @@ class StepTrace:
 
 @dataclass(frozen=True)
 class SegmentTrace:
-    """A node of the tree (``attnrl.tree.Segment``) with its text."""
+    """A node of the tree with its text; ``node.parent`` indexes the trace's segments."""
 
-    continuation: bool
-    start: int
-    end: int
-    parent: int | None
-    value: float
-    advantage: float
-    leaves: int
-    reward: float | None
+    node: Segment
     text: str
 
 
@@ -118,8 +118,6 @@ def trace_problems(config: RunConfig, model_dir: Path, candidates: Sequence[Prob
     # FCI always: the trace compares FCI and entropy branch points whatever the method.
     scorer = RolloutScorer(policy.model, dataclasses.replace(scoring_spec(config, tokenizer), with_fci=True))
     params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens)
-    settings = BranchSettings.from_config(config.algorithm)
-    selector = get_branch_selector(config.algorithm.branching)
     prompt_ids = [tuple(encode_prompt(tokenizer, p.prompt)) for p in candidates]
     with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         completions = engine.generate([GenerationRequest(ids, n=sampling.n) for ids in prompt_ids], params,
@@ -127,53 +125,50 @@ def trace_problems(config: RunConfig, model_dir: Path, candidates: Sequence[Prob
         scored = score_initial(candidates, prompt_ids, completions, trainer=scorer.trainer, tokenizer=tokenizer,
                                verifier=verifier, vocab=SeparatorVocab.from_tokenizer(tokenizer), with_fci=True)
         scored = sorted(scored, key=lambda q: len(set(q.rewards)) == 1)[:count]  # stable: mixed first
-        traces = []
-        for index, question in enumerate(scored):
-            # A wrong response where there is one (its continuations show where it went wrong), the longest.
-            chosen = min(range(len(question.responses)),
-                         key=lambda r: (question.responses[r].reward, -question.responses[r].segmentation.num_steps, r))
-            response = question.responses[chosen]
-            view = _view(question, response)
-            rng = random.Random(derive_seed(config.seed, "trace", index))
-            offsets = tuple(selector(view, settings, rng))  # sorted; the §6.3 fallback may repeat one
-            fci_offsets, entropy_offsets = tuple(select_fci(view, settings, rng)), tuple(select_entropy(view, settings, rng))
-            requests = [GenerationRequest(question.prompt_ids + response.token_ids[:offset], n=config.algorithm.continuations_per_branch,
-                                          max_new_tokens=max(1, sampling.max_new_tokens - offset)) for offset in offsets]
-            rolled = engine.generate(requests, params, seed=derive_seed(config.seed, "trace", "continuations", index)) if requests else []
-            continuations = [(offset, c) for offset, group in zip(offsets, rolled, strict=True) for c in group if c.token_ids]
-            rewards = verifier.score_batch([(decode_response(tokenizer, c.token_ids), question.problem.answers)
-                                            for _, c in continuations])
-            attached = tuple(Continuation(offset, c.token_ids, c.logprobs, reward)
-                             for (offset, c), reward in zip(continuations, rewards, strict=True))
-            responses = [InitialResponse(r.token_ids, r.logprobs, r.reward, attached if i == chosen else ())
-                         for i, r in enumerate(question.responses)]
-            tree = build_question_tree(question.problem.uid, responses)
-            traces.append(ProblemTrace(
-                problem_id=question.problem.id,
-                benchmark=question.problem.source,
-                question=question.problem.question,
-                answers=tuple(question.problem.answers),
-                rewards=tuple(question.rewards),
-                response_index=chosen,
-                steps=_steps(tokenizer, response, view, {"fci": fci_offsets, "entropy": entropy_offsets}),
-                branching=config.algorithm.branching,
-                branch_offsets=offsets,
-                fci_offsets=fci_offsets,
-                entropy_offsets=entropy_offsets,
-                root_value=tree.root_value,
-                segments=_segments(tokenizer, tree.segments, chosen, response, attached),
-            ))
-    return traces
+        return [_trace(config, question, index, engine=engine, verifier=verifier, tokenizer=tokenizer, params=params)
+                for index, question in enumerate(scored)]
 
 
-def _view(question: ScoredQuestion, response: ScoredResponse) -> ResponseView:
-    return ResponseView(
-        prompt_len=len(question.prompt_ids),
-        response_len=len(response.token_ids),
-        step_offsets=tuple(response.segmentation.response_step_offsets),
-        step_ends=tuple(response.segmentation.response_step_ends),
-        fci=response.fci,
-        entropies=response.entropies,
+def _trace(config: RunConfig, question: ScoredQuestion, index: int, *, engine, verifier: Verifier, tokenizer,
+           params: SamplingParams) -> ProblemTrace:
+    """Branch one response of ``question`` as the run's method does, roll it out, build the tree."""
+    # A wrong response where there is one (its continuations show where it went wrong), the longest.
+    chosen = min(range(len(question.responses)),
+                 key=lambda r: (question.responses[r].reward, -question.responses[r].segmentation.num_steps, r))
+    response = question.responses[chosen]
+    view = response_view(question, response)
+    settings = BranchSettings.from_config(config.algorithm)
+    rng = random.Random(derive_seed(config.seed, "trace", index))
+    offsets = tuple(get_branch_selector(config.algorithm.branching)(view, settings, rng))  # §6.3 may repeat one
+    fci_offsets, entropy_offsets = tuple(select_fci(view, settings, rng)), tuple(select_entropy(view, settings, rng))
+    requests = continuation_requests([question], [BranchPoint(0, chosen, offset) for offset in offsets],
+                                     n=config.algorithm.continuations_per_branch,
+                                     max_new_tokens=config.rollout.sampling.max_new_tokens)
+    rolled = engine.generate(requests, params, seed=derive_seed(config.seed, "trace", "continuations", index)) \
+        if requests else []
+    continuations = [(offset, c) for offset, group in zip(offsets, rolled, strict=True) for c in group if c.token_ids]
+    # The verifier sees the continuation only, as in training (spec §8).
+    rewards = verifier.score_batch([(decode_response(tokenizer, c.token_ids), question.problem.answers)
+                                    for _, c in continuations])
+    attached = tuple(Continuation(offset, c.token_ids, c.logprobs, reward)
+                     for (offset, c), reward in zip(continuations, rewards, strict=True))
+    tree = build_question_tree(question.problem.uid, [
+        InitialResponse(r.token_ids, r.logprobs, r.reward, attached if i == chosen else ())
+        for i, r in enumerate(question.responses)])
+    return ProblemTrace(
+        problem_id=question.problem.id,
+        benchmark=question.problem.source,
+        question=question.problem.question,
+        answers=tuple(question.problem.answers),
+        rewards=tuple(question.rewards),
+        response_index=chosen,
+        steps=_steps(tokenizer, response, view, {"fci": fci_offsets, "entropy": entropy_offsets}),
+        branching=config.algorithm.branching,
+        branch_offsets=offsets,
+        fci_offsets=fci_offsets,
+        entropy_offsets=entropy_offsets,
+        root_value=tree.root_value,
+        segments=_segments(tokenizer, tree.segments, chosen, response, attached),
     )
 
 
@@ -203,10 +198,6 @@ def _segments(tokenizer, segments: Sequence[Segment], chosen: int, response: Sco
     for i in mine:
         s = segments[i]
         tokens = next(branches).token_ids if s.continuation else response.token_ids[s.start : s.end]
-        out.append(SegmentTrace(
-            continuation=s.continuation, start=s.start, end=s.end,
-            parent=None if s.parent is None else position[s.parent],
-            value=s.value, advantage=s.advantage, leaves=s.leaves, reward=s.reward,
-            text=decode_response(tokenizer, tokens),
-        ))
+        node = dataclasses.replace(s, parent=None if s.parent is None else position[s.parent])
+        out.append(SegmentTrace(node, decode_response(tokenizer, tokens)))
     return tuple(out)

@@ -77,7 +77,7 @@ def _layout(segments: Sequence[SegmentTrace]) -> list[tuple[int, int]]:
     segment after its branch point, stacked in rows; column 0 is the question root."""
     places: list[tuple[int, int]] = []
     rows_used: dict[int, int] = {}
-    for segment in segments:
+    for segment in (s.node for s in segments):
         column = 1 if segment.parent is None else places[segment.parent][0] + 1
         if segment.continuation:
             rows_used[column] = rows_used.get(column, 0) + 1
@@ -99,14 +99,15 @@ def _tree_svg(trace: ProblemTrace) -> str:
         return PAD + column * COL_W, PAD + row * ROW_H
 
     parts = [_box(*anchor(0, 0), "#eee", "question", f"V(root) {trace.root_value:.2f}")]
-    for segment, (column, row) in zip(segments, places, strict=True):
+    for traced, (column, row) in zip(segments, places, strict=True):
+        segment = traced.node
         x, y = anchor(column, row)
         px, py = anchor(*(places[segment.parent] if segment.parent is not None else (0, 0)))
         parts.append(f'<path d="M{px + BOX_W},{py + BOX_H // 2} C{x - 15},{py + BOX_H // 2} {px + BOX_W + 15},'
                      f'{y + BOX_H // 2} {x},{y + BOX_H // 2}" fill="none" stroke="#999"/>')
         colour = "#d8f0d8" if segment.advantage > 0 else "#f6d6d6" if segment.advantage < 0 else "#eee"
         reward = "" if segment.reward is None else f"  r={segment.reward:.0f}"
-        snippet = _one_line(segment.text)
+        snippet = _one_line(traced.text)
         snippet = snippet if len(snippet) <= SNIPPET else snippet[: SNIPPET - 1] + "…"
         kind = "continuation" if segment.continuation else "segment"
         parts.append(_box(x, y, colour, f"V {segment.value:.2f}  A {segment.advantage:+.2f}{reward}", snippet,
@@ -131,10 +132,10 @@ def _one_line(text: str) -> str:
 def _segment_table(segments: Sequence[SegmentTrace]) -> str:
     rows = "".join(
         f"<tr><td>{'continuation' if s.continuation else 'segment'} {s.start}–{s.end}</td>"
-        f"<td>{html.escape(_one_line(s.text))}</td>"
+        f"<td>{html.escape(_one_line(traced.text))}</td>"
         f"<td>{s.leaves}</td><td>{s.value:.2f}</td><td>{s.advantage:+.3f}</td>"
         f"<td>{'' if s.reward is None else f'{s.reward:.0f}'}</td></tr>"
-        for s in segments
+        for traced, s in ((t, t.node) for t in segments)
     )
     return ('<table class="segments"><tr><th>node (tokens)</th><th>text</th><th>leaves</th><th>V</th><th>A</th>'
             f"<th>reward</th></tr>{rows}</table>")

@@ -125,17 +125,20 @@ def plan_branches(
         if plan.drop:
             continue
         for r in plan.expand:
-            response = sq.responses[r]
-            view = ResponseView(
-                prompt_len=len(sq.prompt_ids),
-                response_len=len(response.token_ids),
-                step_offsets=tuple(response.segmentation.response_step_offsets),
-                step_ends=tuple(response.segmentation.response_step_ends),
-                fci=response.fci,
-                entropies=response.entropies,
-            )
-            points.extend(BranchPoint(q, r, offset) for offset in selector(view, settings, rng))
+            points.extend(BranchPoint(q, r, offset) for offset in selector(response_view(sq, sq.responses[r]), settings, rng))
     return plans, points
+
+
+def response_view(question: ScoredQuestion, response: ScoredResponse) -> ResponseView:
+    """What a branch selector sees of a scored response (spec §6)."""
+    return ResponseView(
+        prompt_len=len(question.prompt_ids),
+        response_len=len(response.token_ids),
+        step_offsets=tuple(response.segmentation.response_step_offsets),
+        step_ends=tuple(response.segmentation.response_step_ends),
+        fci=response.fci,
+        entropies=response.entropies,
+    )
 
 
 @dataclass(frozen=True)

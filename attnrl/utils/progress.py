@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 ON_BAR = "on_bar"
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+def duration(seconds: float) -> str:
+    """``12s``, ``86s``, ``2m10s``: whole seconds, minutes from 90 s on."""
+    whole = max(0, round(seconds))
+    return f"{whole}s" if whole < 90 else f"{whole // 60}m{whole % 60:02d}s"
 
 
 def _value(value: float | int | str) -> str:
@@ -81,9 +82,9 @@ class Progress:
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         fields = "".join(f"  {k} {_value(v)}" for k, v in self.fields.items())
         if self.done >= self.total:
-            timing = f"  in {_clock(elapsed)}"
+            timing = f"  in {duration(elapsed)}"
         elif self.done > self.first:
-            timing = f"  {_clock(elapsed / (self.done - self.first) * (self.total - self.done))} left"
+            timing = f"  {duration(elapsed / (self.done - self.first) * (self.total - self.done))} left"
         else:
             timing = ""
         return f"{self.label}: {self.done}/{self.total} {self.unit}{share}{fields}{timing}"

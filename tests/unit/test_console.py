@@ -10,8 +10,8 @@ from attnrl.eval.metrics import BenchmarkScore
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.train import TrainResult
 from attnrl.stages.warmup import WarmupResult
-from attnrl.utils.progress import Progress
-from flows.console import ConsoleFilter, duration, headline
+from attnrl.utils.progress import Progress, duration
+from flows.console import ConsoleFilter, headline
 
 
 def _record(name: str, message: str) -> logging.LogRecord:
@@ -65,4 +65,4 @@ def test_a_stage_result_reads_as_one_line(tmp_path):
     assert headline(trained) == "2 steps, reward 0.250 -> 0.500, resumed from step_000001"
     warmed = WarmupResult(tmp_path / "init", [{"step": 50, "loss": 0.41234}])
     assert headline(warmed) == f"final loss 0.412 -> {tmp_path / 'init'}"
-    assert (duration(12.4), duration(130)) == ("12s", "2m10s")
+    assert (duration(12.4), duration(130), duration(119.6), duration(89.6)) == ("12s", "2m10s", "2m00s", "1m30s")

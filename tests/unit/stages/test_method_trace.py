@@ -51,8 +51,8 @@ def test_steps_tile_the_response_and_carry_every_branch_mark(traced):
     for trace in traced[3]:
         assert trace.steps[0].start == 0
         assert all(a.end == b.start for a, b in zip(trace.steps, trace.steps[1:]))
-        chain = [s for s in trace.segments if not s.continuation]
-        assert trace.steps[-1].end == chain[-1].end  # the expanded response, whole
+        chain = [s for s in trace.segments if not s.node.continuation]
+        assert trace.steps[-1].end == chain[-1].node.end  # the expanded response, whole
         assert "".join(s.text for s in trace.steps) == "".join(s.text for s in chain)
         pieces = [piece for step in trace.steps for piece in step.pieces]
         assert [p.start for p in pieces] == sorted(p.start for p in pieces)
@@ -67,17 +67,18 @@ def test_steps_tile_the_response_and_carry_every_branch_mark(traced):
 def test_the_tree_hangs_the_continuations_at_the_branch_points_with_spec_values(traced):
     config, _, _, three = traced
     for trace in three:
-        chain = [s for s in trace.segments if not s.continuation]
+        nodes = [s.node for s in trace.segments]
+        chain = [s for s in nodes if not s.continuation]
         assert [s.start for s in chain] == [0, *sorted(set(trace.branch_offsets))]
         assert [s.parent for s in chain] == [None, *range(len(chain) - 1)]
-        continuations = [s for s in trace.segments if s.continuation]
+        continuations = [s for s in nodes if s.continuation]
         assert len(continuations) == config.algorithm.continuations_per_branch * len(trace.branch_offsets)
         for c in continuations:
             assert chain[c.parent].end == c.start and c.leaves == 1 and c.reward in (0.0, 1.0)
         leaves = [*trace.rewards, *(c.reward for c in continuations)]
         assert trace.root_value == pytest.approx(sum(leaves) / len(leaves))
-        for segment in trace.segments:  # spec §9.3 from the recorded values
-            parent = trace.root_value if segment.parent is None else trace.segments[segment.parent].value
+        for segment in nodes:  # spec §9.3 from the recorded values
+            parent = trace.root_value if segment.parent is None else nodes[segment.parent].value
             expected = (2 * segment.value - trace.root_value - parent) / math.sqrt(segment.leaves)
             assert segment.advantage == pytest.approx(expected)
 
