@@ -57,10 +57,16 @@ class SourceSpec(Section):
 class SyntheticTaskConfig(Section):
     """The embedded step-by-step arithmetic task (see attnrl/data/synthetic.py)."""
 
+    family: Literal["chain", "planted"] = Field(
+        default="chain",
+        description="'chain': left-to-right operation chains, every step feeds the next; 'planted': variable "
+        "definitions and a query that reuses one of them, its definition the known critical step "
+        "(attnrl/data/planted.py).",
+    )
     levels: list[int] = Field(
         default=[1, 2, 3, 4, 5],
         min_length=1,
-        description="Difficulty levels = number of operations in the expression chain.",
+        description="Difficulty levels = number of operations in the chain ('chain') or of definitions ('planted').",
     )
     modulus: int = Field(default=10, ge=2, le=10, description="Arithmetic is modulo this (single-digit numbers).")
     operators: str = Field(default="+-", min_length=1, description="Operators drawn uniformly; a subset of '+-*'.")

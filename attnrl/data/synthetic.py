@@ -18,17 +18,24 @@ parameter model learns in a few hundred steps; rewriting the chain without the `
 (stack-notes.md) left it at chance on held-out problems. The difficulty level is the number of
 operations. A fixed share of the expression space (chosen by a hash, so independent of the
 seed) is held out: evaluation problems never occur in training.
+
+This chain is the ``chain`` family of ``data.synthetic.family``; ``planted`` (``attnrl/data/planted.py``)
+is a family whose one critical step is known per problem. ``FAMILIES`` maps the names to what each
+family generates and solves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from attnrl.config.schema import SyntheticTaskConfig
+from attnrl.data.planted import planted_answer, planted_critical_step, planted_expression, planted_space, planted_steps
 from attnrl.data.problem import Problem
 from attnrl.errors import DataError
+from attnrl.utils.registry import lookup
 
 STEP_SEPARATOR = "\n\n"
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -79,13 +86,6 @@ def solution_steps(
     return steps
 
 
-def reference_solution(
-    expression: str, modulus: int, *, error_rate: float = 0.0, rng: random.Random | None = None
-) -> str:
-    """The full reference response: steps joined by blank lines, ending in ``\\boxed{answer}``."""
-    return STEP_SEPARATOR.join(solution_steps(expression, modulus, error_rate=error_rate, rng=rng))
-
-
 def final_answer(expression: str, modulus: int) -> str:
     """The value of the expression, as the reference solution boxes it."""
     numbers, operators = parse_expression(expression)
@@ -93,6 +93,49 @@ def final_answer(expression: str, modulus: int) -> str:
     for op, number in zip(operators, numbers[1:], strict=True):
         value = _APPLY[op](value, number) % modulus
     return str(value)
+
+
+def chain_expression(level: int, modulus: int, operators: str, rng: random.Random) -> str:
+    numbers = [rng.randrange(modulus) for _ in range(level + 1)]
+    return format_expression(numbers, [rng.choice(operators) for _ in range(level)])
+
+
+def chain_critical_steps(expression: str) -> tuple[int, ...]:
+    """Every operation's step: each feeds the next (with ``+`` and ``-`` a wrong value always changes the answer)."""
+    return tuple(range(len(parse_expression(expression)[1])))
+
+
+@dataclass(frozen=True)
+class TaskFamily:
+    """What a synthetic family generates (``expression(level, modulus, operators, rng)``, of ``space``
+    distinct ones per level) and how it is solved: ``steps(expression, modulus, error_rate=, rng=)``,
+    ``answer(expression, modulus)``, and the ``critical_steps`` whose error changes the answer."""
+
+    expression: Callable[[int, int, str, random.Random], str]
+    space: Callable[[int, int, str], int]
+    steps: Callable[..., list[str]]
+    answer: Callable[[str, int], str]
+    critical_steps: Callable[[str], tuple[int, ...]]
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    "chain": TaskFamily(chain_expression, lambda level, m, ops: m ** (level + 1) * len(ops) ** level,
+                        solution_steps, final_answer, chain_critical_steps),
+    "planted": TaskFamily(planted_expression, planted_space, planted_steps, planted_answer,
+                          lambda expression: (planted_critical_step(expression),)),
+}
+
+
+def task_family(name: str) -> TaskFamily:
+    """The family registered under ``name`` (``data.synthetic.family``); an unknown name lists the known."""
+    return lookup(FAMILIES, name, "synthetic task family", DataError)
+
+
+def reference_solution(
+    expression: str, modulus: int, *, family: str = "chain", error_rate: float = 0.0, rng: random.Random | None = None
+) -> str:
+    """The full reference response: steps joined by blank lines, ending in ``\\boxed{answer}``."""
+    return STEP_SEPARATOR.join(task_family(family).steps(expression, modulus, error_rate=error_rate, rng=rng))
 
 
 def is_held_out(expression: str, fraction: float) -> bool:
@@ -110,15 +153,16 @@ def generate_problems(config: SyntheticTaskConfig, *, split: str, seed: int, nam
         raise DataError(f"synthetic split must be 'train' or 'test', got {split!r}")
     per_level = config.train_per_level if split == "train" else config.eval_per_level
     want_held_out = split == "test"
+    family = task_family(config.family)
     problems = []
     for level in config.levels:
         rng = random.Random(f"{seed}/{split}/{level}")
-        for index, expression in enumerate(_distinct_expressions(config, level, rng, want_held_out, per_level)):
+        for index, expression in enumerate(_distinct_expressions(config, family, level, rng, want_held_out, per_level)):
             problems.append(
                 Problem(
                     id=f"L{level}-{index}",
                     prompt=({"role": "user", "content": expression},),
-                    answers=(final_answer(expression, config.modulus),),
+                    answers=(family.answer(expression, config.modulus),),
                     source=f"{name}-L{level}",
                     split=split,
                     level=level,
@@ -128,17 +172,15 @@ def generate_problems(config: SyntheticTaskConfig, *, split: str, seed: int, nam
 
 
 def _distinct_expressions(
-    config: SyntheticTaskConfig, level: int, rng: random.Random, held_out: bool, count: int
+    config: SyntheticTaskConfig, family: TaskFamily, level: int, rng: random.Random, held_out: bool, count: int
 ) -> Iterator[str]:
-    space = config.modulus ** (level + 1) * len(config.operators) ** level
+    space = family.space(level, config.modulus, config.operators)
     seen: set[str] = set()
     # Rejection sampling; the attempt cap ends small spaces (level 1 has only a few hundred).
     for _ in range(max(50 * count, 20 * space if space < 100_000 else 0)):
         if len(seen) == count:
             return
-        numbers = [rng.randrange(config.modulus) for _ in range(level + 1)]
-        operators = [rng.choice(config.operators) for _ in range(level)]
-        expression = format_expression(numbers, operators)
+        expression = family.expression(level, config.modulus, config.operators, rng)
         if expression in seen or is_held_out(expression, config.holdout_fraction) != held_out:
             continue
         seen.add(expression)

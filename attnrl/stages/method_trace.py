@@ -10,14 +10,16 @@ the same response is recorded beside it, without rolling it out.
 
 ADS (spec §7) is left out on purpose: the easy filter would drop an all-correct problem and the
 expansion rule picks responses by FCI, and the report should show a tree for every traced problem.
-The in-process engine runs here whatever ``rollout.engine`` is: a few problems need no pool.
+``policy_session`` (the in-process engine whatever ``rollout.engine`` is: a few problems need no pool) is
+shared with the analyses in ``benchmarks/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from attnrl.config.schema import RunConfig
 from attnrl.data.problem import Problem
 from attnrl.model.loading import load_policy
 from attnrl.reward.verifier import Verifier
-from attnrl.rollout.engine import GenerationRequest, SamplingParams
+from attnrl.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from attnrl.rollout.factory import build_engine, engine_session
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.rollout.scoring import RolloutScorer, scoring_spec
@@ -102,36 +104,58 @@ class ProblemTrace:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class PolicySession:
+    """A policy loaded for analysis: the in-process engine that samples with it, a scorer that computes
+    what a training step's scoring pass does (log-probs, entropies, FCI always), and a verifier."""
+
+    config: RunConfig
+    tokenizer: Any
+    engine: RolloutEngine
+    scorer: RolloutScorer
+    verifier: Verifier
+    params: SamplingParams
+
+    def sample_scored(self, problems: Sequence[Problem], seed: int) -> list[ScoredQuestion]:
+        """``rollout.sampling.n`` responses to each problem, rewarded, segmented and scored (spec §3.2 step 6)."""
+        prompt_ids = [tuple(encode_prompt(self.tokenizer, p.prompt)) for p in problems]
+        completions = self.engine.generate([GenerationRequest(ids, n=self.config.rollout.sampling.n) for ids in prompt_ids],
+                                           self.params, seed=seed)
+        return score_initial(problems, prompt_ids, completions, trainer=self.scorer.trainer, tokenizer=self.tokenizer,
+                             verifier=self.verifier, vocab=SeparatorVocab.from_tokenizer(self.tokenizer), with_fci=True)
+
+
+@contextmanager
+def policy_session(config: RunConfig, model_dir: Path) -> Iterator[PolicySession]:
+    """The policy in ``model_dir`` with the in-process engine, whatever ``rollout.engine`` is: an analysis of a
+    few hundred samples needs no pool."""
+    sampling = config.rollout.sampling
+    policy = load_policy(model_dir, dtype=config.model.dtype, device=config.model.device)
+    in_process = config.model_copy(update={"rollout": config.rollout.model_copy(
+        update={"engine": "hf", "ray": config.rollout.ray.model_copy(update={"enabled": False})})})
+    engine = build_engine(in_process, model_dir=model_dir, tokenizer=policy.tokenizer,
+                          max_new_tokens=sampling.max_new_tokens, model=policy.model)
+    scorer = RolloutScorer(policy.model, dataclasses.replace(scoring_spec(config, policy.tokenizer), with_fci=True))
+    params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens)
+    with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
+        yield PolicySession(config, policy.tokenizer, engine, scorer, verifier, params)
+
+
 def trace_problems(config: RunConfig, model_dir: Path, candidates: Sequence[Problem], count: int) -> list[ProblemTrace]:
     """Sample and score every candidate with the policy in ``model_dir``, then branch, roll out and build the
     tree of ``count`` of them: those whose samples disagree first (the problems a step learns from, spec §7),
     in candidate order."""
     if not candidates or count == 0:
         return []
-    sampling = config.rollout.sampling
-    policy = load_policy(model_dir, dtype=config.model.dtype, device=config.model.device)
-    tokenizer = policy.tokenizer
-    in_process = config.model_copy(update={"rollout": config.rollout.model_copy(
-        update={"engine": "hf", "ray": config.rollout.ray.model_copy(update={"enabled": False})})})
-    engine = build_engine(in_process, model_dir=model_dir, tokenizer=tokenizer, max_new_tokens=sampling.max_new_tokens,
-                          model=policy.model)
-    # FCI always: the trace compares FCI and entropy branch points whatever the method.
-    scorer = RolloutScorer(policy.model, dataclasses.replace(scoring_spec(config, tokenizer), with_fci=True))
-    params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens)
-    prompt_ids = [tuple(encode_prompt(tokenizer, p.prompt)) for p in candidates]
-    with engine_session(engine), Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
-        completions = engine.generate([GenerationRequest(ids, n=sampling.n) for ids in prompt_ids], params,
-                                      seed=derive_seed(config.seed, "trace", "initial"))
-        scored = score_initial(candidates, prompt_ids, completions, trainer=scorer.trainer, tokenizer=tokenizer,
-                               verifier=verifier, vocab=SeparatorVocab.from_tokenizer(tokenizer), with_fci=True)
+    with policy_session(config, model_dir) as session:
+        scored = session.sample_scored(candidates, derive_seed(config.seed, "trace", "initial"))
         scored = sorted(scored, key=lambda q: len(set(q.rewards)) == 1)[:count]  # stable: mixed first
-        return [_trace(config, question, index, engine=engine, verifier=verifier, tokenizer=tokenizer, params=params)
-                for index, question in enumerate(scored)]
+        return [_trace(session, question, index) for index, question in enumerate(scored)]
 
 
-def _trace(config: RunConfig, question: ScoredQuestion, index: int, *, engine, verifier: Verifier, tokenizer,
-           params: SamplingParams) -> ProblemTrace:
+def _trace(session: PolicySession, question: ScoredQuestion, index: int) -> ProblemTrace:
     """Branch one response of ``question`` as the run's method does, roll it out, build the tree."""
+    config, tokenizer = session.config, session.tokenizer
     # A wrong response where there is one (its continuations show where it went wrong), the longest.
     chosen = min(range(len(question.responses)),
                  key=lambda r: (question.responses[r].reward, -question.responses[r].segmentation.num_steps, r))
@@ -144,11 +168,11 @@ def _trace(config: RunConfig, question: ScoredQuestion, index: int, *, engine, v
     requests = continuation_requests([question], [BranchPoint(0, chosen, offset) for offset in offsets],
                                      n=config.algorithm.continuations_per_branch,
                                      max_new_tokens=config.rollout.sampling.max_new_tokens)
-    rolled = engine.generate(requests, params, seed=derive_seed(config.seed, "trace", "continuations", index)) \
-        if requests else []
+    rolled = session.engine.generate(requests, session.params, seed=derive_seed(config.seed, "trace", "continuations",
+                                                                                 index)) if requests else []
     continuations = [(offset, c) for offset, group in zip(offsets, rolled, strict=True) for c in group if c.token_ids]
     # The verifier sees the continuation only, as in training (spec §8).
-    rewards = verifier.score_batch([(decode_response(tokenizer, c.token_ids), question.problem.answers)
+    rewards = session.verifier.score_batch([(decode_response(tokenizer, c.token_ids), question.problem.answers)
                                     for _, c in continuations])
     attached = tuple(Continuation(offset, c.token_ids, c.logprobs, reward)
                      for (offset, c), reward in zip(continuations, rewards, strict=True))

@@ -63,7 +63,8 @@ def warmup(config: RunConfig, root: str | Path = ".") -> WarmupResult:
             sft_example(
                 tokenizer,
                 encode_prompt(tokenizer, p.prompt),
-                reference_solution(p.question, modulus, error_rate=error_rate, rng=teacher),
+                reference_solution(p.question, modulus, family=config.data.synthetic.family, error_rate=error_rate,
+                                   rng=teacher),
             )
             for p in problems
         ]
