@@ -13,6 +13,7 @@ Standard library only: it runs before any environment exists.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import time
 from collections import deque
 
 EVERY_S = 10.0
-COLLECTING = ("Collecting ", "Processing ", "Obtaining ", "Requirement already satisfied: ")
+COLLECTING = ("Collecting ", "Obtaining ", "Requirement already satisfied: ")
 INSTALLING = "Installing collected packages: "
 NOISE = "is ignored: it is neither a file nor a directory"
 TAIL_LINES = 60
@@ -73,7 +74,9 @@ def main(argv: list[str]) -> int:
 
     threading.Thread(target=tick, daemon=True).start()
     status.show()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # Unbuffered: pip writes to a pipe here, and block buffering would deliver its lines in bursts.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert process.stdout is not None
     for raw in process.stdout:
         line = raw.rstrip()
