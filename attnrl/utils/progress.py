@@ -45,6 +45,7 @@ class Progress:
             raise ValueError(f"progress {label!r}: need 0 <= start <= total, got start {start}, total {total}")
         self.logger, self.label, self.total, self.unit, self.every_s = logger, label, total, unit, every_s
         self.first = self.done = start
+        self.closed = False
         self.fields: dict[str, float | int | str] = {}
         self.start = self.logged_at = time.monotonic()
         show = sys.stderr.isatty() if bar is None else bar
@@ -74,6 +75,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.closed = True
         if log:
             self._log()
 
@@ -83,6 +85,8 @@ class Progress:
         fields = "".join(f"  {k} {_value(v)}" for k, v in self.fields.items())
         if self.done >= self.total:
             timing = f"  in {duration(elapsed)}"
+        elif self.closed:  # ended early (a token budget, a stop): no estimate of what will not run
+            timing = f"  stopped after {duration(elapsed)}"
         elif self.done > self.first:
             timing = f"  {duration(elapsed / (self.done - self.first) * (self.total - self.done))} left"
         else:

@@ -55,6 +55,14 @@ def test_progress_lines_leave_the_console_to_the_bar_that_shows_them():
     assert [keep for _, keep in lines[2:]] == [True, True]
 
 
+def test_a_loop_that_ends_early_says_so_without_an_estimate():
+    progress = Progress(logging.getLogger("attnrl.test_console"), "train", 15, "steps", start=3, bar=False)
+    progress.update(reward=0.5)
+    assert progress.line().startswith("train: 4/15 steps (27%)  reward 0.5  ") and progress.line().endswith(" left")
+    progress.close(log=False)
+    assert progress.line().startswith("train: 4/15 steps (27%)  reward 0.5  stopped after ")
+
+
 def test_a_stage_result_reads_as_one_line(tmp_path):
     scores = [BenchmarkScore("synthetic-L1", 10, 4, 0.5, 1.0), BenchmarkScore("synthetic-L2", 10, 4, 0.25, 0.5)]
     evaluation = EvaluationResult(scores, tmp_path / "metrics.json", tmp_path / "samples.parquet")
