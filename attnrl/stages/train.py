@@ -77,13 +77,12 @@ def train(
     root: str | Path = ".",
     *,
     run_dir: str | Path | None = None,
-    on_step: Callable[[dict[str, float]], None] | None = None,
     on_metrics: Callable[[list[dict[str, float]]], None] | None = None,
     phases: PhaseRunner = run_directly,
     check_batch: BatchCheck | None = None,
 ) -> TrainResult:
-    """Train to ``train.steps`` steps; ``on_step`` sees each step's metrics after they are saved, and
-    ``on_metrics`` the whole history then (a resumed run's restored steps first: what ``metrics.jsonl`` holds).
+    """Train to ``train.steps`` steps; ``on_metrics`` sees the whole history after each step is saved (a
+    resumed run's restored steps first: what ``metrics.jsonl`` holds).
 
     ``phases`` runs each step and its phases (see ``RLLoop``); the train flow passes one that makes
     them Prefect task runs. ``check_batch`` sees each step's training paths before the update (the
@@ -136,8 +135,6 @@ def train(
                 on_metrics(loop.state.metrics)
             progress.update(reward=round(stats["reward"], 3), tokens=int(stats["generated_tokens"]),
                             step=f"{stats['step_time_s']:.1f}s")
-            if on_step is not None:
-                on_step(stats)
 
         with progress:
             metrics = loop.run(config.train.steps, on_step=record)

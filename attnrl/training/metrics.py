@@ -66,11 +66,11 @@ def once_twice_ratios(batch: Sequence[ScoredQuestion], plans: Sequence[Expansion
         once = [(sq, plan) for sq, plan in zip(batch, plans, strict=True) if all(r == outcome for r in sq.rewards)]
         twice = sum(1 for sq, _ in once if mc_groups.get(sq.problem.uid) and all(r == outcome for r in mc_groups[sq.problem.uid]))
         filtered = sum(1 for _, plan in once if plan.drop)
-        share = (lambda count: count / len(once)) if once else (lambda count: 0.0)
+        total = max(1, len(once))  # no such question: every count is 0, so every share 0.0
         metrics |= {
-            f"{name}_once_twice_invalid_ratio": share(twice),
-            f"{name}_once_twice_valid_ratio": share(len(once) - twice),
-            f"{name}_once_filtered_ratio": share(filtered),
+            f"{name}_once_twice_invalid_ratio": twice / total,
+            f"{name}_once_twice_valid_ratio": (len(once) - twice) / total,
+            f"{name}_once_filtered_ratio": filtered / total,
         }
     return metrics
 

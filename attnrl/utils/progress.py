@@ -47,7 +47,7 @@ class Progress:
         self.first = self.done = start
         self.closed = False
         self.fields: dict[str, float | int | str] = {}
-        self.start = self.logged_at = time.monotonic()
+        self.started_at = self.logged_at = time.monotonic()
         show = sys.stderr.isatty() if bar is None else bar
         self.bar = tqdm(total=total, initial=start, desc=label, unit=unit.rstrip("s") or unit, file=sys.stderr,
                         leave=False, dynamic_ncols=True) if show else None
@@ -80,7 +80,7 @@ class Progress:
             self._log()
 
     def line(self) -> str:
-        elapsed = time.monotonic() - self.start
+        elapsed = time.monotonic() - self.started_at
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         fields = "".join(f"  {k} {_value(v)}" for k, v in self.fields.items())
         if self.done >= self.total:
