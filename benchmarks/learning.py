@@ -1,12 +1,28 @@
-"""Learning benchmark: warmup, then the attnrl, treerl and grpo methods on the embedded default
-with the same generation budget, over several seeds; held-out accuracy before and after.
+"""Learning benchmark (issue 14): the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
 
-    python benchmarks/learning.py --seeds 1 2 3 --budget 400000 [--set key=value ...]
+    python benchmarks/learning.py [--task chain|planted] [--seeds 1 2 3 4 5] [--budget 120000]
+        [--eval-every 30000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--set key=value ...]
 
-Prints one JSON object: per seed and method, held-out mean@K per difficulty level and on
-average before and after RL, generated tokens, training steps and wall time; and the mean
-improvement per method over seeds. Each seed gets its own warmed-up model, shared by the three
-methods, so the comparison starts from the same policy.
+Fairness:
+
+* the generated-token budget (``train.max_generated_tokens``) is the only stop: ``train.steps`` is set out of
+  reach, and the loop cuts each batch to what fits in the budget (attnrl/training/budget.py), so no method gets
+  more than another by up to a step; what a run still generates past the budget is reported (``overshoot``);
+* every method of a seed starts from the same warmed-up policy and draws prompts in the same seeded order;
+* learning rate: with ``--lrs``, every method is first run at each rate on ``--tune-seed`` (a seed not among
+  ``--seeds``) and the rate with the best final held-out mean@K is used on every evaluation seed (recorded
+  in ``chosen_lr``, the sweep in ``sweep``); without, the preset's ``train.lr`` for all.
+
+Measures, per run: held-out mean@K (per level and on average) before RL and every ``--eval-every``
+generated tokens (the policy at the end of the step that first reaches each mark, from its checkpoint; the
+last point is the final policy), generated tokens and overshoot, trained and valid tokens, training steps,
+optimizer steps, training and evaluation wall time, and the per-step diagnostics of Figs. 6-7 (spec §15.4,
+the official metric names). Over seeds: mean and 95 % t interval of the final accuracy and of its
+improvement, the paired difference to ``grpo`` per seed, the accuracy curve, the tokens each method needs
+to reach GRPO's final accuracy, and the diagnostics' means.
+
+Writes the JSON (command, commit, settings, every run) to ``--out`` (default
+``benchmarks/results/learning-<task>.json``), which the report stage renders, and prints it.
 """
 
 from __future__ import annotations
@@ -14,94 +30,268 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
 from attnrl.config import resolve_config
+from attnrl.eval.intervals import mean_interval, paired_difference
 from attnrl.eval.metrics import summarise
+from attnrl.lineage import git_state
 from attnrl.stages.evaluate import evaluate
 from attnrl.stages.prepare import prepare
 from attnrl.stages.train import train
-from attnrl.stages.warmup import warmup
+from attnrl.stages.warmup import initial_policy_path, warmup
+from attnrl.training.checkpoint import checkpoint_name
 
-METHODS = ("attnrl", "treerl", "grpo")
+from tasks import TASKS  # benchmarks/tasks.py (this script's directory is on the path)
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("benchmarks.learning")
 
 
-def _scores(result) -> dict[str, float]:
-    summary = summarise(result.scores)
+@dataclass(frozen=True)
+class Variant:
+    """A row of the paper's tables: a method preset and the settings that make the row."""
+
+    method: str
+    overrides: tuple[str, ...]
+    label: str
+    tables: tuple[str, ...]
+
+
+# Each ablation row changes one thing from the row above it. TreeRL is two-step on-policy (spec §13.2); the
+# ADS rows stay on-policy (our on-policy loop adapts the batch size, which the official one cannot: AMBIG-13)
+# so that "AttnRL on-policy" vs "AttnRL" isolates the one-step off-policy pipeline (spec §3.2).
+VARIANTS: dict[str, Variant] = {
+    "grpo": Variant("grpo", (), "GRPO (n = 6)", ("table1", "table3")),
+    "grpo-n16": Variant("grpo", ("rollout.sampling.n=16",), "GRPO (n = 16)", ("table1",)),
+    "treerl": Variant("treerl", (), "TreeRL", ("table1", "table2", "table3")),
+    "treerl-off-policy": Variant("treerl", ("algorithm.off_policy=true",), "TreeRL w/ one-step off-policy",
+                                 ("table3",)),
+    "atb": Variant("treerl", ("algorithm.branching=fci",), "+ ATB", ("table2",)),
+    "atb-ads-no-filter": Variant("attnrl", ("algorithm.off_policy=false", "algorithm.easy_filter=off"),
+                                 "+ ATB + ADS (w/o attention-based filtering)", ("table2",)),
+    "atb-ads-no-expansion": Variant("attnrl", ("algorithm.off_policy=false", "algorithm.expansion=uniform"),
+                                    "+ ATB + ADS (w/o difficulty-aware expansion)", ("table2",)),
+    "attnrl-on-policy": Variant("attnrl", ("algorithm.off_policy=false",), "AttnRL on-policy (ATB + ADS)",
+                                ("table2",)),
+    "attnrl": Variant("attnrl", (), "AttnRL", ("table1", "table2", "table3")),
+}
+BASELINE = "grpo"
+# Per-step diagnostics kept per run (spec §15.4, Figs. 6-7; the official names).
+DIAGNOSTICS = ("solve_all_ratio_mc", "solve_none_ratio_mc", "valid_ratio_mc", "valid_ratio_all", "valid_ratio",
+               "correct_once_twice_invalid_ratio", "incorrect_once_twice_invalid_ratio", "easy_filtered_ratio",
+               "filtered_ratio_all", "valid_token_ratio", "prompt_batch_size", "reward", "entropy", "response_length")
+
+
+def scores(summary: dict) -> dict[str, float]:
+    """Held-out mean@K in % per benchmark (difficulty level) and on average, from an evaluation's metrics.json."""
     out = {b["benchmark"]: round(100 * b["mean_at_k"], 2) for b in summary["benchmarks"]}
     out["average"] = round(100 * summary["average"]["mean_at_k"], 2)
     return out
 
 
-def run_seed(seed: int, budget: int, methods: list[str], overrides: list[str], workdir: Path) -> dict:
-    base = [f"seed={seed}", f"train.max_generated_tokens={budget}", "rollout.progress=false", *overrides]
-    root = workdir / f"seed{seed}"
-    config = resolve_config(preset="tiny", overrides=base)
-    started = time.perf_counter()
-    prepare(config, root)
-    warmup(config, root)
-    before = _scores(evaluate(config, root, out_dir=root / "runs" / "eval-init"))
-    result = {"warmup_s": round(time.perf_counter() - started, 1), "before": before, "methods": {}}
-    for method in methods:
-        method_config = resolve_config(preset="tiny", method=method, overrides=base)
+def marks(budget: int, every: int) -> list[int]:
+    """Token counts at which the policy is evaluated: every ``every`` tokens, the budget last."""
+    return [*range(every, budget, every), budget]
+
+
+def curve_points(rows: list[dict[str, float]], budget: int, every: int) -> list[tuple[int, int]]:
+    """(mark, step) per mark below the budget: the first step whose cumulative tokens reach it. A step that
+    reaches several marks is evaluated once, at the first; marks first reached by the last step are left out:
+    the final policy is the budget's point."""
+    out: list[tuple[int, int]] = []
+    for mark in marks(budget, every)[:-1]:
+        step = next((int(r["step"]) for r in rows if r["total_generated_tokens"] >= mark), None)
+        if step is not None and step < len(rows) and all(step != s for _, s in out):
+            out.append((mark, step))
+    return out
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args, self.workdir = args, workdir
+        self.task = [*TASKS[args.task], "rollout.progress=false"]
+
+    def overrides(self, seed: int, *extra: str) -> list[str]:
+        return [f"seed={seed}", *self.task, f"train.max_generated_tokens={self.args.budget}",
+                # The budget alone stops training; a checkpoint per step gives the curve's policies.
+                "train.steps=100000", "train.save_every=1", "train.keep_checkpoints=100000", *extra, *self.args.set]
+
+    def policy(self, seed: int) -> tuple[Path, dict[str, float]]:
+        """The seed's warmed-up policy (shared by every method) and its held-out scores."""
+        root = self.workdir / f"seed{seed}"
+        config = resolve_config(preset="tiny", overrides=self.overrides(seed))
+        before = root / "runs" / "eval-init"
+        if not initial_policy_path(config, root).is_dir():
+            prepare(config, root)
+            warmup(config, root)
+        if not (before / "metrics.json").is_file():
+            evaluate(config, root, out_dir=before)
+        return root, scores(json.loads((before / "metrics.json").read_text()))
+
+    def run(self, seed: int, name: str, lr: float) -> dict:
+        """One method on one seed at one learning rate: train to the budget, evaluate along the way."""
+        variant = VARIANTS[name]
+        root, before = self.policy(seed)
+        config = resolve_config(preset="tiny", method=variant.method,
+                                overrides=self.overrides(seed, *variant.overrides, f"train.lr={lr}"))
+        run_dir = root / "runs" / f"{name}-lr{lr:g}"
+        shutil.rmtree(run_dir, ignore_errors=True)
         started = time.perf_counter()
-        trained = train(method_config, root, run_dir=root / "runs" / method)
+        trained = train(config, root, run_dir=run_dir)
         train_s = time.perf_counter() - started
-        after = _scores(evaluate(method_config, root, model_dir=trained.final_model, out_dir=root / "runs" / f"eval-{method}"))
-        result["methods"][method] = {
-            "after": after,
-            "improvement": round(after["average"] - before["average"], 2),
-            "steps": len(trained.metrics),
-            "generated_tokens": int(trained.metrics[-1]["total_generated_tokens"]) if trained.metrics else 0,
-            "train_s": round(train_s, 1),
+        rows = trained.metrics
+        started = time.perf_counter()
+        curve = [{"mark": 0, "tokens": 0, "step": 0, **before}]
+        for mark, step in curve_points(rows, self.args.budget, self.args.eval_every):
+            model = run_dir / "checkpoints" / checkpoint_name(step) / "model"
+            after = scores(summarise(evaluate(config, root, model_dir=model, out_dir=run_dir / f"eval-{step}").scores))
+            curve.append({"mark": mark, "tokens": int(rows[step - 1]["total_generated_tokens"]), "step": step, **after})
+        final = scores(summarise(evaluate(config, root, model_dir=trained.final_model, out_dir=run_dir / "eval-final").scores))
+        curve.append({"mark": self.args.budget, "tokens": trained.generated_tokens, "step": len(rows), **final})
+        eval_s = time.perf_counter() - started
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # a checkpoint per step: hundreds of MB
+        result = {
+            "seed": seed, "method": name, "lr": lr,
+            "before": before["average"], "final": final["average"],
+            "improvement": round(final["average"] - before["average"], 2),
+            "final_per_level": final, "curve": curve,
+            "generated_tokens": trained.generated_tokens,
+            "overshoot": trained.generated_tokens - self.args.budget,
+            "trained_tokens": int(sum(r["train_tokens"] for r in rows)),
+            "valid_tokens": int(sum(r["valid_tokens"] for r in rows)),
+            "steps": len(rows),
+            "optimizer_steps": int(sum(r["update/optimizer_steps"] for r in rows)),
+            "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+            "diagnostics": {key: [round(r[key], 4) for r in rows] for key in DIAGNOSTICS},
+            "step_tokens": [int(r["total_generated_tokens"]) for r in rows],
         }
-        print(json.dumps({"seed": seed, "method": method, **result["methods"][method]}), file=sys.stderr, flush=True)
-    return result
+        logger.info("%s seed %d lr %g: %.1f%% -> %.1f%% in %d steps, %d tokens (overshoot %+d), %.0f s + %.0f s eval",
+                    name, seed, lr, before["average"], final["average"], len(rows), trained.generated_tokens,
+                    result["overshoot"], train_s, eval_s)
+        return result
+
+
+def tune(bench: Benchmark, methods: list[str], lrs: list[float], seed: int) -> tuple[dict, dict]:
+    """Each method at each rate on the tuning seed; the rate with the best final mean@K (ties: the smaller)."""
+    sweep = {name: {f"{lr:g}": bench.run(seed, name, lr)["final"] for lr in lrs} for name in methods}
+    chosen = {name: float(max(sorted(runs, key=float), key=lambda lr: runs[lr])) for name, runs in sweep.items()}
+    return sweep, chosen
+
+
+def summarise_runs(runs: list[dict], methods: list[str]) -> dict:
+    """Per method over seeds: final accuracy, improvement, paired difference to GRPO, cost, curve, diagnostics."""
+    by = {name: sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]) for name in methods}
+    base = by.get(BASELINE)
+    threshold = fmean(r["final"] for r in base) if base else None
+    out = {}
+    for name, rs in by.items():
+        curve = []  # the marks every seed has a point at
+        for mark in sorted({p["mark"] for r in rs for p in r["curve"]}):
+            points = [p for r in rs for p in r["curve"] if p["mark"] == mark]
+            if len(points) == len(rs):
+                curve.append({"mark": mark, "tokens": round(fmean(p["tokens"] for p in points)),
+                              "accuracy": mean_interval([p["average"] for p in points])})
+        out[name] = {
+            "label": VARIANTS[name].label,
+            "lr": rs[0]["lr"],
+            "final": mean_interval([r["final"] for r in rs]),
+            "improvement": mean_interval([r["improvement"] for r in rs]),
+            "vs_grpo": (paired_difference([r["final"] for r in rs], [r["final"] for r in base])
+                        if base and name != BASELINE else None),
+            "curve": curve,
+            "tokens_to_grpo_final": None if threshold is None else tokens_to_reach(curve, threshold),
+            **{key: mean_interval([r[key] for r in rs], 1) for key in
+               ("generated_tokens", "overshoot", "trained_tokens", "valid_tokens", "steps", "optimizer_steps",
+                "train_s")},
+            "max_overshoot": max(r["overshoot"] for r in rs),
+            "diagnostics": {key: mean_interval([fmean(r["diagnostics"][key]) for r in rs], 4) for key in DIAGNOSTICS},
+        }
+    return out
+
+
+def tokens_to_reach(curve: list[dict], threshold: float) -> int | None:
+    """Generated tokens at which the mean curve first reaches ``threshold`` (linear between points); None: never."""
+    for a, b in zip(curve, curve[1:]):
+        low, high = a["accuracy"]["mean"], b["accuracy"]["mean"]
+        if high >= threshold:
+            if low >= threshold:
+                return a["tokens"]
+            return round(a["tokens"] + (threshold - low) / (high - low) * (b["tokens"] - a["tokens"]))
+    return None
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="chain")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--budget", type=int, default=120_000, help="generated tokens per method and seed")
+    parser.add_argument("--eval-every", type=int, default=30_000, help="generated tokens between evaluations")
+    parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="learning rates to sweep on --tune-seed (default: the preset's train.lr, no sweep)")
+    parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning-<task>.json")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the run directories here; a later run with the same --keep reuses the warmed-up policies")
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--budget", type=int, default=400_000, help="generated tokens per method and seed")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--keep", type=Path, default=None, help="keep run directories here")
-    args = parser.parse_args()
+    args = parser().parse_args()
+    if args.lrs and args.tune_seed in args.seeds:
+        raise SystemExit(f"--tune-seed {args.tune_seed} is one of --seeds: tune on a seed the comparison does not use")
+    if BASELINE in args.methods and len(args.seeds) < 2:
+        logger.warning("one seed: no intervals")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logger.setLevel(logging.INFO)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="attnrl-learning-"))
+    bench = Benchmark(args, workdir)
+    started = time.perf_counter()
     try:
-        # Libraries print progress on stdout; keep stdout for the JSON result alone.
-        with contextlib.redirect_stdout(sys.stderr):
-            seeds = {seed: run_seed(seed, args.budget, args.methods, args.set, workdir) for seed in args.seeds}
+        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
+            sweep, chosen = tune(bench, args.methods, args.lrs, args.tune_seed) if args.lrs else ({}, {})
+            default_lr = resolve_config(preset="tiny").train.lr
+            runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    summary = {
-        method: {
-            "mean_improvement": round(statistics.fmean(s["methods"][method]["improvement"] for s in seeds.values()), 2),
-            "mean_after": round(statistics.fmean(s["methods"][method]["after"]["average"] for s in seeds.values()), 2),
-            "mean_generated_tokens": round(statistics.fmean(s["methods"][method]["generated_tokens"] for s in seeds.values())),
-        }
-        for method in args.methods
+    git = git_state(ROOT)
+    record = {
+        "benchmark": "learning", "task": args.task,
+        "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]]),
+        "commit": git["commit"], "uncommitted_changes": git["dirty"],
+        "settings": {"budget": args.budget, "eval_every": args.eval_every, "seeds": args.seeds,
+                     "methods": args.methods, "lrs": args.lrs, "tune_seed": args.tune_seed if args.lrs else None,
+                     "threads": args.threads, "overrides": [*bench.task, *args.set]},
+        "labels": {name: VARIANTS[name].label for name in args.methods},
+        "tables": {name: list(VARIANTS[name].tables) for name in args.methods},
+        "chosen_lr": chosen, "sweep": sweep,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "summary": summarise_runs(runs, args.methods),
+        "runs": runs,
     }
-    print(json.dumps({
-        "threads": args.threads,
-        "budget_tokens": args.budget,
-        "mean_before": round(statistics.fmean(s["before"]["average"] for s in seeds.values()), 2),
-        "summary": summary,
-        "seeds": seeds,
-        "overrides": args.set,
-    }, indent=2))
+    text = json.dumps(record, indent=1)
+    out = args.out or ROOT / "benchmarks" / "results" / f"learning-{args.task}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(out)
+    print(text)
 
 
 if __name__ == "__main__":

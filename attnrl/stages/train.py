@@ -64,6 +64,7 @@ class TrainResult:
     metrics_path: Path
     metrics: list[dict[str, float]]
     resumed_from: Path | None
+    generated_tokens: int  # everything the run generated, untrained rounds included (the token budget's count)
 
 
 def training_problems_path(config: RunConfig, root: str | Path = ".") -> Path:
@@ -141,7 +142,7 @@ def train(
         final = runtime.save_final(run / "final")
     _write_metrics(run / "metrics.jsonl", metrics)
     write_lineage(run, provenance)
-    return TrainResult(final, run / "metrics.jsonl", metrics, resume)
+    return TrainResult(final, run / "metrics.jsonl", metrics, resume, loop.state.generated_tokens)
 
 
 # The distributed runtime (a TrainerGroup and a RolloutGroup on Ray), resolved by import path so the

@@ -59,6 +59,7 @@ from attnrl.rollout.scoring import NothingScored, ScoreKind, engine_scores, need
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
+from attnrl.training.budget import PromptCosts
 from attnrl.training.metrics import merged_update_stats, step_metrics
 from attnrl.training.prompts import PromptSampler
 from attnrl.training.rollouts import (
@@ -103,6 +104,7 @@ class LoopState:
     pending_scored: list[ScoredQuestion] | None = None  # C: initial samples awaiting their tree
     pending_prompts: list[Problem] | None = None        # D: sampled, not generated yet
     rounds_without_update: int = 0                      # in a row: the filters left nothing to train on
+    costs: PromptCosts = field(default_factory=PromptCosts)  # generated tokens per prompt (the token budget)
     metrics: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -143,6 +145,7 @@ class RLLoop:
             temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens
         )
         self.with_fci = needs_fci(config)
+        self.branches = config.algorithm.advantage != "grpo"  # continuations follow the initial samples
         self.engine_scores = engine_scores(config)
         # Colocated placement: the engines share each GPU with a trainer rank and sleep (free their
         # memory) whenever the trainer works; engines without a sleep mode stay as they are.
@@ -168,9 +171,9 @@ class RLLoop:
     # -- the loop
 
     def run(self, steps: int, on_step: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-        """Train until ``steps`` training steps are done in total (or the token budget is spent)."""
-        budget = self.config.train.max_generated_tokens
-        while self.state.step < steps and (budget is None or self.state.generated_tokens < budget):
+        """Train until ``steps`` training steps are done in total, or no further batch fits in the token budget
+        (``train.max_generated_tokens``; attnrl/training/budget.py) and none is left to train on."""
+        while self.state.step < steps and self._work_left():
             started = time.perf_counter()
             step = self._off_policy_step if self.algorithm.off_policy else self._on_policy_step
             name = f"step-{self.state.step + 1}" if self._updates_this_call() else "bootstrap"
@@ -187,10 +190,31 @@ class RLLoop:
 
     def _updates_this_call(self) -> bool:
         """False for the off-policy pipeline's first call, which only generates (spec §3.2)."""
-        return not self.algorithm.off_policy or self.state.pending_scored is not None
+        return not self.algorithm.off_policy or bool(self.state.pending_scored)
 
     def _batch_size(self) -> int:
         return self.controller.size if self.algorithm.adaptive_batch else self.algorithm.prompt_batch_size
+
+    def _prompts_to_sample(self, *, sampled: int = 0, scored: int = 0) -> int:
+        """The next batch's size, cut to what fits in the token budget once the batches already taken are
+        paid for: ``sampled`` prompts not generated yet, ``scored`` prompts without their continuations."""
+        wanted, budget = self._batch_size(), self.config.train.max_generated_tokens
+        if budget is None:
+            return wanted
+        costs = self.state.costs
+        remaining = budget - self.state.generated_tokens - costs.committed(
+            sampled=sampled, scored=scored, continuations=self.branches)
+        return costs.prompts_that_fit(wanted, remaining, continuations=self.branches)
+
+    def _pipeline_holds_work(self) -> bool:
+        """The off-policy pipeline holds sampled prompts or scored samples that are not trained on yet."""
+        return bool(self.state.pending_scored) or bool(self.state.pending_prompts)
+
+    def _work_left(self) -> bool:
+        """A batch is still to be trained on: the pipeline holds one, or a new one fits in the budget."""
+        if self.algorithm.off_policy and self._pipeline_holds_work():
+            return True
+        return self._prompts_to_sample() > 0
 
     def _prompts(self, problems: list[Problem]) -> list[tuple[int, ...]]:
         out = []
@@ -219,9 +243,16 @@ class RLLoop:
             return self.engine.submit_scored(requests, self.params, seed, scored) if requests else NothingScored()
         return submit_generation(self.engine, requests, self.params, seed) if requests else FinishedGeneration([])
 
-    def _collect(self, pending: PendingGeneration) -> list[list[Completion]]:
+    def _collect(self, pending: PendingGeneration, *, initial: bool = True) -> list[list[Completion]]:
+        """A submission's completions, their tokens counted: ``initial`` samples (a group per prompt) or continuations."""
         out = pending.result()
-        self.state.generated_tokens += sum(len(c.token_ids) for group in out for c in group)
+        tokens = sum(len(c.token_ids) for group in out for c in group)
+        self.state.generated_tokens += tokens
+        costs = self.state.costs
+        if initial:
+            costs.initial_prompts, costs.initial_tokens = costs.initial_prompts + len(out), costs.initial_tokens + tokens
+        else:
+            costs.continuation_tokens += tokens
         return out
 
     def _generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:
@@ -260,10 +291,10 @@ class RLLoop:
 
     def _off_policy_step(self) -> dict[str, float] | None:
         state = self.state
-        if state.pending_prompts is None:  # the very first call only samples (spec §3.2 bootstrapping)
-            state.pending_prompts = self.sampler.take(self._batch_size())
+        if not self._pipeline_holds_work():  # the first call (or one after a drained budget) only samples (spec §3.2)
+            state.pending_prompts = self.sampler.take(self._prompts_to_sample())
         current, upcoming = state.pending_scored or [], state.pending_prompts
-        next_prompts = self.sampler.take(self._batch_size())
+        next_prompts = self.sampler.take(self._prompts_to_sample(sampled=len(upcoming), scored=len(current)))
         plans, points = self._plan(current) if current else ([], [])
         parts = question_parts(points, len(current), self.config.rollout.continuation_parts)
         tokens_before = state.generated_tokens
@@ -317,7 +348,7 @@ class RLLoop:
     def _on_policy_step(self) -> dict[str, float] | None:
         state = self.state
         tokens_before = state.generated_tokens
-        problems = self.sampler.take(self._batch_size())
+        problems = self.sampler.take(self._prompts_to_sample())
         completions = self.phases("generate", lambda: self._generate(self._initial_requests(problems)))
         with self._engines_asleep():
             scored = self.phases("score", lambda: self._score(problems, completions))
@@ -333,7 +364,9 @@ class RLLoop:
         return stats
 
     def _round_totals(self, stats: dict[str, float] | None, tokens_before: int, questions: int) -> None:
-        """The step's token counts once its whole round is collected (however the phases were ordered)."""
+        """The step's token counts once its whole round is collected (however the phases were ordered);
+        ``questions``: the prompts whose continuations the round generated."""
+        self.state.costs.continued_prompts += questions
         if stats is not None:
             stats["generated_tokens"] = float(self.state.generated_tokens - tokens_before)
             stats["total_generated_tokens"] = float(self.state.generated_tokens)
@@ -388,7 +421,7 @@ class RLLoop:
         """Each part's trees once its continuations are back; the engines generate the later parts meanwhile.
         With ``engine_scores`` the engines also sent the continuations' behaviour log-probs."""
         for part, pending in zip(parts, continuations, strict=True):
-            yield self._tree_part(batch, plans, points, part, self._collect(pending),
+            yield self._tree_part(batch, plans, points, part, self._collect(pending, initial=False),
                                   pending.scores() if self.engine_scores else None)
 
     def _tree_part(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],

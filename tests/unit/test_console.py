@@ -69,7 +69,7 @@ def test_a_stage_result_reads_as_one_line(tmp_path):
     assert headline(evaluation) == "mean@K 37.5%, pass@K 75.0% over 2 benchmarks"
     rows = [{"step": 1.0, "reward": 0.25}, {"step": 2.0, "reward": 0.5}]
     resumed = Path("runs/train/checkpoints/step_000001")
-    trained = TrainResult(tmp_path / "final", tmp_path / "metrics.jsonl", rows, resumed)
+    trained = TrainResult(tmp_path / "final", tmp_path / "metrics.jsonl", rows, resumed, 0)
     assert headline(trained) == "2 steps, reward 0.250 -> 0.500, resumed from step_000001"
     warmed = WarmupResult(tmp_path / "init", [{"step": 50, "loss": 0.41234}])
     assert headline(warmed) == f"final loss 0.412 -> {tmp_path / 'init'}"

@@ -51,10 +51,13 @@ class CountingEngine(HFRolloutEngine):
         super().__init__(*args, **kwargs)
         self.phases = phases
         self.calls: list[tuple[tuple[str, ...], int]] = []
+        self.tokens = 0  # generated, counted here independently of the loop
 
     def generate(self, requests, params, seed):
         self.calls.append((tuple(self.phases.stack), len(requests)))
-        return super().generate(requests, params, seed)
+        out = super().generate(requests, params, seed)
+        self.tokens += sum(len(c.token_ids) for group in out for c in group)
+        return out
 
 
 def _loop(tiny_policy, method, *overrides):
@@ -129,10 +132,26 @@ def test_every_step_reports_the_spec_metrics(tiny_policy):
     assert 0.0 <= metrics["valid_token_ratio"] <= 1.0 and metrics["prompt_batch_size"] == 4
 
 
-def test_token_budget_stops_training(tiny_policy):
-    loop, _ = _loop(tiny_policy, "grpo")
-    loop.config.train.max_generated_tokens = 1
-    assert len(loop.run(5)) == 1
+@pytest.mark.parametrize("method", ["attnrl", "treerl", "grpo"])
+def test_the_token_budget_binds_inside_a_step_and_every_generated_batch_is_trained(tiny_policy, method):
+    # A first run without a budget prices the method's steps; the budget is then four and a half of them.
+    unbounded, _ = _loop(tiny_policy, method)
+    steps = unbounded.run(3)
+    budget = int(4.5 * sum(m["generated_tokens"] for m in steps) / len(steps))
+    loop, engine = _loop(tiny_policy, method, f"train.max_generated_tokens={budget}")
+    metrics = loop.run(50)
+    spent = loop.state.generated_tokens
+    assert spent == engine.tokens  # every generated token is counted
+    # The budget, not the step count, stopped the run; the last batch was cut to what fitted, so the run
+    # ends within one prompt's cost of the budget (the old rule, checked between steps, overshot by up to a
+    # whole step), and no further prompt fits.
+    costs = loop.state.costs
+    prompt_cost = costs.initial + (costs.continuation if loop.branches else 0.0)
+    assert abs(spent - budget) < prompt_cost < 0.5 * budget / 4.5
+    assert loop._prompts_to_sample() == 0
+    # Every generated batch was trained on: the off-policy pipeline drained (no sampled or scored batch left).
+    assert not loop.state.pending_prompts and not loop.state.pending_scored
+    assert costs.continued_prompts == costs.initial_prompts  # each went through a training round
 
 
 class EmptyingEngine(HFRolloutEngine):

@@ -1,0 +1,28 @@
+"""Means, t intervals and paired differences over seeds, against hand computation."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnrl.eval.intervals import mean_interval, paired_difference
+
+
+def test_the_interval_is_the_student_t_interval_of_the_mean():
+    # mean 3, sample sd sqrt(2.5), n 5: half-width t(0.975, 4) = 2.7764 × 1.5811 / 2.2361 = 1.9632
+    out = mean_interval([1, 2, 3, 4, 5], digits=3)
+    assert out == {"mean": 3.0, "ci95": [1.037, 4.963], "n": 5}
+    assert mean_interval([7.0]) == {"mean": 7.0, "ci95": None, "n": 1}
+    with pytest.raises(ValueError):
+        mean_interval([])
+
+
+def test_a_paired_difference_removes_what_the_seeds_share():
+    method = [50.0, 60.0, 70.0, 80.0, 90.0]
+    baseline = [49.0, 58.0, 69.0, 78.0, 89.0]   # a wide spread, the same per seed: differences 1, 2, 1, 2, 1
+    out = paired_difference(method, baseline, digits=3)
+    assert out["mean"] == 1.4 and out["excludes_zero"] is True
+    assert out["ci95"] == [0.72, 2.08]          # 1.4 ± 2.7764 × 0.5477 / 2.2361
+    assert mean_interval(method)["ci95"][0] < mean_interval(baseline)["mean"]  # unpaired, the intervals overlap
+    assert paired_difference([1.0, 2.0], [2.0, 1.0])["excludes_zero"] is False
+    with pytest.raises(ValueError, match="length"):
+        paired_difference([1.0], [1.0, 2.0])

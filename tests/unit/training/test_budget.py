@@ -1,0 +1,34 @@
+"""The token budget's sizing rule (attnrl/training/budget.py), by hand."""
+
+from __future__ import annotations
+
+from attnrl.training.budget import PromptCosts
+
+
+def test_the_first_batch_is_taken_whole_while_a_cost_is_unknown():
+    costs = PromptCosts()
+    assert costs.prompts_that_fit(16, 10.0, continuations=True) == 16
+    assert costs.prompts_that_fit(16, 0.0, continuations=True) == 0
+    # Initial samples measured, continuations not yet: a branching method still cannot price a prompt.
+    costs.initial_prompts, costs.initial_tokens = 4, 400
+    assert costs.prompts_that_fit(16, 150.0, continuations=True) == 16
+    assert costs.prompts_that_fit(16, 150.0, continuations=False) == 1
+
+
+def test_a_batch_is_cut_to_the_prompts_whose_measured_cost_fits():
+    # 100 tokens of initial samples and 300 of continuations per prompt, measured over two rounds.
+    costs = PromptCosts(initial_tokens=800, initial_prompts=8, continuation_tokens=1200, continued_prompts=4)
+    assert (costs.initial, costs.continuation) == (100.0, 300.0)
+    assert costs.prompts_that_fit(16, 10_000.0, continuations=True) == 16
+    assert costs.prompts_that_fit(16, 1_999.0, continuations=True) == 4   # floor: 4.99 prompts fit
+    assert costs.prompts_that_fit(16, 399.0, continuations=True) == 0
+    assert costs.prompts_that_fit(16, -50.0, continuations=True) == 0
+    assert costs.prompts_that_fit(16, 1_999.0, continuations=False) == 16  # GRPO: initial samples only
+
+
+def test_batches_already_taken_are_paid_for_first():
+    costs = PromptCosts(initial_tokens=800, initial_prompts=8, continuation_tokens=1200, continued_prompts=4)
+    # 3 prompts sampled but not generated (400 each), 2 scored without their continuations (300 each).
+    assert costs.committed(sampled=3, scored=2, continuations=True) == 3 * 400 + 2 * 300
+    assert costs.committed(sampled=3, scored=2, continuations=False) == 3 * 100
+    assert PromptCosts().committed(sampled=3, scored=2, continuations=True) == 0.0
