@@ -40,6 +40,7 @@ from attnrl.branching import BranchSettings, select_entropy, select_fci, select_
 from attnrl.config import resolve_config
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.data.planted import parse_planted, planted_critical_step, planted_steps
+from attnrl.eval.intervals import ratio_interval
 from attnrl.lineage import git_state
 from attnrl.rollout.prompts import decode_response
 from attnrl.stages.layout import Layout
@@ -49,34 +50,18 @@ from attnrl.stages.warmup import initial_policy_path, warmup
 from attnrl.training.rollouts import response_view
 from attnrl.utils.seeding import derive_seed
 
-ROOT = Path(__file__).resolve().parents[1]
 from tasks import TASKS  # benchmarks/tasks.py (this script's directory is on the path)
 
+ROOT = Path(__file__).resolve().parents[1]
 TASK = [*TASKS["planted"], "rollout.progress=false"]
+
+
 def select_earliest(view, settings, rng) -> list[int]:
     """Position alone: the first N step starts after the first step (where ATB's fallback lands, spec §6.3)."""
     return list(view.step_offsets[1 : 1 + settings.num_points])
 
 
 CRITERIA = {"fci": select_fci, "entropy": select_entropy, "random": select_random, "earliest": select_earliest}
-BOOTSTRAP = 1000
-
-
-def _interval(per_problem: list[tuple[float, float]], rng: random.Random) -> list[float]:
-    """95 % bootstrap interval of sum(numerators) / sum(denominators), resampling problems."""
-    ratios = []
-    for _ in range(BOOTSTRAP):
-        sample = [per_problem[rng.randrange(len(per_problem))] for _ in per_problem]
-        total = sum(d for _, d in sample)
-        ratios.append(sum(n for n, _ in sample) / total if total else 0.0)
-    ratios.sort()
-    return [round(ratios[int(0.025 * BOOTSTRAP)], 4), round(ratios[int(0.975 * BOOTSTRAP) - 1], 4)]
-
-
-def _ratio(per_problem: list[tuple[float, float]], rng: random.Random) -> dict:
-    total = sum(d for _, d in per_problem)
-    value = sum(n for n, _ in per_problem) / total if total else 0.0
-    return {"value": round(value, 4), "ci95": _interval(per_problem, rng), "n": int(total)}
 
 
 def _first_error(question: str, steps: list[str], modulus: int) -> int | None:
@@ -144,9 +129,9 @@ def measure(config, root: Path, problems_limit: int) -> dict:
         "problems": len(problems),
         "responses": sum(len(q.responses) for q in scored),
         "responses_laid_out": laid_out,
-        "precision": {name: _ratio(per, rng) for name, per in hits.items()},
-        "recall": {name: _ratio(per, rng) for name, per in recall.items()},
-        "top1": {name: _ratio(per, rng) for name, per in top1.items()},
+        "precision": {name: ratio_interval(per, rng) for name, per in hits.items()},
+        "recall": {name: ratio_interval(per, rng) for name, per in recall.items()},
+        "top1": {name: ratio_interval(per, rng) for name, per in top1.items()},
         # the first response step's FCI is zeroed (algorithm.fci_mask_first_step, AMBIG-4): ATB never picks step 0
         "recall_by_critical_step": {name: {str(k): round(h / n, 4) for k, (h, n) in sorted(at.items())}
                                     for name, at in by_position.items()},

@@ -38,12 +38,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
 
 import torch
 
 from attnrl.config import resolve_config
-from attnrl.eval.intervals import mean_interval, paired_difference
+from attnrl.eval.comparison import curve_points, summarise_runs
 from attnrl.eval.metrics import summarise
 from attnrl.lineage import git_state
 from attnrl.stages.evaluate import evaluate
@@ -87,6 +86,7 @@ VARIANTS: dict[str, Variant] = {
     "attnrl": Variant("attnrl", (), "AttnRL", ("table1", "table2", "table3")),
 }
 BASELINE = "grpo"
+RESULT_FILE = "result.json"  # in each run's directory: with --keep, a restarted benchmark skips the runs it has
 # Per-step diagnostics kept per run (spec §15.4, Figs. 6-7; the official names).
 DIAGNOSTICS = ("solve_all_ratio_mc", "solve_none_ratio_mc", "valid_ratio_mc", "valid_ratio_all", "valid_ratio",
                "correct_once_twice_invalid_ratio", "incorrect_once_twice_invalid_ratio", "easy_filtered_ratio",
@@ -97,23 +97,6 @@ def scores(summary: dict) -> dict[str, float]:
     """Held-out mean@K in % per benchmark (difficulty level) and on average, from an evaluation's metrics.json."""
     out = {b["benchmark"]: round(100 * b["mean_at_k"], 2) for b in summary["benchmarks"]}
     out["average"] = round(100 * summary["average"]["mean_at_k"], 2)
-    return out
-
-
-def marks(budget: int, every: int) -> list[int]:
-    """Token counts at which the policy is evaluated: every ``every`` tokens, the budget last."""
-    return [*range(every, budget, every), budget]
-
-
-def curve_points(rows: list[dict[str, float]], budget: int, every: int) -> list[tuple[int, int]]:
-    """(mark, step) per mark below the budget: the first step whose cumulative tokens reach it. A step that
-    reaches several marks is evaluated once, at the first; marks first reached by the last step are left out:
-    the final policy is the budget's point."""
-    out: list[tuple[int, int]] = []
-    for mark in marks(budget, every)[:-1]:
-        step = next((int(r["step"]) for r in rows if r["total_generated_tokens"] >= mark), None)
-        if step is not None and step < len(rows) and all(step != s for _, s in out):
-            out.append((mark, step))
     return out
 
 
@@ -146,6 +129,9 @@ class Benchmark:
         config = resolve_config(preset="tiny", method=variant.method,
                                 overrides=self.overrides(seed, *variant.overrides, f"train.lr={lr}"))
         run_dir = root / "runs" / f"{name}-lr{lr:g}"
+        if (done := run_dir / RESULT_FILE).is_file():  # a benchmark restarted with the same --keep
+            logger.info("%s seed %d lr %g: the result in %s", name, seed, lr, done)
+            return json.loads(done.read_text())
         shutil.rmtree(run_dir, ignore_errors=True)
         started = time.perf_counter()
         trained = train(config, root, run_dir=run_dir)
@@ -176,6 +162,7 @@ class Benchmark:
             "diagnostics": {key: [round(r[key], 4) for r in rows] for key in DIAGNOSTICS},
             "step_tokens": [int(r["total_generated_tokens"]) for r in rows],
         }
+        (run_dir / RESULT_FILE).write_text(json.dumps(result))
         logger.info("%s seed %d lr %g: %.1f%% -> %.1f%% in %d steps, %d tokens (overshoot %+d), %.0f s + %.0f s eval",
                     name, seed, lr, before["average"], final["average"], len(rows), trained.generated_tokens,
                     result["overshoot"], train_s, eval_s)
@@ -187,48 +174,6 @@ def tune(bench: Benchmark, methods: list[str], lrs: list[float], seed: int) -> t
     sweep = {name: {f"{lr:g}": bench.run(seed, name, lr)["final"] for lr in lrs} for name in methods}
     chosen = {name: float(max(sorted(runs, key=float), key=lambda lr: runs[lr])) for name, runs in sweep.items()}
     return sweep, chosen
-
-
-def summarise_runs(runs: list[dict], methods: list[str]) -> dict:
-    """Per method over seeds: final accuracy, improvement, paired difference to GRPO, cost, curve, diagnostics."""
-    by = {name: sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]) for name in methods}
-    base = by.get(BASELINE)
-    threshold = fmean(r["final"] for r in base) if base else None
-    out = {}
-    for name, rs in by.items():
-        curve = []  # the marks every seed has a point at
-        for mark in sorted({p["mark"] for r in rs for p in r["curve"]}):
-            points = [p for r in rs for p in r["curve"] if p["mark"] == mark]
-            if len(points) == len(rs):
-                curve.append({"mark": mark, "tokens": round(fmean(p["tokens"] for p in points)),
-                              "accuracy": mean_interval([p["average"] for p in points])})
-        out[name] = {
-            "label": VARIANTS[name].label,
-            "lr": rs[0]["lr"],
-            "final": mean_interval([r["final"] for r in rs]),
-            "improvement": mean_interval([r["improvement"] for r in rs]),
-            "vs_grpo": (paired_difference([r["final"] for r in rs], [r["final"] for r in base])
-                        if base and name != BASELINE else None),
-            "curve": curve,
-            "tokens_to_grpo_final": None if threshold is None else tokens_to_reach(curve, threshold),
-            **{key: mean_interval([r[key] for r in rs], 1) for key in
-               ("generated_tokens", "overshoot", "trained_tokens", "valid_tokens", "steps", "optimizer_steps",
-                "train_s")},
-            "max_overshoot": max(r["overshoot"] for r in rs),
-            "diagnostics": {key: mean_interval([fmean(r["diagnostics"][key]) for r in rs], 4) for key in DIAGNOSTICS},
-        }
-    return out
-
-
-def tokens_to_reach(curve: list[dict], threshold: float) -> int | None:
-    """Generated tokens at which the mean curve first reaches ``threshold`` (linear between points); None: never."""
-    for a, b in zip(curve, curve[1:]):
-        low, high = a["accuracy"]["mean"], b["accuracy"]["mean"]
-        if high >= threshold:
-            if low >= threshold:
-                return a["tokens"]
-            return round(a["tokens"] + (threshold - low) / (high - low) * (b["tokens"] - a["tokens"]))
-    return None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -244,13 +189,39 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning-<task>.json")
+    parser.add_argument("--summarise", type=Path, default=None, metavar="RESULTS",
+                        help="only recompute the summary of an existing results file from its runs (with this code)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the run directories here; a later run with the same --keep reuses the warmed-up policies")
     return parser
 
 
+def summary_of(runs: list[dict], methods: list[str]) -> dict:
+    return summarise_runs(runs, {name: VARIANTS[name].label for name in methods}, BASELINE, DIAGNOSTICS)
+
+
+def resummarise(path: Path) -> None:
+    """Recompute a results file's summary from its runs, recording the commit that did."""
+    record = json.loads(path.read_text())
+    record["summary"] = summary_of(record["runs"], record["settings"]["methods"])
+    record["summarised_at"] = git_state(ROOT)
+    write_results(record, path)
+
+
+def write_results(record: dict, path: Path) -> None:
+    text = json.dumps(record, indent=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+    print(text)
+
+
 def main() -> None:
     args = parser().parse_args()
+    if args.summarise is not None:
+        resummarise(args.summarise)
+        return
     if args.lrs and args.tune_seed in args.seeds:
         raise SystemExit(f"--tune-seed {args.tune_seed} is one of --seeds: tune on a seed the comparison does not use")
     if BASELINE in args.methods and len(args.seeds) < 2:
@@ -282,16 +253,10 @@ def main() -> None:
         "tables": {name: list(VARIANTS[name].tables) for name in args.methods},
         "chosen_lr": chosen, "sweep": sweep,
         "wall_s": round(time.perf_counter() - started, 1),
-        "summary": summarise_runs(runs, args.methods),
+        "summary": summary_of(runs, args.methods),
         "runs": runs,
     }
-    text = json.dumps(record, indent=1)
-    out = args.out or ROOT / "benchmarks" / "results" / f"learning-{args.task}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
-    print(text)
+    write_results(record, args.out or ROOT / "benchmarks" / "results" / f"learning-{args.task}.json")
 
 
 if __name__ == "__main__":

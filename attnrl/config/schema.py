@@ -389,6 +389,11 @@ class ReportConfig(Section):
         description="Held-out problems (of the first benchmark, highest level and disagreeing samples first) on which the report shows "
         "the method at work: FCI per step, branch points, the tree's values and advantages (0: none).",
     )
+    results_dir: str = Field(
+        default="benchmarks/results",
+        description="The research benchmarks' JSON results (benchmarks/*.py), rendered as the paper's tables and "
+        "figures in the report's research section; relative to the project root. Absent: the section says so.",
+    )
 
 
 class TimeoutsConfig(Section):

@@ -9,6 +9,7 @@ variation the two methods share.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from statistics import fmean, stdev
 
@@ -38,3 +39,20 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], digits
     low_high = out["ci95"]
     out["excludes_zero"] = None if low_high is None else bool(low_high[0] > 0 or low_high[1] < 0)
     return out
+
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+def ratio_interval(per_unit: Sequence[tuple[float, float]], rng: random.Random, digits: int = 4) -> dict[str, object]:
+    """``sum(numerators) / sum(denominators)`` over units (problems) with a 95 % percentile bootstrap interval
+    that resamples the units: ``{"value", "ci95", "n"}`` (n: the denominators' sum)."""
+    def ratio(units: Sequence[tuple[float, float]]) -> float:
+        total = sum(d for _, d in units)
+        return sum(n for n, _ in units) / total if total else 0.0
+
+    draws = sorted(ratio([per_unit[rng.randrange(len(per_unit))] for _ in per_unit]) for _ in range(BOOTSTRAP_SAMPLES))
+    low, high = draws[int((1 - CONFIDENCE) / 2 * BOOTSTRAP_SAMPLES)], draws[int((1 + CONFIDENCE) / 2 * BOOTSTRAP_SAMPLES) - 1]
+    total = sum(d for _, d in per_unit)
+    return {"value": round(ratio(per_unit), digits), "ci95": [round(low, digits), round(high, digits)],
+            "n": int(total) if float(total).is_integer() else round(total, digits)}

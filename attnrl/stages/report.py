@@ -7,6 +7,8 @@
 * ``traces.json`` and the "method at work" section: on ``report.trace_problems`` held-out problems,
   the trained policy's steps shaded by FCI, its branch points beside entropy's, and the tree with
   values and advantages (``method_trace``, ``trace_view``);
+* the research section: the benchmarks' results in ``report.results_dir`` as the paper's tables and
+  figures (``research_view``);
 * ``report.html``: all of it with the tables behind the figures, the run's lineage (commits, input
   hashes, configuration) and a link to the data checks' Data Docs.
 """
@@ -27,6 +29,7 @@ from attnrl.errors import DataError
 from attnrl.lineage import LINEAGE_FILE
 from attnrl.stages.layout import Layout
 from attnrl.stages.method_trace import trace_problems
+from attnrl.stages.research_view import load_results, research_section
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.trace_view import STYLE, traces_html
 from attnrl.stages.warmup import initial_policy_path
@@ -69,6 +72,7 @@ def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:
     record = _read_json(lineage_file) if lineage_file is not None else None
     out = layout.reports_dir
     docs = layout.data_docs(config) / "index.html"
+    results = load_results(Path(root) / config.report.results_dir)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         figures = []
@@ -76,14 +80,16 @@ def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:
             figures.append(_plot_curves(steps, tmp / "training_curves.png"))
         figures.append(_plot_evaluation(after, before, tmp / "evaluation.png"))
         (tmp / "traces.json").write_text(json.dumps([t.to_json() for t in traces], indent=1))
+        research, research_figures = research_section(results, tmp, pyplot())
         sections = {
             "method": traces_html(traces),
+            "research": research,
             "lineage": _lineage_html(record, lineage_file, root),
             "checks": _checks_html(config, docs, out),
         }
         (tmp / "report.html").write_text(
             _html(config, steps, after, before, [f.name for f in figures], os.path.relpath(policy, root), sections))
-    return ReportResult(out / "report.html", tuple(out / f.name for f in figures))
+    return ReportResult(out / "report.html", tuple(out / f.name for f in [*figures, *research_figures]))
 
 
 # Candidates sampled per traced problem: enough that some have samples that disagree.
@@ -147,7 +153,7 @@ def _read_jsonl(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -157,7 +163,7 @@ def _pyplot():
 
 
 def _plot_curves(steps: list[dict[str, float]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(3, 4, figsize=(17, 10), constrained_layout=True)
     x = [row["step"] for row in steps]
     for ax, (title, keys) in zip(axes.flat, CURVES, strict=True):
@@ -174,7 +180,7 @@ def _plot_curves(steps: list[dict[str, float]], path: Path) -> Path:
 
 
 def _plot_evaluation(after: dict[str, Any], before: dict[str, Any] | None, path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = [b["benchmark"] for b in after["benchmarks"]] + ["average"]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), constrained_layout=True)
     for ax, key, title in ((axes[0], "mean_at_k", "mean@K"), (axes[1], "pass_at_k", "pass@K")):
@@ -222,11 +228,12 @@ def _html(config: RunConfig, steps, after, before, figures: list[str], policy: s
 <html><head><meta charset="utf-8"><title>attnrl report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-tr.avg{{font-weight:bold}}{STYLE}</style></head>
+tr.avg{{font-weight:bold}}p.source{{font-size:small;color:#555}}{STYLE}</style></head>
 <body><h1>attnrl report</h1>{summary}
 <h2>Evaluation (spec §14)</h2><table id="evaluation"><tr>{header}</tr>{''.join(rows)}</table>
 <h2>Figures</h2>{images}
 <h2 id="method">The method at work ({esc(policy)})</h2>{sections["method"]}
+<h2 id="research">Research benchmarks (the paper's tables and figures, spec §15)</h2>{sections["research"]}
 <h2 id="lineage">Lineage</h2>{sections["lineage"]}
 <h2>Data checks</h2>{sections["checks"]}
 </body></html>

@@ -163,3 +163,13 @@ def test_method_presets_set_the_algorithm_and_nothing_else():
         assert config.model_dump(exclude={"algorithm"}) == base.model_dump(exclude={"algorithm"})
     with pytest.raises(ConfigError, match="known methods: attnrl, grpo, treerl"):
         resolve_config(preset="tiny", method="ppo")
+
+
+def test_yaml_1_1_words_stay_strings_in_overrides_and_files(tmp_path):
+    # PyYAML's YAML 1.1 reads off/no/on/yes as booleans: algorithm.easy_filter=off would be False.
+    config = resolve_config(preset="tiny", method="attnrl", overrides=["algorithm.easy_filter=off", "checks.enabled=false"])
+    assert config.algorithm.easy_filter == "off" and config.checks.enabled is False
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nalgorithm:\n  easy_filter: off\n  off_policy: false\n")
+    config = resolve_config(path=path)
+    assert config.algorithm.easy_filter == "off" and config.algorithm.off_policy is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attnrl.eval.intervals import mean_interval, paired_difference
+from attnrl.eval.intervals import mean_interval, paired_difference, ratio_interval
 
 
 def test_the_interval_is_the_student_t_interval_of_the_mean():
@@ -26,3 +26,15 @@ def test_a_paired_difference_removes_what_the_seeds_share():
     assert paired_difference([1.0, 2.0], [2.0, 1.0])["excludes_zero"] is False
     with pytest.raises(ValueError, match="length"):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_a_ratio_over_problems_has_a_bootstrap_interval_around_it():
+    import random
+
+    per_problem = [(1.0, 4.0), (3.0, 4.0), (2.0, 4.0), (0.0, 4.0), (4.0, 4.0)]  # 10 of 20
+    out = ratio_interval(per_problem, random.Random(0))
+    assert out["value"] == 0.5 and out["n"] == 20
+    low, high = out["ci95"]
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    same = ratio_interval([(2.0, 4.0)] * 5, random.Random(0))  # no spread between problems: no width
+    assert same["ci95"] == [0.5, 0.5]
