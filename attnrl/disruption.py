@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from attnrl.model.attention_swap import AttentionSwap
+
 _NAME = "attnrl_disrupted_eager"  # "eager" in the name: transformers keys its implementation checks on it
 _ACTIVE: dict[int, DisruptedAttention] = {}  # module id -> the block its model is in
 
@@ -46,29 +48,21 @@ class DisruptedAttention:
         self.model = model
         self.length = length
         self.width: int | None = None  # the prompt's padded length, from the call's first (whole-prompt) forward
-        self._original: str | None = None
+        self._swap: AttentionSwap | None = None
 
     def __enter__(self) -> DisruptedAttention:
-        config = self.model.config
-        if config._attn_implementation == _NAME:
+        if self.model.config._attn_implementation == _NAME:
             raise RuntimeError("this model is already inside DisruptedAttention")
         _register()
-        self._original = config._attn_implementation
-        self.model.set_attn_implementation(_NAME)
-        if config._attn_implementation != _NAME:
-            raise RuntimeError(f"{type(self.model).__name__} cannot switch its attention implementation at runtime")
-        for module in self.model.modules():
-            _ACTIVE[id(module)] = self
+        self._swap = AttentionSwap(self.model, _NAME, _ACTIVE, self)
+        self._swap.enter()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        for module in self.model.modules():
-            if _ACTIVE.get(id(module)) is self:
-                del _ACTIVE[id(module)]
-        if self._original is not None:
-            self.model.set_attn_implementation(self._original)
-            self._original = None
+        if self._swap is not None:
+            self._swap.exit()
+            self._swap = None
 
     def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scaling: float | None) -> Tensor:
         heads, kv_heads, keys = query.shape[1], key.shape[1], key.shape[2]

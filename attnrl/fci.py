@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from attnrl.fci_kernel import StepPlan, attention_with_influence
+from attnrl.model.attention_swap import AttentionSwap
 from attnrl.steps import StepSegmentation
 from attnrl.training.sequences import Span
 
@@ -178,7 +179,7 @@ class FCICollector:
         self.delta = delta
         self.aggregation = aggregation
         self.block_size = block_size
-        self._original: str | None = None
+        self._swap: AttentionSwap | None = None
         self._plans: list[StepPlan] | None = None
         self._max: list[Tensor | None] = [None] * len(self.segmentations)
         self._seen: set[int] = set()
@@ -186,29 +187,19 @@ class FCICollector:
     # -- context management
 
     def __enter__(self) -> FCICollector:
-        config = self.model.config
-        original = config._attn_implementation
+        original = self.model.config._attn_implementation
         if original.startswith(_IMPLEMENTATION_PREFIX):
             raise RuntimeError("this model is already inside an FCICollector")
-        name = _register(original)
-        self.model.set_attn_implementation(name)
-        if config._attn_implementation != name:
-            # set_attn_implementation only logs a warning when a model cannot switch at runtime.
-            raise RuntimeError(f"{type(self.model).__name__} cannot switch its attention implementation at runtime")
-        self._original = original
-        for module in self.model.modules():
-            _ACTIVE[id(module)] = self
+        self._swap = AttentionSwap(self.model, _register(original), _ACTIVE, self)
+        self._swap.enter()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        for module in self.model.modules():
-            if _ACTIVE.get(id(module)) is self:
-                del _ACTIVE[id(module)]
-        if self._original is not None:
-            self.model.set_attn_implementation(self._original)
-            self._original = None
+        if self._swap is not None:
+            self._swap.exit()
+            self._swap = None
 
     # -- called from the attention function, once per layer
 

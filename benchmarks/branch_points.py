@@ -25,13 +25,8 @@ Writes the JSON (with the command, commit, configuration overrides and wall time
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import fmean
@@ -41,18 +36,16 @@ from attnrl.config import resolve_config
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.data.planted import parse_planted, planted_critical_step, planted_steps
 from attnrl.eval.intervals import ratio_interval
-from attnrl.lineage import git_state
 from attnrl.rollout.prompts import decode_response
 from attnrl.stages.layout import Layout
 from attnrl.stages.method_trace import policy_session
-from attnrl.stages.prepare import benchmark_name, prepare
-from attnrl.stages.warmup import initial_policy_path, warmup
+from attnrl.stages.prepare import benchmark_name
+from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.rollouts import response_view
 from attnrl.utils.seeding import derive_seed
 
-from tasks import TASKS  # benchmarks/tasks.py (this script's directory is on the path)
+from common import RESULTS, TASKS, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 TASK = [*TASKS["planted"], "rollout.progress=false"]
 
 
@@ -145,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--problems", type=int, default=300, help="held-out problems (of 300: 100 per level)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "branch_points-planted.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "branch_points-planted.json")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the warmed-up run here; a later run with the same --keep reuses it (other "
                              "branching settings on the same policy)")
@@ -154,29 +147,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    # Progress (warmup loss, every 10 s) on stderr; stdout is the JSON alone.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logging.getLogger("attnrl").setLevel(logging.INFO)
+    log_to_stderr("attnrl")  # the warmup's loss every 10 s
     overrides = [f"seed={args.seed}", *TASK, *args.set]
     config = resolve_config(preset="tiny", overrides=overrides)
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="attnrl-branch-points-"))
     started = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
-            if not initial_policy_path(config, workdir).is_dir():
-                prepare(config, workdir)
-                warmup(config, workdir)
-            result = measure(config, workdir, args.problems)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    git = git_state(ROOT)
-    record = {"command": " ".join(["python", "benchmarks/branch_points.py", *sys.argv[1:]]), "commit": git["commit"],
-              "uncommitted_changes": git["dirty"], "overrides": overrides, "wall_s": round(time.perf_counter() - started, 1), **result}
-    text = json.dumps(record, indent=1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    with workdir(args.keep, "attnrl-branch-points-") as root:
+        warmed_up(config, root)
+        result = measure(config, root, args.problems)
+    write_json({**provenance("branch_points.py", sys.argv[1:]), "overrides": overrides,
+                "wall_s": round(time.perf_counter() - started, 1), **result}, args.out)
 
 
 if __name__ == "__main__":

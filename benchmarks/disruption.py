@@ -25,13 +25,9 @@ and the figure beside it (``.png``), and prints the JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -42,20 +38,17 @@ from attnrl.config import resolve_config
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.disruption import DisruptedAttention
 from attnrl.eval.intervals import ratio_interval
-from attnrl.lineage import git_state
 from attnrl.rollout.engine import GenerationRequest
 from attnrl.rollout.prompts import decode_response
 from attnrl.stages.layout import Layout
 from attnrl.stages.method_trace import policy_session
-from attnrl.stages.prepare import benchmark_name, prepare
+from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.report import pyplot
 from attnrl.stages.research_view import plot_disruption
-from attnrl.stages.warmup import initial_policy_path, warmup
 from attnrl.utils.seeding import derive_seed
 
-from tasks import TASKS  # benchmarks/tasks.py (this script's directory is on the path)
+from common import RESULTS, TASKS, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmarks.disruption")
 BINS = ("fci_top20", "entropy_top20", "fci_20_100", "uniform")
 POSITION_BINS = 5
@@ -181,36 +174,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logger.setLevel(logging.INFO)
-    logging.getLogger("attnrl").setLevel(logging.INFO)
+    log_to_stderr("attnrl", logger.name)
     overrides = [f"seed={args.seed}", *TASKS[args.task], "rollout.progress=false", *args.set]
     config = resolve_config(preset="tiny", overrides=overrides)
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="attnrl-disruption-"))
     started = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
-            if not initial_policy_path(config, workdir).is_dir():
-                prepare(config, workdir)
-                warmup(config, workdir)
-            model = args.model or initial_policy_path(config, workdir)
-            result = measure(config, model, workdir, args.problems, args.continuations)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    git = git_state(ROOT)
-    record = {"command": " ".join(["python", "benchmarks/disruption.py", *sys.argv[1:]]), "commit": git["commit"],
-              "uncommitted_changes": git["dirty"], "task": args.task, "overrides": overrides,
+    with workdir(args.keep, "attnrl-disruption-") as root:
+        model = args.model or warmed_up(config, root)
+        result = measure(config, model, root, args.problems, args.continuations)
+    record = {**provenance("disruption.py", sys.argv[1:]), "task": args.task, "overrides": overrides,
               "model": "warmed-up initial policy" if args.model is None else str(args.model),
               "continuations": args.continuations, "wall_s": round(time.perf_counter() - started, 1), **result}
-    out = args.out or ROOT / "benchmarks" / "results" / f"disruption-{args.task}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    out = args.out or RESULTS / f"disruption-{args.task}.json"
+    write_json(record, out)
     plot_disruption(record, out.with_suffix(".png"), pyplot())
-    print(text)
 
 
 if __name__ == "__main__":

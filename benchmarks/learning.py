@@ -28,13 +28,11 @@ Writes the JSON (command, commit, settings, every run) to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,16 +42,12 @@ import torch
 from attnrl.config import resolve_config
 from attnrl.eval.comparison import curve_points, summarise_runs
 from attnrl.eval.metrics import summarise
-from attnrl.lineage import git_state
 from attnrl.stages.evaluate import evaluate
-from attnrl.stages.prepare import prepare
 from attnrl.stages.train import train
-from attnrl.stages.warmup import initial_policy_path, warmup
 from attnrl.training.checkpoint import checkpoint_name
 
-from tasks import TASKS  # benchmarks/tasks.py (this script's directory is on the path)
+from common import RESULTS, TASKS, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
 
-ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("benchmarks.learning")
 
 
@@ -101,8 +95,8 @@ def scores(summary: dict) -> dict[str, float]:
 
 
 class Benchmark:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args, self.workdir = args, workdir
+    def __init__(self, args: argparse.Namespace, root: Path) -> None:
+        self.args, self.root = args, root
         self.task = [*TASKS[args.task], "rollout.progress=false"]
 
     def overrides(self, seed: int, *extra: str) -> list[str]:
@@ -112,12 +106,10 @@ class Benchmark:
 
     def policy(self, seed: int) -> tuple[Path, dict[str, float]]:
         """The seed's warmed-up policy (shared by every method) and its held-out scores."""
-        root = self.workdir / f"seed{seed}"
+        root = self.root / f"seed{seed}"
         config = resolve_config(preset="tiny", overrides=self.overrides(seed))
         before = root / "runs" / "eval-init"
-        if not initial_policy_path(config, root).is_dir():
-            prepare(config, root)
-            warmup(config, root)
+        warmed_up(config, root)
         if not (before / "metrics.json").is_file():
             evaluate(config, root, out_dir=before)
         return root, scores(json.loads((before / "metrics.json").read_text()))
@@ -204,17 +196,8 @@ def resummarise(path: Path) -> None:
     """Recompute a results file's summary from its runs, recording the commit that did."""
     record = json.loads(path.read_text())
     record["summary"] = summary_of(record["runs"], record["settings"]["methods"])
-    record["summarised_at"] = git_state(ROOT)
-    write_results(record, path)
-
-
-def write_results(record: dict, path: Path) -> None:
-    text = json.dumps(record, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
-    print(text)
+    record["summarised_at"] = provenance("learning.py", sys.argv[1:])
+    write_json(record, path)
 
 
 def main() -> None:
@@ -228,24 +211,15 @@ def main() -> None:
         logger.warning("one seed: no intervals")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    logger.setLevel(logging.INFO)
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="attnrl-learning-"))
-    bench = Benchmark(args, workdir)
+    log_to_stderr(logger.name)
     started = time.perf_counter()
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON alone
-            sweep, chosen = tune(bench, args.methods, args.lrs, args.tune_seed) if args.lrs else ({}, {})
-            default_lr = resolve_config(preset="tiny").train.lr
-            runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
-    finally:
-        if args.keep is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    git = git_state(ROOT)
+    with workdir(args.keep, "attnrl-learning-") as root:
+        bench = Benchmark(args, root)
+        sweep, chosen = tune(bench, args.methods, args.lrs, args.tune_seed) if args.lrs else ({}, {})
+        default_lr = resolve_config(preset="tiny").train.lr
+        runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
     record = {
-        "benchmark": "learning", "task": args.task,
-        "command": " ".join(["python", "benchmarks/learning.py", *sys.argv[1:]]),
-        "commit": git["commit"], "uncommitted_changes": git["dirty"],
+        "benchmark": "learning", "task": args.task, **provenance("learning.py", sys.argv[1:]),
         "settings": {"budget": args.budget, "eval_every": args.eval_every, "seeds": args.seeds,
                      "methods": args.methods, "lrs": args.lrs, "tune_seed": args.tune_seed if args.lrs else None,
                      "threads": args.threads, "overrides": [*bench.task, *args.set]},
@@ -256,7 +230,7 @@ def main() -> None:
         "summary": summary_of(runs, args.methods),
         "runs": runs,
     }
-    write_results(record, args.out or ROOT / "benchmarks" / "results" / f"learning-{args.task}.json")
+    write_json(record, args.out or RESULTS / f"learning-{args.task}.json")
 
 
 if __name__ == "__main__":

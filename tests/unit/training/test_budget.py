@@ -12,16 +12,17 @@ def test_the_first_batch_is_taken_whole_while_a_cost_is_unknown():
     # Initial samples measured, continuations not yet: a branching method still cannot price a prompt.
     costs.initial_prompts, costs.initial_tokens = 4, 400
     assert costs.prompts_that_fit(16, 150.0, continuations=True) == 16
-    assert costs.prompts_that_fit(16, 150.0, continuations=False) == 1
+    assert costs.prompts_that_fit(2, 150.0, continuations=False) == 1
 
 
-def test_a_batch_is_cut_to_the_prompts_whose_measured_cost_fits():
+def test_a_batch_is_cut_to_the_prompts_whose_measured_cost_fits_but_not_below_half():
     # 100 tokens of initial samples and 300 of continuations per prompt, measured over two rounds.
     costs = PromptCosts(initial_tokens=800, initial_prompts=8, continuation_tokens=1200, continued_prompts=4)
     assert (costs.initial, costs.continuation) == (100.0, 300.0)
     assert costs.prompts_that_fit(16, 10_000.0, continuations=True) == 16
-    assert costs.prompts_that_fit(16, 1_999.0, continuations=True) == 4   # floor: 4.99 prompts fit
-    assert costs.prompts_that_fit(16, 399.0, continuations=True) == 0
+    assert costs.prompts_that_fit(16, 4_799.0, continuations=True) == 11  # floor: 11.99 prompts fit
+    assert costs.prompts_that_fit(16, 3_200.0, continuations=True) == 8   # half the batch: still taken
+    assert costs.prompts_that_fit(16, 3_199.0, continuations=True) == 0   # 7 prompts: a step too noisy to take
     assert costs.prompts_that_fit(16, -50.0, continuations=True) == 0
     assert costs.prompts_that_fit(16, 1_999.0, continuations=False) == 16  # GRPO: initial samples only
 
