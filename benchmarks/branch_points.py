@@ -147,6 +147,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    source = provenance("branch_points.py", sys.argv[1:])  # at the start: the code that produces the result
     log_to_stderr("attnrl")  # the warmup's loss every 10 s
     overrides = [f"seed={args.seed}", *TASK, *args.set]
     config = resolve_config(preset="tiny", overrides=overrides)
@@ -154,7 +155,7 @@ def main() -> None:
     with workdir(args.keep, "attnrl-branch-points-") as root:
         warmed_up(config, root)
         result = measure(config, root, args.problems)
-    write_json({**provenance("branch_points.py", sys.argv[1:]), "overrides": overrides,
+    write_json({**source, "overrides": overrides,
                 "wall_s": round(time.perf_counter() - started, 1), **result}, args.out)
 
 

@@ -174,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    source = provenance("disruption.py", sys.argv[1:])  # at the start: the code that produces the result
     log_to_stderr("attnrl", logger.name)
     overrides = [f"seed={args.seed}", *TASKS[args.task], "rollout.progress=false", *args.set]
     config = resolve_config(preset="tiny", overrides=overrides)
@@ -181,7 +182,7 @@ def main() -> None:
     with workdir(args.keep, "attnrl-disruption-") as root:
         model = args.model or warmed_up(config, root)
         result = measure(config, model, root, args.problems, args.continuations)
-    record = {**provenance("disruption.py", sys.argv[1:]), "task": args.task, "overrides": overrides,
+    record = {**source, "task": args.task, "overrides": overrides,
               "model": "warmed-up initial policy" if args.model is None else str(args.model),
               "continuations": args.continuations, "wall_s": round(time.perf_counter() - started, 1), **result}
     out = args.out or RESULTS / f"disruption-{args.task}.json"

@@ -1,7 +1,7 @@
 """Learning benchmark (issue 14): the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
 
     python benchmarks/learning.py [--task chain|planted] [--seeds 1 2 3 4 5] [--budget 120000]
-        [--eval-every 30000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--set key=value ...]
+        [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--set key=value ...]
 
 Fairness:
 
@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=sorted(TASKS), default="chain")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--budget", type=int, default=120_000, help="generated tokens per method and seed")
-    parser.add_argument("--eval-every", type=int, default=30_000, help="generated tokens between evaluations")
+    parser.add_argument("--eval-every", type=int, default=40_000, help="generated tokens between evaluations")
     parser.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates to sweep on --tune-seed (default: the preset's train.lr, no sweep)")
@@ -192,26 +192,27 @@ def summary_of(runs: list[dict], methods: list[str]) -> dict:
     return summarise_runs(runs, {name: VARIANTS[name].label for name in methods}, BASELINE, DIAGNOSTICS)
 
 
-def resummarise(path: Path) -> None:
+def resummarise(path: Path, source: dict) -> None:
     """Recompute a results file's summary from its runs, recording the commit that did."""
     record = json.loads(path.read_text())
     record["summary"] = summary_of(record["runs"], record["settings"]["methods"])
-    record["summarised_at"] = provenance("learning.py", sys.argv[1:])
+    record["summarised_at"] = source
     write_json(record, path)
 
 
 def main() -> None:
     args = parser().parse_args()
+    source = provenance("learning.py", sys.argv[1:])  # at the start: the code that produces the result
     if args.summarise is not None:
-        resummarise(args.summarise)
+        resummarise(args.summarise, source)
         return
     if args.lrs and args.tune_seed in args.seeds:
         raise SystemExit(f"--tune-seed {args.tune_seed} is one of --seeds: tune on a seed the comparison does not use")
-    if BASELINE in args.methods and len(args.seeds) < 2:
-        logger.warning("one seed: no intervals")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log_to_stderr(logger.name)
+    if len(args.seeds) < 2:
+        logger.warning("one seed: no intervals")
     started = time.perf_counter()
     with workdir(args.keep, "attnrl-learning-") as root:
         bench = Benchmark(args, root)
@@ -219,7 +220,7 @@ def main() -> None:
         default_lr = resolve_config(preset="tiny").train.lr
         runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
     record = {
-        "benchmark": "learning", "task": args.task, **provenance("learning.py", sys.argv[1:]),
+        "benchmark": "learning", "task": args.task, **source,
         "settings": {"budget": args.budget, "eval_every": args.eval_every, "seeds": args.seeds,
                      "methods": args.methods, "lrs": args.lrs, "tune_seed": args.tune_seed if args.lrs else None,
                      "threads": args.threads, "overrides": [*bench.task, *args.set]},
