@@ -44,7 +44,7 @@ from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.rollouts import response_view
 from attnrl.utils.seeding import derive_seed
 
-from common import RESULTS, TASKS, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
+from common import RESULTS, TASKS, add_policy_options, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
 
 TASK = [*TASKS["planted"], "rollout.progress=false"]
 
@@ -136,11 +136,8 @@ def measure(config, root: Path, problems_limit: int) -> dict:
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=300, help="held-out problems (of 300: 100 per level)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=RESULTS / "branch_points-planted.json")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the warmed-up run here; a later run with the same --keep reuses it (other "
+    add_policy_options(parser, "keep the warmed-up run here; a later run with the same --keep reuses it (other "
                              "branching settings on the same policy)")
     return parser
 

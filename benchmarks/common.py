@@ -11,6 +11,7 @@ Tasks (configuration overrides over the tiny preset):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -77,3 +78,10 @@ def write_json(record: dict[str, Any], path: Path) -> None:
     tmp.write_text(text + "\n")
     tmp.replace(path)
     print(text)
+
+
+def add_policy_options(parser: argparse.ArgumentParser, keep_help: str) -> None:
+    """The options of a benchmark that analyses one warmed-up policy: its seed, overrides and where it is kept."""
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--keep", type=Path, default=None, help=keep_help)

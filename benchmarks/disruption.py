@@ -47,7 +47,7 @@ from attnrl.stages.report import pyplot
 from attnrl.stages.research_view import plot_disruption
 from attnrl.utils.seeding import derive_seed
 
-from common import RESULTS, TASKS, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
+from common import RESULTS, TASKS, add_policy_options, log_to_stderr, provenance, warmed_up, workdir, write_json  # benchmarks/common.py
 
 logger = logging.getLogger("benchmarks.disruption")
 BINS = ("fci_top20", "entropy_top20", "fci_20_100", "uniform")
@@ -162,12 +162,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=sorted(TASKS), default="chain")
     parser.add_argument("--problems", type=int, default=200, help="held-out problems (sampled from all levels)")
     parser.add_argument("--continuations", type=int, default=4, help="continuations per drawn step and condition")
-    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", type=Path, default=None, help="a saved policy (default: the warmed-up one)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/disruption-<task>.json")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the warmed-up run here; a later run with the same --keep reuses it (a learning "
+    add_policy_options(parser, "keep the warmed-up run here; a later run with the same --keep reuses it (a learning "
                              "benchmark's --keep DIR/seedN works too)")
     return parser
 
