@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prefect.client.base import PrefectHttpxSyncClient
 
 from tests.conftest import PROJECT_ROOT, small_overrides
 
@@ -66,7 +67,12 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """A real `prefect server start` on a free 127.0.0.1 port with a fresh PREFECT_HOME; yields (api_url, env)."""
+    """A real `prefect server start` on a free 127.0.0.1 port with a fresh PREFECT_HOME; yields (api, env).
+
+    `api` is Prefect's own HTTP client on the server's API URL: it raises on an error status and retries what
+    the server marks retryable (503 while SQLite is briefly locked by the server's own services, 429, 502),
+    as every Prefect client and worker does. A bare httpx call fails the test on the first 503.
+    """
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -103,20 +109,21 @@ def prefect_server(tmp_path_factory):
             time.sleep(0.5)
         _cli(env, "work-pool", "create", POOL, "--type", "process")
         _cli(env, "deploy", "--all", timeout=180)
-        yield api_url, env
+        with PrefectHttpxSyncClient(base_url=api_url, timeout=30) as api:
+            yield api, env
     finally:
         _stop(server)
         log.close()
 
 
-def _deployments(api_url: str) -> dict[tuple[str, str], dict]:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api_url}/flows/filter", json={}).json()}
-    return {(flows[d["flow_id"]], d["name"]): d for d in httpx.post(f"{api_url}/deployments/filter", json={}).json()}
+def _deployments(api: PrefectHttpxSyncClient) -> dict[tuple[str, str], dict]:
+    flows = {f["id"]: f["name"] for f in api.post("/flows/filter", json={}).json()}
+    return {(flows[d["flow_id"]], d["name"]): d for d in api.post("/deployments/filter", json={}).json()}
 
 
 def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server):
-    api_url, _ = prefect_server
-    deployments = _deployments(api_url)
+    api, _ = prefect_server
+    deployments = _deployments(api)
     assert set(deployments) == set(SCHEDULED) | ON_DEMAND
     for key, cron in SCHEDULED.items():
         schedules = deployments[key]["schedules"]
@@ -134,14 +141,14 @@ def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server
     cluster = deployments[("train", "train-on-ray-cluster")]
     assert cluster["job_variables"]["env"] == {"RAY_ADDRESS": "auto"}
     assert "distributed.enabled=true" in cluster["parameters"]["overrides"]
-    pool = httpx.get(f"{api_url}/work_pools/{POOL}").json()
+    pool = api.get(f"/work_pools/{POOL}").json()
     assert pool["type"] == "process"
     # One run at a time of the pipeline, of evaluate-latest and of on-demand training; later ones wait.
     for key in (("pipeline", "pipeline-nightly"), ("evaluate-latest", "evaluate-latest"), ("train", "train-on-demand")):
         assert deployments[key]["global_concurrency_limit"]["limit"] == 1, deployments[key]
         assert deployments[key]["concurrency_options"]["collision_strategy"] == "ENQUEUE", key
     # evaluate-latest's trigger: a completed run of a train deployment, whose id it is given.
-    [trigger] = [a for a in httpx.post(f"{api_url}/automations/filter", json={}).json()
+    [trigger] = [a for a in api.post("/automations/filter", json={}).json()
                  if a["actions"][0]["type"] == "run-deployment"
                  and a["actions"][0]["deployment_id"] == deployments[("evaluate-latest", "evaluate-latest")]["id"]]
     assert trigger["trigger"]["expect"] == ["prefect.flow-run.Completed"]
@@ -150,13 +157,10 @@ def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server
 
 
 def test_a_process_worker_runs_a_deployment_to_completion(prefect_server, tmp_path):
-    api_url, env = prefect_server
-    deployment = _deployments(api_url)[("prepare", "prepare-on-demand")]
+    api, env = prefect_server
     # No config_path: the default "params.yaml" resolves only if the pull step moved the run into the project.
     parameters = {"overrides": small_overrides(), "root": str(tmp_path)}
-    response = httpx.post(f"{api_url}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
-    assert response.status_code == 201, response.text
-    run_id = response.json()["id"]
+    run_id = _start_run(api, ("prepare", "prepare-on-demand"), parameters)
 
     log = tmp_path / "worker.log"
     elsewhere = tmp_path / "worker-cwd"  # not the project directory
@@ -165,13 +169,7 @@ def test_a_process_worker_runs_a_deployment_to_completion(prefect_server, tmp_pa
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", POOL, "--run-once"], cwd=elsewhere,
                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                state = httpx.get(f"{api_url}/flow_runs/{run_id}").json()["state"]
-                if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
-                    break
-                assert time.monotonic() < deadline, f"flow run still {state['type']}:\n{log.read_text()}"
-                time.sleep(1)
+            state = _wait(api, run_id, log, 120)["state"]
             worker.wait(timeout=60)  # --run-once: the worker exits after its one poll's runs end
         finally:
             _stop(worker)
@@ -206,24 +204,20 @@ def webhook() -> Iterator[tuple[str, list[dict]]]:
         server.server_close()
 
 
-def _start_run(api_url: str, deployment: tuple[str, str], parameters: dict) -> str:
-    deployment_id = _deployments(api_url)[deployment]["id"]
-    for _ in range(10):  # 503: SQLite briefly locked by the server's own services; Prefect's client retries too
-        response = httpx.post(f"{api_url}/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
-        if response.status_code != 503:
-            break
-        time.sleep(1)
+def _start_run(api: PrefectHttpxSyncClient, deployment: tuple[str, str], parameters: dict) -> str:
+    deployment_id = _deployments(api)[deployment]["id"]
+    response = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
 
-def _run(api_url: str, run_id: str) -> dict:
-    return httpx.get(f"{api_url}/flow_runs/{run_id}").json()
+def _run(api: PrefectHttpxSyncClient, run_id: str) -> dict:
+    return api.get(f"/flow_runs/{run_id}").json()
 
 
-def _wait(api_url: str, run_id: str, log: Path, timeout: float) -> dict:
+def _wait(api: PrefectHttpxSyncClient, run_id: str, log: Path, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
-    while (run := _run(api_url, run_id))["state"]["type"] not in TERMINAL:
+    while (run := _run(api, run_id))["state"]["type"] not in TERMINAL:
         assert time.monotonic() < deadline, f"flow run {run['name']} still {run['state']['type']}:\n{log.read_text()}"
         time.sleep(1)
     return run
@@ -240,41 +234,41 @@ def _files(directory: Path) -> dict[str, str]:
 
 
 def test_two_pipeline_runs_at_once_take_turns_and_a_completed_train_run_is_evaluated(prefect_server, tmp_path):
-    api_url, env = prefect_server
+    api, env = prefect_server
     root = tmp_path / "work"
     parameters = {"overrides": small_overrides(), "root": str(root)}
-    runs = [_start_run(api_url, ("pipeline", "pipeline-nightly"), parameters) for _ in range(2)]
+    runs = [_start_run(api, ("pipeline", "pipeline-nightly"), parameters) for _ in range(2)]
     log = tmp_path / "worker.log"
     worker = _worker(env, log, tmp_path)
     try:
         # Whichever got the deployment's one slot finishes first; its checkpoints are noted then.
         deadline = time.monotonic() + 600
-        while not any(_run(api_url, run)["state"]["type"] in TERMINAL for run in runs):
+        while not any(_run(api, run)["state"]["type"] in TERMINAL for run in runs):
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
-        first, second = sorted(runs, key=lambda run: _run(api_url, run)["state"]["type"] not in TERMINAL)
-        done = _run(api_url, first)
+        first, second = sorted(runs, key=lambda run: _run(api, run)["state"]["type"] not in TERMINAL)
+        done = _run(api, first)
         assert done["state"]["type"] == "COMPLETED", f"{done['state']}\n{log.read_text()}"
         checkpoints = _files(root / "runs" / "train" / "checkpoints")
         assert checkpoints
-        other = _wait(api_url, second, log, 600)
+        other = _wait(api, second, log, 600)
         assert other["state"]["type"] == "COMPLETED", f"{other['state']}\n{log.read_text()}"
         # The other waited for the first (the deployment's limit of one run), then resumed its finished
         # training instead of deleting it: every checkpoint file of the first run is still there, unchanged.
-        history = [s["name"] for s in httpx.get(f"{api_url}/flow_run_states/", params={"flow_run_id": second}).json()]
+        history = [s["name"] for s in api.get("/flow_run_states/", params={"flow_run_id": second}).json()]
         assert "AwaitingConcurrencySlot" in history, history
         assert other["start_time"] >= done["end_time"], (done["end_time"], other["start_time"])
         after = _files(root / "runs" / "train" / "checkpoints")
         assert {name: after.get(name) for name in checkpoints} == checkpoints
 
         # A completed train deployment run triggers evaluate-latest on the policy that run trained.
-        train = _start_run(api_url, ("train", "train-on-demand"), parameters)
-        trained = _wait(api_url, train, log, 300)
+        train = _start_run(api, ("train", "train-on-demand"), parameters)
+        trained = _wait(api, train, log, 300)
         assert trained["state"]["type"] == "COMPLETED", f"{trained['state']}\n{log.read_text()}"
         deadline = time.monotonic() + 120
         while True:
-            runs = httpx.post(f"{api_url}/flow_runs/filter", json={
-                "deployments": {"id": {"any_": [_deployments(api_url)[("evaluate-latest", "evaluate-latest")]["id"]]}},
+            runs = api.post("/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [_deployments(api)[("evaluate-latest", "evaluate-latest")]["id"]]}},
             }).json()
             if runs:
                 break
@@ -282,7 +276,7 @@ def test_two_pipeline_runs_at_once_take_turns_and_a_completed_train_run_is_evalu
             time.sleep(1)
         [evaluation] = runs
         assert evaluation["parameters"] == {"train_flow_run": f"prefect.flow-run.{train}"}
-        evaluated = _wait(api_url, evaluation["id"], log, 300)
+        evaluated = _wait(api, evaluation["id"], log, 300)
         assert evaluated["state"]["type"] == "COMPLETED", f"{evaluated['state']}\n{log.read_text()}"
         assert json.loads((root / "runs" / "eval-latest" / "metrics.json").read_text())["average"]
     finally:
@@ -290,21 +284,21 @@ def test_two_pipeline_runs_at_once_take_turns_and_a_completed_train_run_is_evalu
 
 
 def test_a_failing_deployment_run_fires_the_failure_alert_at_a_webhook(prefect_server, tmp_path, webhook):
-    api_url, env = prefect_server
+    api, env = prefect_server
     url, received = webhook
     for _ in range(2):  # a second time updates the automation in place
         done = subprocess.run([ATTNRL, "alerts", "--webhook", url], cwd=PROJECT_ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
-    automations = httpx.post(f"{api_url}/automations/filter", json={}).json()
+    automations = api.post("/automations/filter", json={}).json()
     assert [a["name"] for a in automations].count("attnrl: deployment run failed") == 1
     # A nightly run whose configuration is invalid fails in its first task.
     bad = {"overrides": [*small_overrides(), "train.lr=-1"], "root": str(tmp_path / "work")}
-    run_id = _start_run(api_url, ("pipeline", "pipeline-nightly"), bad)
+    run_id = _start_run(api, ("pipeline", "pipeline-nightly"), bad)
     log = tmp_path / "worker.log"
     worker = _worker(env, log, tmp_path, "--run-once")
     try:
-        failed = _wait(api_url, run_id, log, 180)
+        failed = _wait(api, run_id, log, 180)
         worker.wait(timeout=60)
     finally:
         _stop(worker)
