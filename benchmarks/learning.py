@@ -1,7 +1,8 @@
 """Learning benchmark (issue 14): the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
 
     python benchmarks/learning.py [--task chain|planted] [--seeds 1 2 3 4 5] [--budget 120000]
-        [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--set key=value ...]
+        [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--policy-seed N]
+        [--set key=value ...]
 
 Fairness:
 
@@ -9,6 +10,10 @@ Fairness:
   reach, and the loop cuts each batch to what fits in the budget (attnrl/training/budget.py), so no method gets
   more than another by up to a step; what a run still generates past the budget is reported (``overshoot``);
 * every method of a seed starts from the same warmed-up policy and draws prompts in the same seeded order;
+  by default each seed prepares its own problems and warms up its own policy, so the intervals cover the task
+  instance and the initial policy as well as RL's sampling; with ``--policy-seed N`` every seed starts from
+  seed N's problems and policy (as the paper's runs all start from one base model) and the seeds vary RL
+  alone: the intervals are then narrower in what they claim, and one warmup is paid instead of one per seed;
 * learning rate: with ``--lrs``, every method is first run at each rate on ``--tune-seed`` (a seed not among
   ``--seeds``) and the rate with the best final held-out mean@K is used on every evaluation seed (recorded
   in ``chosen_lr``, the sweep in ``sweep``); without, the preset's ``train.lr`` for all.
@@ -84,7 +89,8 @@ RESULT_FILE = "result.json"  # in each run's directory: with --keep, a restarted
 # Per-step diagnostics kept per run (spec §15.4, Figs. 6-7; the official names).
 DIAGNOSTICS = ("solve_all_ratio_mc", "solve_none_ratio_mc", "valid_ratio_mc", "valid_ratio_all", "valid_ratio",
                "correct_once_twice_invalid_ratio", "incorrect_once_twice_invalid_ratio", "easy_filtered_ratio",
-               "filtered_ratio_all", "valid_token_ratio", "prompt_batch_size", "reward", "entropy", "response_length")
+               "filtered_ratio_all", "valid_token_ratio", "valid_token_ratio_built", "prompt_batch_size", "reward",
+               "entropy", "response_length")
 
 
 def scores(summary: dict) -> dict[str, float]:
@@ -105,7 +111,9 @@ class Benchmark:
                 "train.steps=100000", "train.save_every=1", "train.keep_checkpoints=100000", *extra, *self.args.set]
 
     def policy(self, seed: int) -> tuple[Path, dict[str, float]]:
-        """The seed's warmed-up policy (shared by every method) and its held-out scores."""
+        """The directory of the problems and warmed-up policy a seed starts from (shared by every method; by
+        every seed with ``--policy-seed``), and the policy's held-out scores."""
+        seed = seed if self.args.policy_seed is None else self.args.policy_seed
         root = self.root / f"seed{seed}"
         config = resolve_config(preset="tiny", overrides=self.overrides(seed))
         before = root / "runs" / "eval-init"
@@ -120,7 +128,7 @@ class Benchmark:
         root, before = self.policy(seed)
         config = resolve_config(preset="tiny", method=variant.method,
                                 overrides=self.overrides(seed, *variant.overrides, f"train.lr={lr}"))
-        run_dir = root / "runs" / f"{name}-lr{lr:g}"
+        run_dir = root / "runs" / f"{name}-seed{seed}-lr{lr:g}"
         if (done := run_dir / RESULT_FILE).is_file():  # a benchmark restarted with the same --keep
             logger.info("%s seed %d lr %g: the result in %s", name, seed, lr, done)
             return json.loads(done.read_text())
@@ -178,6 +186,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates to sweep on --tune-seed (default: the preset's train.lr, no sweep)")
     parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument("--policy-seed", type=int, default=None,
+                        help="every seed starts from this seed's problems and warmed-up policy (default: its own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/learning-<task>.json")
@@ -223,6 +233,7 @@ def main() -> None:
         "benchmark": "learning", "task": args.task, **source,
         "settings": {"budget": args.budget, "eval_every": args.eval_every, "seeds": args.seeds,
                      "methods": args.methods, "lrs": args.lrs, "tune_seed": args.tune_seed if args.lrs else None,
+                     "policy_seed": args.policy_seed,
                      "threads": args.threads, "overrides": [*bench.task, *args.set]},
         "labels": {name: VARIANTS[name].label for name in args.methods},
         "tables": {name: list(VARIANTS[name].tables) for name in args.methods},

@@ -63,7 +63,8 @@ def summarise_runs(runs: Sequence[dict[str, Any]], labels: dict[str, str], basel
                    diagnostics: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per method (``labels``' order) over seeds: final accuracy, improvement, paired difference to
     ``baseline`` (same seeds), costs, the mean curve, the tokens to the baseline's final accuracy and the
-    diagnostics' means over steps."""
+    diagnostics' means over steps (those every run recorded: a results file from before a diagnostic was
+    added still summarises)."""
     by = {name: sorted((r for r in runs if r["method"] == name), key=lambda r: r["seed"]) for name in labels}
     if empty := [name for name, rs in by.items() if not rs]:
         raise ValueError(f"no runs of {', '.join(empty)}")
@@ -86,6 +87,7 @@ def summarise_runs(runs: Sequence[dict[str, Any]], labels: dict[str, str], basel
             "tokens_to_baseline_final": None if threshold is None else tokens_to_reach(curve, threshold),
             **{key: mean_interval([r[key] for r in rs], 1) for key in COSTS},
             "max_overshoot": max(r["overshoot"] for r in rs),
-            "diagnostics": {key: mean_interval([fmean(r["diagnostics"][key]) for r in rs], 4) for key in diagnostics},
+            "diagnostics": {key: mean_interval([fmean(r["diagnostics"][key]) for r in rs], 4) for key in diagnostics
+                            if all(key in r["diagnostics"] for r in rs)},
         }
     return out

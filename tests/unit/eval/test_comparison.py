@@ -53,3 +53,11 @@ def test_a_summary_pairs_every_method_with_the_baseline_by_seed():
         summarise_runs(runs[:-1], {"grpo": "GRPO", "attnrl": "AttnRL"}, "grpo", DIAGNOSTICS)
     with pytest.raises(ValueError, match="no runs of treerl"):
         summarise_runs(runs, {"grpo": "GRPO", "treerl": "TreeRL"}, "grpo", DIAGNOSTICS)
+
+
+def test_a_diagnostic_some_run_did_not_record_is_left_out_of_the_summary():
+    runs = [run(m, 1, 60.0, [(0, 0, 50), (100, 100, 60)]) for m in ("grpo", "attnrl")]
+    runs[1]["diagnostics"]["valid_token_ratio_built"] = [1.0]  # recorded by one run only (an older results file)
+    out = summarise_runs(runs, {"grpo": "GRPO", "attnrl": "AttnRL"}, "grpo", (*DIAGNOSTICS, "valid_token_ratio_built"))
+    assert set(out["grpo"]["diagnostics"]) == {"valid_token_ratio"}
+    assert set(out["attnrl"]["diagnostics"]) == {"valid_token_ratio", "valid_token_ratio_built"}
