@@ -116,8 +116,12 @@ def _learning_html(result: dict[str, Any], curves: str, diagnostics: str) -> str
         f"<td>{_ci(summary[n]['final'])}</td></tr>" for n in summary)
     lr = (f"learning rate chosen per method on seed {settings['tune_seed']} from {settings['lrs']}"
           if settings["lrs"] else "one learning rate for every method (no sweep)")
+    # Files from before --policy-seed existed lack the key: each seed warmed up its own policy then.
+    policy_seed = settings.get("policy_seed")
+    start = ("each seed from its own problems and warmed-up policy" if policy_seed is None
+             else f"every seed from seed {policy_seed}'s problems and warmed-up policy (the seeds vary RL alone)")
     return (f"<h3 id=\"{esc(result['benchmark'])}-{esc(result['task'])}\">Learning benchmark, {esc(result['task'])} task</h3>"
-            f"{_source(result)}<p>{settings['budget']:,} generated tokens per run, seeds {settings['seeds']}, "
+            f"{_source(result)}<p>{settings['budget']:,} generated tokens per run, seeds {settings['seeds']} ({esc(start)}), "
             f"an evaluation every {settings['eval_every']:,} tokens; {esc(lr)}. Held-out mean@K in %, mean over seeds "
             "with the 95 % t interval; differences are paired by seed.</p>"
             f"<h4>Comparison (Table 1)</h4><table class=research>{header}{''.join(rows)}</table>"

@@ -64,6 +64,18 @@ def test_the_tables_and_figures_come_from_the_results(tmp_path):
     assert "+4.00 <small>[+1.00, +7.00]</small>" in page
 
 
+@pytest.mark.parametrize(("policy_seed", "start"), [
+    (None, "each seed from its own problems and warmed-up policy"),
+    (1, "every seed from seed 1&#x27;s problems and warmed-up policy"),
+])
+def test_the_page_says_which_policy_each_seed_started_from(tmp_path, policy_seed, start):
+    result = _learning()
+    result["settings"]["policy_seed"] = policy_seed
+    (tmp_path / "learning-planted.json").write_text(json.dumps(result))
+    page, _ = research_section(load_results(tmp_path), tmp_path, pyplot())
+    assert start in page
+
+
 def test_no_results_say_so_and_a_broken_file_is_named(tmp_path):
     page, figures = research_section(load_results(tmp_path / "absent"), tmp_path, pyplot())
     assert figures == [] and "No benchmark results yet" in page
