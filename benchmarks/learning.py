@@ -1,8 +1,8 @@
 """Learning benchmark (issue 14): the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
 
     python benchmarks/learning.py [--task chain|planted] [--seeds 1 2 3 4 5] [--budget 120000]
-        [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--policy-seed N]
-        [--set key=value ...]
+        [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--tune-only]
+        [--policy-seed N] [--set key=value ...]
 
 Fairness:
 
@@ -16,7 +16,9 @@ Fairness:
   alone: the intervals are then narrower in what they claim, and one warmup is paid instead of one per seed;
 * learning rate: with ``--lrs``, every method is first run at each rate on ``--tune-seed`` (a seed not among
   ``--seeds``) and the rate with the best final held-out mean@K is used on every evaluation seed (recorded
-  in ``chosen_lr``, the sweep in ``sweep``); without, the preset's ``train.lr`` for all.
+  in ``chosen_lr``, the sweep in ``sweep``); without, the preset's ``train.lr`` for all. ``--tune-only`` runs
+  the sweep alone and writes ``lr_sweep-<task>.json``: the report then shows whether a comparison run at
+  one rate used each method's best.
 
 Measures, per run: held-out mean@K (per level and on average) before RL and every ``--eval-every``
 generated tokens (the policy at the end of the step that first reaches each mark, from its checkpoint; the
@@ -186,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--lrs", type=float, nargs="+", default=None,
                         help="learning rates to sweep on --tune-seed (default: the preset's train.lr, no sweep)")
     parser.add_argument("--tune-seed", type=int, default=100)
+    parser.add_argument("--tune-only", action="store_true",
+                        help="only the --lrs sweep on --tune-seed, written to lr_sweep-<task>.json (no comparison)")
     parser.add_argument("--policy-seed", type=int, default=None,
                         help="every seed starts from this seed's problems and warmed-up policy (default: its own)")
     parser.add_argument("--threads", type=int, default=2)
@@ -210,6 +214,17 @@ def resummarise(path: Path, source: dict) -> None:
     write_json(record, path)
 
 
+def sweep_record(args: argparse.Namespace, source: dict, sweep: dict, chosen: dict, wall_s: float) -> dict:
+    """A sweep on its own: each method's final held-out mean@K per rate on the tuning seed, and the best rate
+    (with a later comparison run, ``--lrs`` reuses these runs from ``--keep`` and uses the chosen rates)."""
+    return {"benchmark": "lr_sweep", "task": args.task, **source,
+            "settings": {"budget": args.budget, "methods": args.methods, "lrs": args.lrs, "tune_seed": args.tune_seed,
+                         "policy_seed": args.policy_seed, "threads": args.threads,
+                         "overrides": [*TASKS[args.task], *args.set]},
+            "labels": {name: VARIANTS[name].label for name in args.methods},
+            "sweep": sweep, "chosen_lr": chosen, "wall_s": round(wall_s, 1)}
+
+
 def main() -> None:
     args = parser().parse_args()
     source = provenance("learning.py", sys.argv[1:])  # at the start: the code that produces the result
@@ -218,15 +233,21 @@ def main() -> None:
         return
     if args.lrs and args.tune_seed in args.seeds:
         raise SystemExit(f"--tune-seed {args.tune_seed} is one of --seeds: tune on a seed the comparison does not use")
+    if args.tune_only and not args.lrs:
+        raise SystemExit("--tune-only sweeps the learning rates of --lrs: give them")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log_to_stderr(logger.name)
-    if len(args.seeds) < 2:
+    if len(args.seeds) < 2 and not args.tune_only:
         logger.warning("one seed: no intervals")
     started = time.perf_counter()
     with workdir(args.keep, "attnrl-learning-") as root:
         bench = Benchmark(args, root)
         sweep, chosen = tune(bench, args.methods, args.lrs, args.tune_seed) if args.lrs else ({}, {})
+        if args.tune_only:
+            write_json(sweep_record(args, source, sweep, chosen, time.perf_counter() - started),
+                       args.out or RESULTS / f"lr_sweep-{args.task}.json")
+            return
         default_lr = resolve_config(preset="tiny").train.lr
         runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
     record = {

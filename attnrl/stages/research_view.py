@@ -58,6 +58,8 @@ def research_section(results: dict[str, dict[str, Any]], out: Path, plt) -> tupl
             parts.append(_disruption_html(result, figures[-1].name))
         elif name.startswith("branch_points-"):
             parts.append(_branch_points_html(result))
+        elif name.startswith("lr_sweep-"):
+            parts.append(_lr_sweep_html(result, results.get(f"learning-{result['task']}")))
     if not parts:
         return "<p>No benchmark results yet (<code>benchmarks/results/</code>); see the README's research benchmarks.</p>", []
     return "".join(parts), figures
@@ -215,3 +217,22 @@ def _branch_points_html(result: dict[str, Any]) -> str:
     return ("<h3 id=\"branch-points\">Branch points against planted critical steps</h3>"
             f"{_source(result)}<table class=research><tr><th>criterion</th><th>precision [95 % CI]</th>"
             f"<th>recall [95 % CI]</th></tr>{rows}</table>")
+
+
+def _lr_sweep_html(result: dict[str, Any], comparison: dict[str, Any] | None) -> str:
+    """The sweep's final mean@K per method and rate (the best in bold), beside the rate the task's comparison
+    used: a comparison at one rate for all is fair only where that rate is each method's best (or near it)."""
+    settings, lrs = result["settings"], [f"{lr:g}" for lr in result["settings"]["lrs"]]
+    used = {} if comparison is None else {name: f"{s['lr']:g}" for name, s in comparison["summary"].items()}
+    rows = []
+    for name, finals in result["sweep"].items():
+        best = f"{result['chosen_lr'][name]:g}"
+        cells = "".join(f"<td>{'<b>' if lr == best else ''}{finals[lr]:.1f}{'</b>' if lr == best else ''}</td>"
+                        for lr in lrs)
+        rows.append(f"<tr><td>{esc(result['labels'][name])}</td>{cells}<td>{esc(best)}</td>"
+                    f"<td>{esc(used.get(name, '—'))}</td></tr>")
+    return (f"<h3 id=\"lr-sweep-{esc(result['task'])}\">Learning-rate sweep, {esc(result['task'])} task</h3>"
+            f"{_source(result)}<p>Final held-out mean@K in % after {settings['budget']:,} generated tokens on the "
+            f"tuning seed {settings['tune_seed']} (one run per rate; not a seed of the comparison).</p>"
+            "<table class=research><tr><th>method</th>" + "".join(f"<th>lr {lr}</th>" for lr in lrs)
+            + f"<th>best</th><th>used by the comparison</th></tr>{''.join(rows)}</table>")

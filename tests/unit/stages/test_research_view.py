@@ -76,6 +76,19 @@ def test_the_page_says_which_policy_each_seed_started_from(tmp_path, policy_seed
     assert start in page
 
 
+def test_the_sweep_shows_each_methods_best_rate_beside_the_one_the_comparison_used(tmp_path):
+    sweep = {"benchmark": "lr_sweep", "task": "chain", "command": "python benchmarks/learning.py --tune-only",
+             "commit": None, "labels": LABELS,
+             "settings": {"budget": 100, "lrs": [5e-5, 1e-4], "tune_seed": 100},
+             "sweep": {"grpo": {"5e-05": 61.0, "0.0001": 70.0}, "treerl": {"5e-05": 72.0, "0.0001": 66.0}},
+             "chosen_lr": {"grpo": 1e-4, "treerl": 5e-5}}
+    (tmp_path / "lr_sweep-chain.json").write_text(json.dumps(sweep))
+    (tmp_path / "learning-chain.json").write_text(json.dumps(_learning()))
+    page, _ = research_section(load_results(tmp_path), tmp_path, pyplot())
+    assert "<tr><td>GRPO (n = 6)</td><td>61.0</td><td><b>70.0</b></td><td>0.0001</td><td>0.0001</td></tr>" in page
+    assert "<tr><td>TreeRL</td><td><b>72.0</b></td><td>66.0</td><td>5e-05</td><td>0.0001</td></tr>" in page
+
+
 def test_no_results_say_so_and_a_broken_file_is_named(tmp_path):
     page, figures = research_section(load_results(tmp_path / "absent"), tmp_path, pyplot())
     assert figures == [] and "No benchmark results yet" in page
