@@ -69,7 +69,9 @@ def summarise_runs(runs: Sequence[dict[str, Any]], labels: dict[str, str], basel
     if empty := [name for name, rs in by.items() if not rs]:
         raise ValueError(f"no runs of {', '.join(empty)}")
     base = by.get(baseline)
-    threshold = fmean(r["final"] for r in base) if base else None
+    # The baseline's final mean as its curve rounds it: otherwise a mean that rounds down is never reached,
+    # not even by the baseline's own curve.
+    threshold = mean_interval([r["final"] for r in base])["mean"] if base else None
     out = {}
     for name, rs in by.items():
         if base and [r["seed"] for r in rs] != [r["seed"] for r in base]:

@@ -55,6 +55,13 @@ def test_a_summary_pairs_every_method_with_the_baseline_by_seed():
         summarise_runs(runs, {"grpo": "GRPO", "treerl": "TreeRL"}, "grpo", DIAGNOSTICS)
 
 
+def test_the_baseline_reaches_its_own_final_accuracy_at_its_last_point():
+    # Finals whose mean (60.3333...) the curve rounds down to 60.33.
+    runs = [run("grpo", s, f, [(0, 0, 50), (100, 90 + s, f)]) for s, f in [(1, 60.333), (2, 60.333), (3, 60.334)]]
+    out = summarise_runs(runs, {"grpo": "GRPO"}, "grpo", DIAGNOSTICS)
+    assert out["grpo"]["tokens_to_baseline_final"] == 92
+
+
 def test_a_diagnostic_some_run_did_not_record_is_left_out_of_the_summary():
     runs = [run(m, 1, 60.0, [(0, 0, 50), (100, 100, 60)]) for m in ("grpo", "attnrl")]
     runs[1]["diagnostics"]["valid_token_ratio_built"] = [1.0]  # recorded by one run only (an older results file)
