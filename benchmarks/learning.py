@@ -244,12 +244,13 @@ def main() -> None:
     with workdir(args.keep, "attnrl-learning-") as root:
         bench = Benchmark(args, root)
         sweep, chosen = tune(bench, args.methods, args.lrs, args.tune_seed) if args.lrs else ({}, {})
-        if args.tune_only:
-            write_json(sweep_record(args, source, sweep, chosen, time.perf_counter() - started),
-                       args.out or RESULTS / f"lr_sweep-{args.task}.json")
-            return
         default_lr = resolve_config(preset="tiny").train.lr
-        runs = [bench.run(seed, name, chosen.get(name, default_lr)) for seed in args.seeds for name in args.methods]
+        runs = [] if args.tune_only else [bench.run(seed, name, chosen.get(name, default_lr))
+                                          for seed in args.seeds for name in args.methods]
+    if args.tune_only:
+        write_json(sweep_record(args, source, sweep, chosen, time.perf_counter() - started),
+                   args.out or RESULTS / f"lr_sweep-{args.task}.json")
+        return
     record = {
         "benchmark": "learning", "task": args.task, **source,
         "settings": {"budget": args.budget, "eval_every": args.eval_every, "seeds": args.seeds,
