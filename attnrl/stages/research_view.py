@@ -52,7 +52,7 @@ def research_section(results: dict[str, dict[str, Any]], out: Path, plt) -> tupl
         if name.startswith("learning-"):
             figures += [_plot_curves(result, out / f"{name}-curves.png", plt),
                         _plot_diagnostics(result, out / f"{name}-diagnostics.png", plt)]
-            parts.append(_learning_html(result, figures[-2].name, figures[-1].name))
+            parts.append(_learning_html(name, result, figures[-2].name, figures[-1].name))
         elif name.startswith("disruption-"):
             figures.append(plot_disruption(result, out / f"{name}.png", plt))
             parts.append(_disruption_html(result, figures[-1].name))
@@ -89,7 +89,7 @@ def _paired(result: dict[str, Any], name: str, baseline: str) -> dict[str, Any] 
     return paired_difference([mine[s] for s in seeds], [base[s] for s in seeds])
 
 
-def _learning_html(result: dict[str, Any], curves: str, diagnostics: str) -> str:
+def _learning_html(stem: str, result: dict[str, Any], curves: str, diagnostics: str) -> str:
     summary, settings = result["summary"], result["settings"]
     baseline = summary[next(iter(summary))]["baseline"]
     levels = sorted({k for r in result["runs"] for k in r["final_per_level"] if k != "average"})
@@ -122,7 +122,8 @@ def _learning_html(result: dict[str, Any], curves: str, diagnostics: str) -> str
     policy_seed = settings.get("policy_seed")
     start = ("each seed from its own problems and warmed-up policy" if policy_seed is None
              else f"every seed from seed {policy_seed}'s problems and warmed-up policy (the seeds vary RL alone)")
-    return (f"<h3 id=\"{esc(result['benchmark'])}-{esc(result['task'])}\">Learning benchmark, {esc(result['task'])} task</h3>"
+    tuned = ", learning rates tuned per method" if settings["lrs"] else ""
+    return (f"<h3 id=\"{esc(stem)}\">Learning benchmark, {esc(result['task'])} task{tuned}</h3>"
             f"{_source(result)}<p>{settings['budget']:,} generated tokens per run, seeds {settings['seeds']} ({esc(start)}), "
             f"an evaluation every {settings['eval_every']:,} tokens; {esc(lr)}. Held-out mean@K in %, mean over seeds "
             "with the 95 % t interval; differences are paired by seed.</p>"

@@ -74,6 +74,7 @@ def test_the_page_says_which_policy_each_seed_started_from(tmp_path, policy_seed
     (tmp_path / "learning-planted.json").write_text(json.dumps(result))
     page, _ = research_section(load_results(tmp_path), tmp_path, pyplot())
     assert start in page
+    assert '<h3 id="learning-planted">Learning benchmark, chain task</h3>' in page  # the file's stem: ids stay unique
 
 
 def test_the_sweep_shows_each_methods_best_rate_beside_the_one_the_comparison_used(tmp_path):
