@@ -57,6 +57,24 @@ class PromptCosts:
         fit = min(wanted, int(remaining // cost))
         return fit if fit >= math.ceil(MIN_BATCH_FRACTION * wanted) else 0
 
+    def add(self, prompts: int, tokens: int, *, initial: bool) -> None:
+        """Count a collected submission: ``initial`` samples of ``prompts`` prompts, or continuations (whose
+        prompts are counted once the round is whole: ``continued_prompts``)."""
+        if initial:
+            self.initial_prompts += prompts
+            self.initial_tokens += tokens
+        else:
+            self.continuation_tokens += tokens
+
+    def prompts_to_sample(self, wanted: int, *, budget: int | None, spent: int, sampled: int, scored: int,
+                          continuations: bool) -> int:
+        """The next batch's size: ``wanted`` without a budget, else what fits in ``budget`` once the ``spent``
+        tokens and the batches already taken (see ``committed``) are paid for."""
+        if budget is None:
+            return wanted
+        remaining = budget - spent - self.committed(sampled=sampled, scored=scored, continuations=continuations)
+        return self.prompts_that_fit(wanted, remaining, continuations=continuations)
+
     def committed(self, *, sampled: int, scored: int, continuations: bool) -> float:
         """Expected tokens still to generate for batches already taken: ``sampled`` prompts whose initial
         samples are not generated yet, ``scored`` prompts whose continuations are not."""

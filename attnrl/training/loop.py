@@ -198,13 +198,9 @@ class RLLoop:
     def _prompts_to_sample(self, *, sampled: int = 0, scored: int = 0) -> int:
         """The next batch's size, cut to what fits in the token budget once the batches already taken are
         paid for: ``sampled`` prompts not generated yet, ``scored`` prompts without their continuations."""
-        wanted, budget = self._batch_size(), self.config.train.max_generated_tokens
-        if budget is None:
-            return wanted
-        costs = self.state.costs
-        remaining = budget - self.state.generated_tokens - costs.committed(
+        return self.state.costs.prompts_to_sample(
+            self._batch_size(), budget=self.config.train.max_generated_tokens, spent=self.state.generated_tokens,
             sampled=sampled, scored=scored, continuations=self.branches)
-        return costs.prompts_that_fit(wanted, remaining, continuations=self.branches)
 
     def _pipeline_holds_work(self) -> bool:
         """The off-policy pipeline holds sampled prompts or scored samples that are not trained on yet."""
@@ -248,11 +244,7 @@ class RLLoop:
         out = pending.result()
         tokens = sum(len(c.token_ids) for group in out for c in group)
         self.state.generated_tokens += tokens
-        costs = self.state.costs
-        if initial:
-            costs.initial_prompts, costs.initial_tokens = costs.initial_prompts + len(out), costs.initial_tokens + tokens
-        else:
-            costs.continuation_tokens += tokens
+        self.state.costs.add(len(out), tokens, initial=initial)
         return out
 
     def _generate(self, requests: list[GenerationRequest]) -> list[list[Completion]]:

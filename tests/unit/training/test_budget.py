@@ -33,3 +33,15 @@ def test_batches_already_taken_are_paid_for_first():
     assert costs.committed(sampled=3, scored=2, continuations=True) == 3 * 400 + 2 * 300
     assert costs.committed(sampled=3, scored=2, continuations=False) == 3 * 100
     assert PromptCosts().committed(sampled=3, scored=2, continuations=True) == 0.0
+
+
+def test_the_next_batch_is_what_fits_after_the_spent_and_committed_tokens():
+    costs = PromptCosts()
+    costs.add(8, 800, initial=True)  # 100 per prompt
+    costs.add(0, 1200, initial=False)
+    costs.continued_prompts = 4  # counted once the round is whole: 300 per prompt
+    assert (costs.initial_prompts, costs.initial_tokens, costs.continuation_tokens) == (8, 800, 1200)
+    # 10,000 − 6,000 spent − 2 scored prompts' continuations (600) = 3,400: 8 prompts of 400 fit, of 16 wanted.
+    assert costs.prompts_to_sample(16, budget=10_000, spent=6_000, sampled=0, scored=2, continuations=True) == 8
+    assert costs.prompts_to_sample(16, budget=10_000, spent=6_400, sampled=0, scored=2, continuations=True) == 0
+    assert costs.prompts_to_sample(16, budget=None, spent=10**9, sampled=5, scored=5, continuations=True) == 16
