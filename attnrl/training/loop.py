@@ -56,7 +56,7 @@ from attnrl.rollout.engine import (
     submit_generation,
 )
 from attnrl.rollout.scoring import NothingScored, ScoreKind, engine_scores, needs_fci
-from attnrl.rollout.prompts import decode_response, encode_prompt
+from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import BatchSizeController, ExpansionPlan, RunningMean
 from attnrl.steps import SeparatorVocab
 from attnrl.training.budget import PromptCosts
@@ -67,15 +67,13 @@ from attnrl.training.rollouts import (
     QuestionPart,
     ScoredQuestion,
     TreePart,
-    build_trees,
     continuation_requests,
     plan_branches,
     question_parts,
     score_initial,
-    trainable_trees,
-    training_sequences,
 )
 from attnrl.training.trainer import ScoredSequence, Trainer, TrainSequence
+from attnrl.training.tree_parts import TreePartBuilder
 from attnrl.tree import TrainingPath
 from attnrl.utils.seeding import derive_seed
 
@@ -384,13 +382,6 @@ class RLLoop:
             part.result()
         return pending
 
-    def _reference_logprobs(self, sequences: list[TrainSequence]) -> list[tuple[float, ...]] | None:
-        """The frozen reference's log-probs of the paths (spec §11 KL term); None when the KL is off."""
-        if self.algorithm.kl_coef <= 0 or not sequences:
-            return None
-        return self.trainer.logprobs([s.prompt_ids for s in sequences], [s.response_ids for s in sequences],
-                                     reference=True)
-
     def _push_weights(self) -> None:
         if self._weights_changed:
             self.trainer.push_weights(self.engine)
@@ -410,47 +401,13 @@ class RLLoop:
 
     def _tree_parts(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
                     parts: list[QuestionPart], continuations: list[PendingGeneration]) -> Iterator[TreePart]:
-        """Each part's trees once its continuations are back; the engines generate the later parts meanwhile.
-        With ``engine_scores`` the engines also sent the continuations' behaviour log-probs."""
+        """Each part's trees once its continuations are back (attnrl/training/tree_parts.py); the engines
+        generate the later parts meanwhile. With ``engine_scores`` the engines also sent the continuations'
+        behaviour log-probs."""
+        builder = TreePartBuilder(self.trainer, self.tokenizer, self.verifier, self.algorithm)
         for part, pending in zip(parts, continuations, strict=True):
-            yield self._tree_part(batch, plans, points, part, self._collect(pending, initial=False),
-                                  pending.scores() if self.engine_scores else None)
-
-    def _tree_part(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
-                   part: QuestionPart, continuations: list[list[Completion]],
-                   engine_logprobs: list[list[tuple[float, ...] | None]] | None = None) -> TreePart:
-        """One run of questions: continuation rewards and behaviour log-probs, trees and advantages, the
-        zero-advantage filter, and the reference log-probs of the paths that will be trained on."""
-        questions, local = batch[part.questions], part.branch_points(points)
-        # An empty continuation (out-of-vocabulary first id, spec §5.4) adds no leaf to its tree.
-        continuations = [[c for c in group if c.token_ids] for group in continuations]
-        flat = [(p, c) for p, group in zip(local, continuations, strict=True) for c in group]
-        tokens = [c.token_ids for _, c in flat]
-        texts = [decode_response(self.tokenizer, t) for t in tokens]
-        # The verifier sees the continuation only (spec §8: MC samples decode continuation tokens).
-        mc_rewards = self.verifier.score_batch(
-            [(text, questions[p.question].problem.answers) for (p, _), text in zip(flat, texts, strict=True)]
-        )
-        # Behaviour log-probs of continuation tokens: a fresh forward with the current policy, which
-        # sampled them (the engine's own, when it scored them); prefix tokens keep their stored values
-        # (spec §10.2).
-        if engine_logprobs is not None:
-            mc_logprobs = [values for group in engine_logprobs for values in group if values is not None]
-        elif flat:
-            prefixes = [questions[p.question].prompt_ids + questions[p.question].responses[p.response].token_ids[: p.offset]
-                        for p, _ in flat]
-            mc_logprobs = self.trainer.logprobs(prefixes, tokens)
-        else:
-            mc_logprobs = []
-        built = build_trees(questions, plans[part.questions], local, continuations, mc_logprobs, mc_rewards,
-                            self.algorithm)
-        trees, dropped_zero = trainable_trees(built, self.algorithm)
-        sequences = training_sequences(trees, {sq.problem.uid: sq.prompt_ids for sq in questions})
-        refs = self._reference_logprobs(sequences)
-        if refs is not None:
-            sequences = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
-                         for s, r in zip(sequences, refs, strict=True)]
-        return TreePart(built, trees, dropped_zero, sequences)
+            yield builder.build(batch[part.questions], plans[part.questions], part.branch_points(points),
+                                self._collect(pending, initial=False), pending.scores() if self.engine_scores else None)
 
     def _update(self, batch: list[ScoredQuestion], plans: list[ExpansionPlan], points: list[BranchPoint],
                 parts: Iterable[TreePart], *, push: bool = True, stream: bool = False) -> dict[str, float] | None:
