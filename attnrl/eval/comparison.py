@@ -59,6 +59,17 @@ def tokens_to_reach(curve: Sequence[dict[str, Any]], threshold: float) -> int | 
     return None
 
 
+def paired_final_difference(runs: Sequence[dict[str, Any]], name: str, baseline: str) -> dict[str, Any] | None:
+    """``name``'s final accuracy minus ``baseline``'s, paired by seed over the seeds both ran; None for the
+    baseline itself or when they share no seed."""
+    mine = {r["seed"]: r["final"] for r in runs if r["method"] == name}
+    base = {r["seed"]: r["final"] for r in runs if r["method"] == baseline}
+    seeds = sorted(set(mine) & set(base))
+    if name == baseline or not seeds:
+        return None
+    return paired_difference([mine[s] for s in seeds], [base[s] for s in seeds])
+
+
 def summarise_runs(runs: Sequence[dict[str, Any]], labels: dict[str, str], baseline: str,
                    diagnostics: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per method (``labels``' order) over seeds: final accuracy, improvement, paired difference to
@@ -83,8 +94,7 @@ def summarise_runs(runs: Sequence[dict[str, Any]], labels: dict[str, str], basel
             "final": mean_interval([r["final"] for r in rs]),
             "improvement": mean_interval([r["improvement"] for r in rs]),
             "baseline": baseline,
-            "vs_baseline": (paired_difference([r["final"] for r in rs], [r["final"] for r in base])
-                        if base and name != baseline else None),
+            "vs_baseline": paired_final_difference(runs, name, baseline),
             "curve": curve,
             "tokens_to_baseline_final": None if threshold is None else tokens_to_reach(curve, threshold),
             **{key: mean_interval([r[key] for r in rs], 1) for key in COSTS},

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from attnrl.errors import DataError
-from attnrl.eval.intervals import paired_difference
+from attnrl.eval.comparison import paired_final_difference
 
 esc = html.escape
 ABLATION_BASE = "treerl"
@@ -79,16 +79,6 @@ def _ci(value: dict[str, Any] | None, signed: bool = False) -> str:
     return mean if low_high is None else f"{mean} <small>[{low_high[0]:.1f}, {low_high[1]:.1f}]</small>"
 
 
-def _paired(result: dict[str, Any], name: str, baseline: str) -> dict[str, Any] | None:
-    runs = result["runs"]
-    mine = {r["seed"]: r["final"] for r in runs if r["method"] == name}
-    base = {r["seed"]: r["final"] for r in runs if r["method"] == baseline}
-    seeds = sorted(set(mine) & set(base))
-    if name == baseline or not seeds:
-        return None
-    return paired_difference([mine[s] for s in seeds], [base[s] for s in seeds])
-
-
 def _learning_html(stem: str, result: dict[str, Any], curves: str, diagnostics: str) -> str:
     summary, settings = result["summary"], result["settings"]
     baseline = summary[next(iter(summary))]["baseline"]
@@ -107,7 +97,7 @@ def _learning_html(stem: str, result: dict[str, Any], curves: str, diagnostics: 
     ablation = [n for n in summary if "table2" in result["tables"][n]]
     ladder = "".join(
         f"<tr><td>{esc(summary[n]['label'])}</td><td>{_ci(summary[n]['final'])}</td>"
-        f"<td>{_ci(_paired(result, n, ABLATION_BASE), True)}</td></tr>" for n in ablation)
+        f"<td>{_ci(paired_final_difference(result['runs'], n, ABLATION_BASE), True)}</td></tr>" for n in ablation)
     cost = "".join(
         f"<tr><td>{esc(summary[n]['label'])}</td><td>{summary[n]['steps']['mean']:.1f}</td>"
         f"<td>{summary[n]['optimizer_steps']['mean']:.1f}</td><td>{summary[n]['train_s']['mean']:.0f}</td>"

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from attnrl.eval.comparison import curve_points, marks, mean_curve, summarise_runs, tokens_to_reach
+from attnrl.eval.comparison import (
+    curve_points,
+    marks,
+    mean_curve,
+    paired_final_difference,
+    summarise_runs,
+    tokens_to_reach,
+)
 
 DIAGNOSTICS = ("valid_token_ratio",)
 
@@ -53,6 +60,15 @@ def test_a_summary_pairs_every_method_with_the_baseline_by_seed():
         summarise_runs(runs[:-1], {"grpo": "GRPO", "attnrl": "AttnRL"}, "grpo", DIAGNOSTICS)
     with pytest.raises(ValueError, match="no runs of treerl"):
         summarise_runs(runs, {"grpo": "GRPO", "treerl": "TreeRL"}, "grpo", DIAGNOSTICS)
+
+
+def test_a_paired_difference_uses_the_seeds_both_methods_ran():
+    runs = [run("treerl", s, f, []) for s, f in [(1, 60.0), (2, 70.0), (3, 80.0)]]
+    runs += [run("atb", s, f, []) for s, f in [(2, 75.0), (3, 86.0), (4, 10.0)]]
+    paired = paired_final_difference(runs, "atb", "treerl")
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(5.5)  # seeds 2 and 3: +5, +6
+    assert paired_final_difference(runs, "treerl", "treerl") is None
+    assert paired_final_difference(runs, "grpo", "treerl") is None
 
 
 def test_the_baseline_reaches_its_own_final_accuracy_at_its_last_point():
