@@ -124,7 +124,9 @@ def _learning_html(stem: str, result: dict[str, Any], curves: str, diagnostics: 
             "<th>train s</th><th>generated tokens</th><th>overshoot</th><th>trained tokens</th><th>valid tokens</th>"
             f"<th>tokens to {esc(baseline)}'s final mean@K</th><th>mean@K</th></tr>{cost}</table>"
             f'<p><img src="{esc(curves)}" alt="accuracy against generated tokens" style="max-width:100%"></p>'
-            f'<p><img src="{esc(diagnostics)}" alt="diagnostics per method" style="max-width:100%"></p>')
+            f'<p><img src="{esc(diagnostics)}" alt="diagnostics per method" style="max-width:100%"></p>'
+            + (f"<h4>Learning-rate sweep on seed {settings['tune_seed']} (final mean@K in %, one run per rate)</h4>"
+               + _sweep_table(result, result) if result["sweep"] else ""))
 
 
 def _plot_curves(result: dict[str, Any], path: Path, plt) -> Path:
@@ -211,9 +213,19 @@ def _branch_points_html(result: dict[str, Any]) -> str:
 
 
 def _lr_sweep_html(result: dict[str, Any], comparison: dict[str, Any] | None) -> str:
-    """The sweep's final mean@K per method and rate (the best in bold), beside the rate the task's comparison
-    used: a comparison at one rate for all is fair only where that rate is each method's best (or near it)."""
-    settings, lrs = result["settings"], [f"{lr:g}" for lr in result["settings"]["lrs"]]
+    """A sweep run on its own (``--tune-only``), beside the rate the task's comparison used: a comparison at
+    one rate for all is fair only where that rate is each method's best (or near it)."""
+    settings = result["settings"]
+    return (f"<h3 id=\"lr-sweep-{esc(result['task'])}\">Learning-rate sweep, {esc(result['task'])} task</h3>"
+            f"{_source(result)}<p>Final held-out mean@K in % after {settings['budget']:,} generated tokens on the "
+            f"tuning seed {settings['tune_seed']} (one run per rate; not a seed of the comparison).</p>"
+            + _sweep_table(result, comparison))
+
+
+def _sweep_table(result: dict[str, Any], comparison: dict[str, Any] | None) -> str:
+    """Each method's final mean@K per rate on the tuning seed (the best in bold), its best rate, and the rate
+    ``comparison`` ran it at."""
+    lrs = [f"{lr:g}" for lr in result["settings"]["lrs"]]
     used = {} if comparison is None else {name: f"{s['lr']:g}" for name, s in comparison["summary"].items()}
     rows = []
     for name, finals in result["sweep"].items():
@@ -222,8 +234,5 @@ def _lr_sweep_html(result: dict[str, Any], comparison: dict[str, Any] | None) ->
                         for lr in lrs)
         rows.append(f"<tr><td>{esc(result['labels'][name])}</td>{cells}<td>{esc(best)}</td>"
                     f"<td>{esc(used.get(name, '—'))}</td></tr>")
-    return (f"<h3 id=\"lr-sweep-{esc(result['task'])}\">Learning-rate sweep, {esc(result['task'])} task</h3>"
-            f"{_source(result)}<p>Final held-out mean@K in % after {settings['budget']:,} generated tokens on the "
-            f"tuning seed {settings['tune_seed']} (one run per rate; not a seed of the comparison).</p>"
-            "<table class=research><tr><th>method</th>" + "".join(f"<th>lr {lr}</th>" for lr in lrs)
+    return ("<table class=research><tr><th>method</th>" + "".join(f"<th>lr {lr}</th>" for lr in lrs)
             + f"<th>best</th><th>used by the comparison</th></tr>{''.join(rows)}</table>")

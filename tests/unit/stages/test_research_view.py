@@ -33,6 +33,7 @@ def _learning() -> dict:
     summary = summarise_runs(runs, LABELS, "grpo", list(runs[0]["diagnostics"]))
     return {"benchmark": "learning", "task": "chain", "command": "python benchmarks/learning.py", "commit": "abc" * 14,
             "uncommitted_changes": False, "labels": LABELS, "tables": TABLES, "runs": runs, "summary": summary,
+            "chosen_lr": {}, "sweep": {},
             "settings": {"budget": 100, "eval_every": 50, "seeds": [1, 2, 3], "lrs": None, "tune_seed": None}}
 
 
@@ -88,6 +89,18 @@ def test_the_sweep_shows_each_methods_best_rate_beside_the_one_the_comparison_us
     page, _ = research_section(load_results(tmp_path), tmp_path, pyplot())
     assert "<tr><td>GRPO (n = 6)</td><td>61.0</td><td><b>70.0</b></td><td>0.0001</td><td>0.0001</td></tr>" in page
     assert "<tr><td>TreeRL</td><td><b>72.0</b></td><td>66.0</td><td>5e-05</td><td>0.0001</td></tr>" in page
+
+
+def test_a_comparison_that_tuned_its_rates_shows_its_sweep(tmp_path):
+    result = _learning()
+    result["settings"].update(lrs=[1e-4, 2e-4], tune_seed=100)
+    result["sweep"] = {"grpo": {"0.0001": 70.0, "0.0002": 55.0}, "treerl": {"0.0001": 66.0, "0.0002": 68.5}}
+    result["chosen_lr"] = {"grpo": 1e-4, "treerl": 2e-4}
+    (tmp_path / "learning-chain.json").write_text(json.dumps(result))
+    page, _ = research_section(load_results(tmp_path), tmp_path, pyplot())
+    assert "Learning-rate sweep on seed 100" in page
+    # The runs in the fixture all ran at 1e-4: the table says so beside TreeRL's best, 2e-4.
+    assert "<tr><td>TreeRL</td><td>66.0</td><td><b>68.5</b></td><td>0.0002</td><td>0.0001</td></tr>" in page
 
 
 def test_no_results_say_so_and_a_broken_file_is_named(tmp_path):
