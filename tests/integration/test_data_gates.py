@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import attnrl.training.loop as loop_module
+import attnrl.training.tree_parts as tree_parts_module
 from attnrl.errors import DataError
 from flows.pipeline import pipeline
 from flows.stages import prepare_flow, train_flow, warmup_flow
@@ -150,7 +150,7 @@ def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tm
     prepare_flow(**common)
     warmup_flow(**common)
     init = (tmp_path / "models" / "init" / "model.safetensors").read_bytes()
-    real = loop_module.trainable_trees
+    real = tree_parts_module.trainable_trees
 
     corrupted = []
 
@@ -165,7 +165,7 @@ def test_a_non_finite_advantage_stops_training_before_the_update(prefect_api, tm
         trees[0] = dataclasses.replace(tree, paths=(broken, *tree.paths[1:]))
         return trees, dropped
 
-    monkeypatch.setattr(loop_module, "trainable_trees", with_a_nan)
+    monkeypatch.setattr(tree_parts_module, "trainable_trees", with_a_nan)  # where the loop builds its trees
     state = train_flow(**common, return_state=True)
     assert state.is_failed()
     with pytest.raises(DataGateError) as error:
