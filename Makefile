@@ -16,7 +16,7 @@ PIP := $(PYTHON) scripts/pip_progress.py
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install vllm-env environments browser demo test test-unit lock vllm-lock clean server server-stop
+.PHONY: install vllm-env environments browser demo test test-unit lock vllm-lock clean server server-stop gpu-wheels
 
 install: $(STAMP)
 
@@ -81,6 +81,19 @@ server: install
 
 server-stop:
 	VENV=$(VENV) scripts/prefect_server.sh stop
+
+# The wheels the GPU check carries to a GPU machine that has torch and transformers but no network (README "The GPU
+# check"): DeepSpeed (its sdist built into a pure wheel, no ops compiled) and what DeepSpeed needs beyond that
+# machine's packages, at the lock's versions, for CPython 3.12 on x86-64 Linux.
+GPU_WHEELS ?= .whl
+GPU_WHEEL_PINS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip wheel $(PIP_FLAGS) -q --no-deps -w $(GPU_WHEELS) $$(grep '^deepspeed==' requirements.lock)
+	$(PY) -m pip download $(PIP_FLAGS) -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+		$$(for name in $(GPU_WHEEL_PINS); do grep -i "^$$name==" requirements.lock; done)
+	@du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)
 
 clean:
 	rm -rf data models runs reports .pytest_cache

@@ -21,7 +21,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attnrl.fci_kernel import StepPlan, attention_with_influence
+from attnrl.fci_kernel import (
+    CPU_BLOCK_ROWS,
+    PRECISIONS,
+    Precision,
+    StepPlan,
+    attention_with_influence,
+    block_rows,
+    default_precision,
+)
 from attnrl.model.attention_swap import AttentionSwap
 from attnrl.steps import StepSegmentation
 from attnrl.training.sequences import Span
@@ -146,7 +154,9 @@ class FCICollector:
     are LEFT-padded, one sequence per row. Padding-free batches (several spans in a row, position
     ids restarting at each) are supported. Inside the block every attention layer runs the fused
     kernel of ``attnrl.fci_kernel`` on each span: its output equals the model's own attention up to
-    fp32 rounding, and its buffers are O(heads × block × L). The model's attention implementation is
+    fp32 rounding, and its buffers are O(heads × block × L). ``block_size`` and ``precision`` default
+    to the device's (small fp32 blocks on CPU; on CUDA the largest blocks a 1 GiB workspace holds, and
+    half-precision matmuls with fp32 scores for a bf16/fp16 model). The model's attention implementation is
     restored on exit, also after an error.
     """
 
@@ -157,14 +167,17 @@ class FCICollector:
         *,
         delta: int = 4,
         aggregation: Aggregation = "mean_mean",
-        block_size: int = 128,
+        block_size: int | None = None,
         spans: Sequence[Span] | None = None,
+        precision: Precision | None = None,
     ) -> None:
         _check_aggregation(aggregation)
         if delta < 1:
             raise ValueError(f"delta must be at least 1, got {delta}")
-        if block_size < 1:
+        if block_size is not None and block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if not segmentations:
             raise ValueError("need at least one segmentation")
         if spans is not None:
@@ -178,7 +191,8 @@ class FCICollector:
         self.spans = None if spans is None else list(spans)
         self.delta = delta
         self.aggregation = aggregation
-        self.block_size = block_size
+        self.block_size = block_size  # None: per device (fci_kernel.CPU_BLOCK_ROWS, or block_rows on a GPU)
+        self.precision = precision  # None: per device and dtype (fci_kernel.default_precision)
         self._swap: AttentionSwap | None = None
         self._plans: list[StepPlan] | None = None
         self._max: list[Tensor | None] = [None] * len(self.segmentations)
@@ -227,11 +241,13 @@ class FCICollector:
         # transformers' layout for attention outputs: [batch, length, heads, head_dim]. Positions outside
         # every span (padding) get zeros; nothing valid attends to them.
         out = query.new_zeros((batch, length, heads, value.shape[-1]))
+        precision = self.precision or default_precision(query)
         with torch.no_grad():
             for row, (plan, span) in enumerate(zip(self._plans, self.spans)):
                 a, b = span.start, span.start + span.length
                 part = (span.row, slice(None), slice(a, b))
-                o, y = attention_with_influence(query[part], key[part], value[part], plan, scale, self.block_size)
+                rows = self.block_size or (block_rows(span.length, heads) if query.is_cuda else CPU_BLOCK_ROWS)
+                o, y = attention_with_influence(query[part], key[part], value[part], plan, scale, rows, precision)
                 out[span.row, a:b] = o.transpose(0, 1)
                 best = y.amax(dim=0)
                 previous = self._max[row]

@@ -9,13 +9,23 @@ q − Δ zeroed first. Extra memory is O(heads × block × L) instead of the O(h
 the official code materialises (spec §5.3), and the exponentials the output needs anyway are not
 computed a second time: that reuse is what keeps FCI's time close to a plain forward.
 
-Numerics: fp32 throughout, exp2 on log2-scaled scores (the same values as exp, and several times
-faster on CPU), outputs equal to SDPA's up to fp32 rounding.
+Numerics, two paths (``precision``):
+
+* ``fp32`` (CPU, fp32 models): Q, K and V in fp32, exp2 on log2-scaled scores (the same values as exp,
+  and several times faster on CPU), outputs equal to SDPA's up to fp32 rounding; on CUDA the matmuls
+  use TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it;
+* ``input`` (CUDA, bf16/fp16 models): the two matmuls take Q, K and V (and P for P·V) in the model's
+  dtype on the tensor cores and write fp32 (``out_dtype``): scores, softmax, normaliser and FCI stay
+  fp32, as FlashAttention keeps them. With fp32 inputs it computes what ``fp32`` does.
+
+Block rows: small blocks keep a CPU's caches warm (``CPU_BLOCK_ROWS``); a GPU wants as few, large
+matmuls as its memory allows (``block_rows``: the rows whose fp32 scores fit ``workspace_bytes``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -48,21 +58,63 @@ class StepPlan:
         self.positions = torch.arange(self.length, device=device)
 
 
+Precision = Literal["fp32", "input"]
+PRECISIONS: tuple[str, ...] = ("fp32", "input")
+CPU_BLOCK_ROWS = 128  # query rows per block on CPU (benchmarks/fci.py)
+GPU_WORKSPACE_BYTES = 1 << 30  # fp32 scores of one block on a GPU: 1 GiB
+
+
+def block_rows(length: int, heads: int, workspace_bytes: int = GPU_WORKSPACE_BYTES, multiple: int = 64) -> int:
+    """The most query rows (a multiple of ``multiple``, at least that) whose fp32 scores [heads, rows, length]
+    fit ``workspace_bytes``: on a GPU, the fewer and larger the matmuls the better."""
+    fits = workspace_bytes // (4 * heads * max(length, 1))
+    return max(multiple, fits // multiple * multiple)
+
+
+def default_precision(query: Tensor) -> Precision:
+    """``input`` where tensor cores take the model's half-precision dtype (CUDA), else ``fp32``."""
+    return "input" if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+_MIXED_MATMUL: dict[str, bool] = {}  # device type -> whether torch.bmm takes out_dtype there
+
+
+def _matmul_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """a @ b written as fp32 into ``out``: fp32 inputs directly; half-precision inputs with fp32 accumulation and
+    output where torch has it (``bmm(..., out_dtype=float32)``, CUDA), else upcast first (CPU kernels have none)."""
+    if a.dtype == torch.float32:
+        return torch.matmul(a, b, out=out)
+    kind = a.device.type
+    if _MIXED_MATMUL.get(kind, kind == "cuda"):
+        try:
+            out.copy_(torch.bmm(a, b, out_dtype=torch.float32))
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: upcast from now on
+            _MIXED_MATMUL[kind] = False
+    return torch.matmul(a.float(), b.float(), out=out)
+
+
 def attention_with_influence(
-    query: Tensor, key: Tensor, value: Tensor, plan: StepPlan, scaling: float, block_size: int
+    query: Tensor, key: Tensor, value: Tensor, plan: StepPlan, scaling: float, block_size: int,
+    precision: Precision = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Causal attention output [heads, n, d_v] (query's dtype) and per-head influence y [heads, S] (fp32).
 
     ``query[heads, n, d]``, ``key``/``value[kv_heads, n, d]`` of one sequence; grouped-query heads
     share their KV head (head h ↔ kv head h // groups) without repeating K or V. y equals
     forward_influence(step_attention(softmax(QKᵀ·scaling + causal))) scaled by the key weights.
+    ``precision`` picks the matmuls' input dtype (module docstring); both keep the scores fp32.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     groups = heads // kv_heads
     device = query.device
-    key_t = key.float().transpose(1, 2)  # [kv_heads, d, n]
-    values = value.float()
+    mixed = precision == "input"
+    compute = query.dtype if mixed else torch.float32
+    key_t = key.to(compute).transpose(1, 2)  # [kv_heads, d, n]
+    values = value.to(compute)
     out = torch.empty((heads, length, value.shape[-1]), dtype=torch.float32, device=device)
     y = torch.zeros((heads, plan.num_ranges), dtype=torch.float32, device=device)
     rows = min(block_size, length)
@@ -72,14 +124,25 @@ def attention_with_influence(
     for r0 in range(0, length, block_size):
         r1 = min(r0 + block_size, length)
         m = r1 - r0
-        # log2 domain: exp2(x·log2 e) = exp(x), so the scores are scaled once, on the small query block.
-        block = (query[:, r0:r1].float() * (scaling * LOG2E)).reshape(kv_heads, groups * m, dim)
-        scores = torch.matmul(block, key_t[:, :, :r1], out=workspace[: heads * m * r1].view(kv_heads, groups * m, r1))
+        target = workspace[: heads * m * r1].view(kv_heads, groups * m, r1)
+        if mixed:  # the query as the model made it; the log2 scale goes onto the fp32 scores
+            scores = _matmul_fp32(query[:, r0:r1].reshape(kv_heads, groups * m, dim), key_t[:, :, :r1], target)
+        else:  # log2 domain: exp2(x·log2 e) = exp(x), so the scores are scaled once, on the small query block
+            block = (query[:, r0:r1].float() * (scaling * LOG2E)).reshape(kv_heads, groups * m, dim)
+            scores = torch.matmul(block, key_t[:, :, :r1], out=target)
         probs = scores.view(heads, m, r1)
         probs[:, :, r0:r1].masked_fill_(above_diagonal[:m, :m], float("-inf"))  # causal: only the diagonal tile
-        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp2_()  # unnormalised; in place, one buffer
+        probs.sub_(probs.amax(dim=-1, keepdim=True))
+        if mixed:
+            probs.mul_(scaling * LOG2E)
+        probs.exp2_()  # unnormalised; in place, one buffer
         norm = probs.sum(dim=-1)  # [heads, m]
-        out[:, r0:r1] = torch.matmul(scores, values[:, :r1]).view(heads, m, -1) / norm[..., None]
+        if mixed:
+            weighted = _matmul_fp32(scores.to(compute), values[:, :r1], torch.empty((kv_heads, groups * m, values.shape[-1]),
+                                                                                 dtype=torch.float32, device=device))
+        else:
+            weighted = torch.matmul(scores, values[:, :r1])
+        out[:, r0:r1] = weighted.view(heads, m, -1) / norm[..., None]
         if r1 > plan.first_row:
             _add_influence(y, probs, norm, r0, r1, plan)
     return out.to(query.dtype), y * plan.key_weight

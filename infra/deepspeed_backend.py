@@ -27,8 +27,10 @@ from typing import Any
 import torch
 
 from attnrl.config.schema import TrainConfig
+from attnrl.errors import ConfigError
 from attnrl.training.backend import autocast_dtype, require_scorer
 from attnrl.training.chunked_head import ResponseScorer
+from attnrl.training.weights import WeightStream
 
 CHECKPOINT_TAG = "engine"  # one DeepSpeed checkpoint per attnrl checkpoint directory
 
@@ -44,21 +46,61 @@ def _free_port() -> int:
 _OWN_PORT = "ATTNRL_SINGLE_PROCESS_MASTER_PORT"
 
 
-def _single_process_env() -> None:
-    """A world of one for DeepSpeed when no launcher (deepspeed, torchrun) set one up."""
+def local_rank_of(device: torch.device) -> int:
+    """The ``LOCAL_RANK`` that keeps DeepSpeed's engine on ``device``.
+
+    The engine reads ``LOCAL_RANK``, makes that accelerator index the current device and moves the
+    model there (``DeepSpeedEngine._set_distributed_vars`` and ``_configure_distributed_model`` in
+    DeepSpeed 0.19); ZeRO allocates its buffers on the current device. So it must be the index of
+    the trainer's own device among those this process sees, not 0.
+    """
+    if device.type == "cpu":
+        return 0
+    if device.index is None:
+        raise ValueError(f"{device}: name the device index (a model's parameters always have one)")
+    return device.index
+
+
+def visible_index(assigned: list[str], visible: str | None) -> int:
+    """The index, among this process's visible CUDA devices, of the one GPU Ray ``assigned`` it.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to an actor's GPUs, so that GPU is usually device 0; with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` the actor sees every GPU and must pick its own.
+    """
+    if len(assigned) != 1:
+        raise ValueError(f"a trainer rank needs exactly one GPU, Ray assigned {assigned or 'none'}")
+    ids = [d.strip() for d in visible.split(",")] if visible else None
+    if ids is None:  # every device is visible: Ray's id is the index
+        return int(assigned[0])
+    if assigned[0] not in ids:
+        raise ValueError(f"Ray assigned GPU {assigned[0]} but CUDA_VISIBLE_DEVICES is {visible!r}")
+    return ids.index(assigned[0])
+
+
+def _single_process_env(device: torch.device) -> None:
+    """A world of one for DeepSpeed on ``device`` when no launcher (deepspeed, torchrun) set one up."""
     ours = "MASTER_PORT" in os.environ and os.environ.get(_OWN_PORT) == os.environ["MASTER_PORT"]
+    local_rank = str(local_rank_of(device))
     if "RANK" in os.environ and not ours:
-        return  # a real launcher's world
+        # A real launcher's world (or a TrainerRank's): its LOCAL_RANK must name the trainer's device.
+        if os.environ.get("LOCAL_RANK") != local_rank:
+            raise ConfigError(
+                f"the trainer's device is {device} but LOCAL_RANK is {os.environ.get('LOCAL_RANK')!r}: DeepSpeed would "
+                f"move the model to device {os.environ.get('LOCAL_RANK')}; set model.device to match the launcher"
+            )
+        return
+    os.environ["LOCAL_RANK"] = local_rank  # the device of this backend, also when the world already exists
     if ours and torch.distributed.is_available() and torch.distributed.is_initialized():
         return  # this process already set it up
     port = str(_free_port())  # an inherited port is still held by the parent's store
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                      **{_OWN_PORT: port})
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{_OWN_PORT: port})
 
 
-def _import_deepspeed():
-    """DeepSpeed, imported for this process's world without JIT-compiling ops on CPU."""
-    _single_process_env()
+def _import_deepspeed(device: torch.device):
+    """DeepSpeed, imported for this process's world on ``device`` without JIT-compiling ops on CPU."""
+    _single_process_env(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # what DeepSpeed will do too; ZeRO's buffers go to the current device
     if not torch.cuda.is_available():
         # Name the accelerator: otherwise DeepSpeed probes and prints a warning on stdout.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -120,8 +162,8 @@ class DeepSpeedBackend:
 
     def __init__(self, scorer: ResponseScorer, config: TrainConfig) -> None:
         require_scorer(scorer, type(self).__name__)
-        self._deepspeed = deepspeed = _import_deepspeed()
         device = next(scorer.parameters()).device
+        self._deepspeed = deepspeed = _import_deepspeed(device)
         optimizer = torch.optim.AdamW(
             scorer.parameters(), lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay
         )
@@ -173,6 +215,15 @@ class DeepSpeedBackend:
                     gathered[id(tensor)] = tensor.detach()
             out[name] = gathered[id(tensor)]
         return out
+
+    def weight_stream(self, dtype: torch.dtype) -> WeightStream:
+        """Under ZeRO-3 each module's parameters are gathered in one collective (``GatheredParameters`` over the
+        module's list: a coalesced all-gather) and copied out at their full ``ds_shape``; every rank must iterate."""
+        if self.zero_stage < 3:
+            return WeightStream(self.scorer.lm, dtype)
+        gathered = self._deepspeed.zero.GatheredParameters
+        return WeightStream(self.scorer.lm, dtype, gather=lambda params: gathered(params, modifier_rank=None),
+                            full_shape=lambda p: tuple(p.ds_shape))
 
     def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
         bf16 = next(model.parameters()).dtype is torch.bfloat16

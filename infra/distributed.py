@@ -26,37 +26,34 @@ from attnrl.stages.train import TrainingRuntime
 from attnrl.training.checkpoint import MODEL_DIR
 from attnrl.rollout.scoring import engine_scores, scoring_spec
 from infra.engine_specs import build_pool
-from infra.placement import check_layout, place, required_resources
+from infra.placement import place, required_resources
 from infra.ray_engine import connect
 from infra.trainer_group import TrainerGroup
 
 
 def preflight(config: RunConfig) -> None:
-    """``ConfigError`` naming the field, for layouts the runtime cannot run."""
+    """``ConfigError`` naming the field, for layouts this machine or cluster cannot run (the rules that need no
+    machine are the schema's: ``attnrl.config.layout``)."""
     d = config.distributed
-    check_layout(config)
-    if d.trainer_ranks > 1 and config.train.backend != "deepspeed":
-        raise ConfigError(
-            f"train.backend: '{config.train.backend}' trains in one process; distributed.trainer_ranks = "
-            f"{d.trainer_ranks} needs 'deepspeed' (data-parallel ranks)"
-        )
     cluster = config.rollout.ray.address or os.environ.get("RAY_ADDRESS")
-    if d.num_gpus_per_rank > 0 and not torch.cuda.is_available() and not cluster:
-        raise ConfigError(
-            f"distributed.num_gpus_per_rank: {d.num_gpus_per_rank} asks for GPUs and this machine has no CUDA device "
-            "(set it to 0 to train on CPU ranks, or connect to a cluster with rollout.ray.address)"
-        )
+    if d.num_gpus_per_rank > 0 and not cluster:
+        _, gpus = required_resources(config)
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ConfigError(
+                f"distributed.num_gpus_per_rank: {d.num_gpus_per_rank:g} asks for GPUs and this machine has no CUDA "
+                "device (set it to 0 to train on CPU ranks, or connect to a cluster with rollout.ray.address)"
+            )
+        if gpus > available:
+            raise ConfigError(
+                f"distributed.trainer_ranks: the layout needs {gpus:g} GPUs ({d.trainer_ranks} ranks, "
+                f"rollout.ray.num_actors {config.rollout.ray.num_actors}, placement '{d.placement}') and this machine "
+                f"has {available}; lower them, or connect to a cluster with rollout.ray.address"
+            )
     if d.python is not None and not Path(d.python).expanduser().is_file():
         raise ConfigError(
             f"distributed.python: {d.python} does not exist (the trainer ranks' environment: DeepSpeed, torch, attnrl "
             "and the driver's Ray; README 'GPU cluster setup' makes one), or set null for the driver's interpreter"
-        )
-    if d.comm_backend == "nccl" and d.num_gpus_per_rank == 0:
-        raise ConfigError("distributed.comm_backend: 'nccl' needs GPU ranks (distributed.num_gpus_per_rank > 0)")
-    if engine_scores(config) and config.rollout.engine != "hf":
-        raise ConfigError(
-            "distributed.overlap: the rollout side scores with a transformers copy of the policy, which only the hf "
-            "engines hold for now; set rollout.engine=hf or distributed.overlap=false"
         )
 
 

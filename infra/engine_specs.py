@@ -125,7 +125,10 @@ def vllm_spec(config: RunConfig, *, model_dir: Path, tokenizer: PreTrainedTokeni
 
 
 def hf_spec(config: RunConfig, *, model_dir: Path) -> EngineSpec:
-    options = {"model_path": str(model_dir.absolute()), "dtype": config.model.dtype, "device": "cpu",
+    """hf engine actors generate on the GPU Ray gives each (its device 0) when ``rollout.ray.num_gpus_per_actor``
+    asks for one, else on CPU."""
+    device = "cuda" if config.rollout.ray.num_gpus_per_actor > 0 else "cpu"
+    options = {"model_path": str(model_dir.absolute()), "dtype": config.model.dtype, "device": device,
                "batch_size": config.rollout.batch_size, "threads": _actor_threads(config)}
     return EngineSpec("hf", options, dtype=config.model.dtype)
 

@@ -60,23 +60,8 @@ def required_resources(config: RunConfig) -> tuple[float, float]:
             d.trainer_ranks * d.num_gpus_per_rank + r.num_actors * r.num_gpus_per_actor)
 
 
-def check_layout(config: RunConfig) -> None:
-    """What the placement cannot do, as a ``ConfigError`` naming the field."""
-    d, r = config.distributed, config.rollout.ray
-    if d.placement == "colocated" and r.num_actors != d.trainer_ranks:
-        raise ConfigError(
-            f"rollout.ray.num_actors: {r.num_actors} — colocated placement puts one engine beside each trainer rank, "
-            f"so it must equal distributed.trainer_ranks ({d.trainer_ranks})"
-        )
-    if d.placement == "colocated" and r.num_gpus_per_actor not in (0, d.num_gpus_per_rank):
-        raise ConfigError(
-            f"rollout.ray.num_gpus_per_actor: {r.num_gpus_per_actor} — colocated, an engine shares its rank's GPUs "
-            f"(distributed.num_gpus_per_rank = {d.num_gpus_per_rank}); set the same value"
-        )
-
-
 def place(config: RunConfig) -> Placement:
-    check_layout(config)
+    """The placement group of the layout (its rules were checked when the configuration was resolved)."""
     d, r = config.distributed, config.rollout.ray
     if d.placement == "colocated":
         bundles = [_bundle(d.num_cpus_per_rank + r.num_cpus_per_actor, d.num_gpus_per_rank)] * d.trainer_ranks

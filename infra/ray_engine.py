@@ -153,9 +153,10 @@ class RayRolloutPool:
         self._placement = placement
         self._weights_ref: ray.ObjectRef | None = None
         self._expected: Fingerprint | None = None
-        # Where a replacement actor gets the latest weights when they arrived by another transport
-        # (vLLM's native transfer) than this pool's object store; called only on replacement.
-        self.weights_source: Callable[[], Mapping[str, torch.Tensor]] | None = None
+        # Where a replacement actor gets the latest weights when they arrived by another transport (vLLM's
+        # native transfer) than this pool's object store: (a reference to them in the object store, their
+        # fingerprint); called only on replacement.
+        self.weights_source: Callable[[], tuple[ray.ObjectRef, Fingerprint]] | None = None
         self.actors: list[Any] = []
         self.actor_info: list[dict[str, Any]] = []  # EngineWorker.ready() of each actor
         self.packed: dict[str, list[str]] = {}
@@ -316,7 +317,7 @@ class RayRolloutPool:
         [self.actor_info[index]] = self._started([actor.ready.remote()])
         self.actors[index] = actor
         if self._weights_ref is None and self.weights_source is not None:
-            self._weights_ref = ray.put({n: t.detach().to("cpu", self.dtype) for n, t in self.weights_source().items()})
+            self._weights_ref, self._expected = self.weights_source()
         if self._weights_ref is not None:
             self._verify(index, self._answer(actor.update_weights.remote(self._weights_ref)))
         self.replaced_actors += 1

@@ -44,6 +44,7 @@ from attnrl.steps import StepSegmentation
 from attnrl.training.checkpoint import MODEL_DIR, OPTIMIZER_DIR
 from attnrl.training.sharding import pad_to_world, shard_by_tokens, shard_mini_batches
 from attnrl.training.trainer import MiniBatch, ScoredSequence, TrainSequence
+from infra.deepspeed_backend import local_rank_of, visible_index
 from infra.placement import Placement
 from infra.ray_engine import kill_actors, last_line
 
@@ -64,6 +65,13 @@ def comm_backend(config: RunConfig) -> str:
     return chosen
 
 
+def rank_device(num_gpus: float) -> torch.device:
+    """This actor's device: the GPU Ray assigned it (``ray.get_gpu_ids``), as this process indexes it."""
+    if num_gpus == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", visible_index([str(i) for i in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
 class TrainerRank:
     """One DeepSpeed rank in its own process: a ``PolicyTrainer`` over its copy (or partition) of the policy."""
 
@@ -71,6 +79,8 @@ class TrainerRank:
         self.rank, self.world_size = rank, world_size
         self.trainer: Any = None
         self.tokenizer: Any = None
+        self.sender: Any = None  # vLLM's native weight transfer, once connected to the engines
+        self.release_memory = False  # colocated on a GPU: hand the cached memory back to the engine after each call
 
     def address(self) -> tuple[str, int]:
         """Where the process group meets: this node's address and a free port on it (asked of rank 0)."""
@@ -83,7 +93,7 @@ class TrainerRank:
         """Join the process group, load the policy (and the reference), build the backend, restore a checkpoint."""
         from transformers.utils import logging as hf_logging
 
-        from attnrl.model.loading import load_policy
+        from attnrl.model.loading import attention_implementation, load_policy
         from attnrl.training.backend import autocast_dtype, build_backend
         from attnrl.training.checkpoint import load_backend_state
         from attnrl.training.trainer import PolicyTrainer
@@ -91,22 +101,26 @@ class TrainerRank:
 
         hf_logging.disable_progress_bar()  # a "Loading weights" bar per rank and checkpoint is noise in the driver's log
         torch.set_num_threads(max(1, int(config.distributed.num_cpus_per_rank)))
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+        self.device = rank_device(config.distributed.num_gpus_per_rank)
+        # DeepSpeed's engine moves the model to device LOCAL_RANK: the GPU Ray gave this rank.
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank_of(self.device)),
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         backend = comm_backend(config)
-        self.device = torch.device("cuda", 0) if config.distributed.num_gpus_per_rank > 0 else torch.device("cpu")
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # Ray gave this process its GPU as device 0
+            torch.cuda.set_device(self.device)
         torch.distributed.init_process_group(
             backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=self.rank, world_size=self.world_size,
             timeout=datetime.timedelta(seconds=config.distributed.start_timeout_s),
         )
         seed_everything(config.seed)
-        policy = load_policy(Path(resume) / MODEL_DIR if resume else model_dir, dtype="float32", device=str(self.device))
+        attention = attention_implementation(config.model.attn_implementation, self.device)
+        policy = load_policy(Path(resume) / MODEL_DIR if resume else model_dir, dtype="float32", device=str(self.device),
+                             attn_implementation=attention)
         self.tokenizer = policy.tokenizer
         reference = None
         if config.algorithm.kl_coef > 0:
-            reference = load_policy(model_dir, dtype=config.model.dtype, device=str(self.device)).model
+            reference = load_policy(model_dir, dtype=config.model.dtype, device=str(self.device),
+                                    attn_implementation=attention).model
         optimizer = build_backend(config.train.backend, policy.model, config.train)
         self.trainer = PolicyTrainer(
             policy.model, optimizer, reference=reference, pad_token_id=policy.tokenizer.pad_token_id,
@@ -115,6 +129,7 @@ class TrainerRank:
         )
         if resume:
             load_backend_state(Path(resume), optimizer)
+        self.release_memory = self.device.type == "cuda" and config.distributed.placement == "colocated"
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "device": str(self.device), "backend": backend, "python": sys.executable}
 
@@ -123,16 +138,41 @@ class TrainerRank:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return [int(n) for n in tensor.tolist()]
 
+    def _released(self, result: Any) -> Any:
+        """The engine beside this rank wakes into the memory the pass cached (vLLM's sleep mode frees its own;
+        PyTorch's allocator keeps what the pass used unless it is emptied)."""
+        if self.release_memory:
+            torch.cuda.empty_cache()
+        return result
+
     def score(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]],
               segmentations: list[StepSegmentation] | None) -> list[ScoredSequence]:
-        return self.trainer.score(prompts, responses, segmentations)
+        return self._released(self.trainer.score(prompts, responses, segmentations))
 
     def logprobs(self, prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]],
                  reference: bool) -> list[tuple[float, ...]]:
-        return self.trainer.logprobs(prompts, responses, reference=reference)
+        return self._released(self.trainer.logprobs(prompts, responses, reference=reference))
 
     def update(self, batches: list[MiniBatch]) -> dict[str, float]:
-        return self.trainer.train_mini_batches(batches)
+        return self._released(self.trainer.train_mini_batches(batches))
+
+    def connect_engines(self, actors: list[Any], backend: str, tensor_parallel_size: int,
+                        packed: dict[str, list[str]], dtype: str, master: tuple[str, int] | None,
+                        timeout_s: float | None) -> None:
+        """vLLM's native transfer from this rank (``infra.vllm_weight_transfer``): every rank iterates the
+        gathered weights, rank 0 drives the engines."""
+        from infra.vllm_weight_transfer import NativeWeightSender
+
+        if self.sender is not None:
+            self.sender.close()
+        self.sender = NativeWeightSender(
+            self.trainer.backend.weight_stream(getattr(torch, dtype)), actors, backend=backend, rank=self.rank,
+            tensor_parallel_size=tensor_parallel_size, packed_modules=packed, master=master, timeout_s=timeout_s)
+
+    def send_weights(self) -> Any:
+        """One native transfer; rank 0 returns the fingerprint of what it sent (a list, so Ray does not resolve it)."""
+        sent = self.sender.send()
+        return None if sent is None else [sent]
 
     def publish_weights(self, dtype: str, packed: dict[str, list[str]]) -> list[Any] | None:
         """Every rank takes part in the export (ZeRO-3 gathers); rank 0 puts the engines' copy in the
@@ -175,6 +215,10 @@ class TrainerGroup:
         starting = (config.distributed.start_timeout_s, "distributed.start_timeout_s")
         self.mini_batch = config.train.mini_batch_sequences
         self.kl = config.algorithm.kl_coef > 0
+        sync = config.rollout.vllm.weight_sync
+        self.native_sync = None if config.rollout.engine != "vllm" or sync == "object_store" else sync
+        self.tensor_parallel_size = config.rollout.vllm.tensor_parallel_size
+        self._connected: list[Any] = []  # the engine actors the native transfer was set up with
         runtime_env: dict[str, Any] = {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(config.distributed.num_cpus_per_rank))),
                                                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
         if config.distributed.python is not None:
@@ -220,11 +264,28 @@ class TrainerGroup:
         return {key: sum(s[key] for s in stats) / len(stats) for key in stats[0]}
 
     def push_weights(self, engine: Any) -> None:
-        """Rank 0's export, straight into the rollout pool (``RayRolloutPool.load_weights``)."""
-        published = self._gather([a.publish_weights.remote(engine.spec.dtype, engine.packed) for a in self.actors],
-                                 "weight export")
-        ref, expected = published[0]
-        engine.load_weights(ref, expected)
+        """The new weights into the rollout pool: vLLM's native transfer from the ranks (``rollout.vllm.weight_sync``
+        nccl or ipc), else rank 0's export through the object store (``RayRolloutPool.load_weights``)."""
+        if self.native_sync is None:
+            engine.load_weights(*self.publish(engine))
+            return
+        if self._connected != engine.actors:  # first push, or the pool replaced an engine since
+            master = (self._gather([self.actors[0].address.remote()], "weight transfer setup", ranks=[0])[0]
+                      if self.native_sync == "nccl" else None)
+            self._gather([a.connect_engines.remote(engine.actors, self.native_sync, self.tensor_parallel_size,
+                                                   engine.packed, engine.spec.dtype, master, self.call_timeout_s)
+                          for a in self.actors], "weight transfer setup")
+            self._connected = list(engine.actors)
+            # An engine that replaces a dead one starts from the object store: the ranks publish on demand.
+            engine.weights_source = lambda: self.publish(engine)
+        sent = self._gather([a.send_weights.remote() for a in self.actors], "weight transfer")
+        engine.verify_after_transfer(sent[0][0])
+
+    def publish(self, engine: Any) -> tuple[Any, Any]:
+        """Rank 0's export in the engines' dtype, in the object store: (its reference, its fingerprint)."""
+        ref, expected = self._gather([a.publish_weights.remote(engine.spec.dtype, engine.packed) for a in self.actors],
+                                     "weight export")[0]
+        return ref, expected
 
     # -- checkpoints ---------------------------------------------------------------------------
 

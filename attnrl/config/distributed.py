@@ -34,10 +34,11 @@ class DistributedConfig(Section):
         "engines on different GPUs; with 'overlap' the next batch is generated and scored while the trainer updates.",
     )
     overlap: bool = Field(
-        default=True,
+        default=False,
         description="split placement, one-step off-policy loop: the rollout engines score the next batch's initial "
         "samples (behaviour log-probs, entropies, FCI) with the weights that sampled them while the trainer updates "
-        "(spec §3.2's policy versions; the samples are the same either way). Ignored when colocated.",
+        "(spec §3.2's policy versions; the samples are the same either way). Needs a rollout side of its own "
+        "(placement 'split') whose engines can score (rollout.engine 'hf' for now).",
     )
     num_cpus_per_rank: float = Field(
         default=4, gt=0, description="CPUs Ray reserves per trainer rank; also its torch threads (at least 1)."

@@ -66,6 +66,8 @@ def validate_config(tree: Mapping[str, Any], *, origin: str) -> RunConfig:
             key = ".".join(str(part) for part in err["loc"]) or "<root>"
             if err["type"] == "extra_forbidden":
                 lines.append(f"{key}: unknown key")
+            elif not err["loc"] and err["type"] == "value_error":  # a rule across sections names its own fields
+                lines.append(str(err["ctx"]["error"]))
             else:
                 lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
         listed = lines[0] if len(lines) == 1 else "\n  " + "\n  ".join(lines)  # one bad key: one line

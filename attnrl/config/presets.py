@@ -71,19 +71,35 @@ TINY: dict[str, Any] = {
         "zero_stage": 0, "reference_offload": False, "gradient_checkpointing": False,
     },
     # distributed.enabled=true on this machine: two gloo ranks on CPU beside the one engine actor.
-    "distributed": {"trainer_ranks": 2, "placement": "split", "num_cpus_per_rank": 1, "num_gpus_per_rank": 0},
+    # The rollout side scores the next batch during the update (hf engines hold a transformers copy).
+    "distributed": {"trainer_ranks": 2, "placement": "split", "overlap": True, "num_cpus_per_rank": 1,
+                    "num_gpus_per_rank": 0},
 }
+
+# The worker environment of README "GPU cluster setup": vLLM, DeepSpeed, torch and the driver's Ray.
+_WORKER_PYTHON = ".venv-worker/bin/python"
 
 R1_DISTILL_1_5B: dict[str, Any] = {
     "data": {
         "train": [{"kind": "verl_parquet", "path": "data/train/deepscaler_train.parquet", "name": "deepscaler"}],
         "eval": _SIX_BENCHMARKS,
     },
-    # One 8-GPU node with the single-process trainer: seven vLLM engines (TP 1) on GPUs 0-6, which a
-    # local Ray hands out first, and the trainer on GPU 7. The weights travel through Ray's object
-    # store; vLLM's native NCCL/IPC transfer needs the trainer in the worker environment.
-    "model": {"path": "models/DeepSeek-R1-Distill-Qwen-1.5B", "device": "cuda:7"},
-    "rollout": {"ray": {"num_actors": 7}},
+    "model": {"path": "models/DeepSeek-R1-Distill-Qwen-1.5B"},
+    # One 8-GPU node, colocated as verl's and OpenRLHF's hybrid engines are (docs/scaling.md, "The paper's
+    # node"): on every GPU one DeepSpeed rank (ZeRO-3, bf16) and one vLLM engine (TP 1), the engine asleep
+    # while the ranks score, take the reference pass and update; the weights go rank to engine by CUDA IPC.
+    "distributed": {"enabled": True, "trainer_ranks": 8, "placement": "colocated", "overlap": False,
+                    "num_gpus_per_rank": 1, "num_cpus_per_rank": 8, "python": _WORKER_PYTHON},
+    "rollout": {
+        "ray": {"num_actors": 8, "num_gpus_per_actor": 1, "num_cpus_per_actor": 4},
+        # 0.6 of 79.2 GiB, with the rank's resident ZeRO-3 state (~5 GiB) beside it: a 40 GiB KV cache, 1.5 M
+        # tokens, room for every sequence of a step at once (docs/scaling.md, "Memory per GPU").
+        "vllm": {"python": _WORKER_PYTHON, "gpu_memory_utilization": 0.6, "weight_sync": "ipc"},
+    },
+    # ZeRO-3 over 8 ranks leaves the frozen reference 0.44 GB per GPU: kept on the device, no host streaming.
+    "train": {"zero_stage": 3, "reference_offload": False},
+    # ~1,000 Math-Verify gradings per step (spec §8), on the CPUs the 16 actors leave free.
+    "reward": {"workers": 16},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "r1-distill-1.5b": R1_DISTILL_1_5B}

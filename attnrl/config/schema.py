@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from attnrl.config.distributed import DistributedConfig
+from attnrl.config.layout import layout_problems
 from attnrl.config.rollout import RolloutConfig
 from attnrl.config.section import Section
 
@@ -144,6 +145,14 @@ class ModelConfig(Section):
         default="bfloat16", description="Weights dtype; the tiny preset uses float32 on CPU."
     )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:N'.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        default="auto",
+        description="Attention kernel of the trainer's reference pass and update (the scoring pass swaps in the FCI "
+        "kernel). 'auto' = 'flex_attention' on CUDA: packed sequences (train.packing) through a block-sparse "
+        "document mask that transformers builds from the restarting position ids, compiled by torch, nothing to "
+        "install (flash-attn is source-only on the package index, and vLLM's varlen kernels have no backward); "
+        "'sdpa' on CPU, where FlexAttention has no backward.",
+    )
 
 
 class WarmupConfig(Section):
@@ -414,6 +423,9 @@ class TimeoutsConfig(Section):
         description="How long a run waits for another run on the same root to finish (flows/workspace.py).")
 
 
+LAYOUT_ERROR = "layout: "  # how a broken layout's message starts (one line, the fields named)
+
+
 class RunConfig(Section):
     """Everything one run reads. Serialised as params.yaml, grouped by stage."""
 
@@ -434,3 +446,10 @@ class RunConfig(Section):
     checks: ChecksConfig = Field(default_factory=ChecksConfig, description="Data checks between stages.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Stage 'report'.")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Bounds on each stage's task.")
+
+    @model_validator(mode="after")
+    def _layout(self) -> RunConfig:
+        """Trainer ranks, engines, GPUs and the weight sync must fit together (``attnrl.config.layout``)."""
+        if problems := layout_problems(self):
+            raise ValueError(LAYOUT_ERROR + "; ".join(problems))
+        return self

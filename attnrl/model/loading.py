@@ -41,6 +41,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def attention_implementation(configured: str, device: torch.device) -> str:
+    """``model.attn_implementation`` for a model on ``device``: 'auto' is FlexAttention on CUDA, SDPA elsewhere."""
+    if configured == "auto":
+        return "flex_attention" if device.type == "cuda" else "sdpa"
+    return configured
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory, left-padded, with a pad token."""
     path = _existing_model_dir(path)

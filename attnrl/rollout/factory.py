@@ -72,11 +72,6 @@ def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens
             f"rollout.vllm.weight_sync: '{vllm.weight_sync}' is vLLM's CUDA transport and this machine has no CUDA "
             "device; use 'object_store'"
         )
-    if vllm.tensor_parallel_size > 1 and ray_config.num_gpus_per_actor < vllm.tensor_parallel_size:
-        raise ConfigError(
-            f"rollout.vllm.tensor_parallel_size: {vllm.tensor_parallel_size} needs as many GPUs per engine, but "
-            f"rollout.ray.num_gpus_per_actor is {ray_config.num_gpus_per_actor}"
-        )
     length = engine_max_model_len(config, max_new_tokens)
     if model_dir is not None:
         _check_model_positions(Path(model_dir), length)

@@ -48,6 +48,30 @@ def checksum(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> Checksum
     return flat.numel(), total, squares
 
 
+class FingerprintBuilder:
+    """Checksums added one tensor at a time (a weight stream that never holds the whole model), then
+    ``result()``: what ``fingerprint`` returns for the same tensors."""
+
+    def __init__(self, *, packed: Mapping[str, Sequence[str]] | None = None, dtype: torch.dtype | None = None) -> None:
+        self._packed = packed or {}
+        self._dtype = dtype
+        self._sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Count ``tensor`` under its engine name (parts of a fused tensor add up); an empty tensor (an engine's
+        repacked placeholder) is left out. Each tensor once: a streamed copy's storage may be reused by the next."""
+        if tensor.numel() == 0:
+            return
+        count, total, squares = checksum(tensor, self._dtype)
+        entry = self._sums.setdefault(engine_name(name, self._packed), [0, 0.0, 0.0])
+        entry[0] += count
+        entry[1] += total
+        entry[2] += squares
+
+    def result(self) -> Fingerprint:
+        return {name: (int(c), t, s) for name, (c, t, s) in self._sums.items()}
+
+
 def fingerprint(
     tensors: Iterable[tuple[str, torch.Tensor]],
     *,
@@ -56,21 +80,14 @@ def fingerprint(
 ) -> Fingerprint:
     """Checksums by engine name; parts of a fused tensor are summed, tied duplicates skipped,
     empty tensors (an engine's repacked placeholders) left out."""
-    out: dict[str, list[float]] = {}
+    builder = FingerprintBuilder(packed=packed, dtype=dtype)
     seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in tensors:
-        if tensor.numel() == 0:
-            continue
         storage = (tensor.data_ptr(), tuple(tensor.shape))
-        if storage in seen:
-            continue
-        seen.add(storage)
-        count, total, squares = checksum(tensor, dtype)
-        entry = out.setdefault(engine_name(name, packed or {}), [0, 0.0, 0.0])
-        entry[0] += count
-        entry[1] += total
-        entry[2] += squares
-    return {name: (int(c), t, s) for name, (c, t, s) in out.items()}
+        if storage not in seen:
+            seen.add(storage)
+            builder.add(name, tensor)
+    return builder.result()
 
 
 def mismatches(expected: Fingerprint, actual: Fingerprint) -> list[str]:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from attnrl.errors import ConfigError
 from attnrl.training.chunked_head import ResponseScorer
+from attnrl.training.weights import WeightStream
 from attnrl.utils.registry import load_object, lookup
 
 if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
@@ -38,6 +39,9 @@ class OptimizerBackend(Protocol):
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The policy's full state dict in its Hugging Face names (gathered where parameters are partitioned)."""
+
+    def weight_stream(self, dtype: torch.dtype) -> WeightStream:
+        """The policy's parameters for the engines' weight transfer: full shapes, ``dtype``, module by module."""
 
     def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
         """The frozen reference model, placed the way this backend runs inference (spec §11)."""
@@ -75,6 +79,9 @@ class TorchBackend:
 
     def export_weights(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.scorer.lm.state_dict().items()}
+
+    def weight_stream(self, dtype: torch.dtype) -> WeightStream:
+        return WeightStream(self.scorer.lm, dtype)
 
     def prepare_reference(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

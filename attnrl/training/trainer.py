@@ -48,10 +48,11 @@ if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (
 
 # Attention implementations that keep padding-free sequences apart when given restarting position
 # ids (transformers' packed-sequence detection): varlen kernels attend within each sequence, the
-# others get a block-diagonal mask over the whole row. The FCI collector's kernel (spec §5) attends
-# within each span by construction, so it counts as varlen.
+# others get a block-diagonal mask over the whole row. FlexAttention's document mask is block-sparse,
+# so it skips the blocks between sequences as a varlen kernel does. The FCI collector's kernel
+# (spec §5) attends within each span by construction, so it counts as varlen.
 FCI_KERNEL = "attnrl_fci"
-VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3", FCI_KERNEL})
+VARLEN_KERNELS = frozenset({"flash_attention_2", "flash_attention_3", "flex_attention", FCI_KERNEL})
 PACKING_KERNELS = VARLEN_KERNELS | {"sdpa", "eager", "flex_attention"}
 
 

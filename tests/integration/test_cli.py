@@ -74,6 +74,39 @@ def test_config_command_prints_a_loadable_preset(tmp_path):
     assert load_config(tmp_path / "params.yaml").model.path == "models/DeepSeek-R1-Distill-Qwen-1.5B"
 
 
+BROKEN_LAYOUTS = [  # over the paper's preset: engines vs ranks, overlap, weight sync, TP vs GPUs, backend vs ranks
+    "rollout.ray.num_actors=7", "distributed.overlap=true", "rollout.vllm.weight_sync=nccl",
+    "rollout.vllm.tensor_parallel_size=2", "train.backend=torch",
+]
+_RUN_BROKEN = """
+import json, sys
+from flows.cli import main
+codes = [main(["train", "--config", sys.argv[1], "--root", sys.argv[2], "--set", layout]) for layout in sys.argv[3:]]
+heavy = sorted(m for m in ("prefect", "ray", "deepspeed", "vllm", "transformers.models") if m in sys.modules)
+print(json.dumps({"codes": codes, "imported": heavy}))
+"""
+
+
+def test_broken_layouts_fail_in_one_line_naming_the_fields_before_anything_starts(tmp_path):
+    config = tmp_path / "paper.yaml"
+    config.write_text("preset: r1-distill-1.5b\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
+    done = subprocess.run([sys.executable, "-c", _RUN_BROKEN, str(config), str(root), *BROKEN_LAYOUTS],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"codes": [2] * len(BROKEN_LAYOUTS), "imported": []}, done.stderr  # no Prefect API, Ray or model
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(BROKEN_LAYOUTS), done.stderr  # one line each
+    named = ["rollout.ray.num_actors (7) must equal distributed.trainer_ranks (8)", "distributed.overlap needs",
+             "rollout.vllm.weight_sync ('nccl')", "rollout.vllm.tensor_parallel_size (2) must equal",
+             "train.backend ('torch')"]
+    for line, fields in zip(lines, named, strict=True):
+        assert line.startswith(f"attnrl train: error: invalid configuration in {config}: layout: {fields}"), line
+    assert not list(root.iterdir())
+
+
 def _recent_roots(client) -> set[str]:
     """The ``root`` parameters of the session API's newest flow runs."""
     return {run.parameters.get("root") for run in client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC,

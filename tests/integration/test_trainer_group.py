@@ -12,11 +12,13 @@ import ray
 import torch
 
 from attnrl.config import resolve_config
-from attnrl.model.loading import load_policy, save_policy
+from attnrl.model.loading import load_policy, load_tokenizer, save_policy
+from attnrl.rollout.fingerprint import fingerprint, mismatches
 from attnrl.steps import SeparatorVocab, segment_response
 from attnrl.training.backend import build_backend
 from attnrl.training.sharding import pad_to_world
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from infra.engine_specs import build_pool
 from infra.placement import place
 from infra.trainer_group import TrainerGroup, TrainerRank, TrainerRankFailed
 
@@ -70,7 +72,7 @@ def policy_dir(tiny_policy, tmp_path_factory):
 def single(policy_dir):
     """The single-process trainer (plain AdamW) through the same two updates: 4 sequences, then 5 (which the
     group pads to 6 with a zero-advantage copy of the last, so the single process trains on that copy too)."""
-    config = _config(0, "train.backend=torch")
+    config = _config(0, "train.backend=torch", "distributed.enabled=false")
     policy = load_policy(policy_dir, dtype="float32")
     reference = load_policy(policy_dir, dtype="float32").model
     trainer = PolicyTrainer(policy.model, build_backend("torch", policy.model, config.train), reference=reference,
@@ -165,14 +167,11 @@ def test_ranks_that_stop_answering_fail_the_call_at_the_timeout_naming_them(clus
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
-    (["distributed.placement=colocated", "rollout.ray.num_actors=1"], "rollout.ray.num_actors: 1 — colocated"),
-    (["train.backend=torch"], "train.backend: 'torch' trains in one process"),
-    (["distributed.num_gpus_per_rank=1"], "distributed.num_gpus_per_rank: 1.0 asks for GPUs"),
-    (["distributed.comm_backend=nccl"], "distributed.comm_backend: 'nccl' needs GPU ranks"),
+    (["distributed.num_gpus_per_rank=1"], "distributed.num_gpus_per_rank: 1 asks for GPUs"),
     (["distributed.python=/nonexistent/python"], "distributed.python: /nonexistent/python does not exist"),
-    (["rollout.engine=vllm"], "distributed.overlap: the rollout side scores"),
 ])
-def test_layouts_the_runtime_cannot_run_are_refused_naming_the_field(overrides, field):
+def test_layouts_this_machine_cannot_run_are_refused_naming_the_field(overrides, field):
+    """What needs the machine; what does not fails when the configuration resolves (tests/unit/config/test_layout.py)."""
     from attnrl.errors import ConfigError
     from infra.distributed import preflight
 
@@ -181,3 +180,64 @@ def test_layouts_the_runtime_cannot_run_are_refused_naming_the_field(overrides, 
     preflight(_config(0))  # the test layout itself is fine
     with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
         preflight(_config(0, *overrides))
+
+
+class StreamingRank(TrainerRank):
+    """Reads the weight stream that vLLM's native transfer sends (every rank iterates it: each gather is a collective)."""
+
+    def stream(self, dtype: str) -> dict:
+        stream = self.trainer.backend.weight_stream(getattr(torch, dtype))
+        return {"meta": [(m.name, m.dtype, m.shape) for m in stream.metadata()],
+                "tensors": [(name, tensor.cpu()) for name, tensor in stream],
+                "held": {name: tuple(p.shape) for name, p in self.trainer.model.named_parameters()}}
+
+    def export(self) -> dict:
+        return self.trainer.policy_state()
+
+
+class StreamingGroup(TrainerGroup):
+    rank_class = StreamingRank
+
+
+def test_zero3_ranks_stream_full_tensors_equal_to_the_zero0_export_and_the_engine_holds_them(cluster, policy_dir,
+                                                                                            single):
+    def started(stage):
+        config = _config(stage)
+        placement = place(config)
+        return config, placement, StreamingGroup(config, placement, model_dir=policy_dir, resume=None)
+
+    config, placement, group = started(0)
+    try:
+        zero0 = ray.get(group.actors[0].export.remote())
+    finally:
+        group.close()
+        placement.remove()
+    config, placement, group = started(3)
+    pool = None
+    try:
+        streams = ray.get([a.stream.remote("float32") for a in group.actors])
+        for stream in streams:
+            assert all(shape == (0,) for shape in stream["held"].values())  # each rank holds only partitions
+            assert [(name, torch.float32, tuple(t.shape)) for name, t in stream["tensors"]] == stream["meta"]
+            for name, tensor in stream["tensors"]:
+                assert tensor.shape == zero0[name].shape and torch.equal(tensor, zero0[name]), name
+        # Every parameter is streamed (a tied head under the embedding's name only).
+        assert {name for name, _ in streams[0]["tensors"]} == {
+            name for name, _ in load_policy(policy_dir).model.named_parameters()}
+
+        # After an update, the engine holds what the stream sends, by its fingerprint.
+        group.update(single["sequences"][:4])
+        pool = build_pool(config, model_dir=policy_dir, tokenizer=load_tokenizer(policy_dir), max_new_tokens=8,
+                          state_dict=None, placement=placement.engine_options)
+        before = pool.weights_fingerprints()[0]
+        group.push_weights(pool)
+        [after] = pool.weights_fingerprints()
+        sent = fingerprint(ray.get([a.stream.remote("float32") for a in group.actors])[0]["tensors"],
+                           packed=pool.packed)
+        assert mismatches(sent, after) == [] and set(after) == set(sent)
+        assert mismatches(sent, before)  # the update changed the weights, and the sync carried them
+    finally:
+        if pool is not None:
+            pool.close()
+        group.close()
+        placement.remove()

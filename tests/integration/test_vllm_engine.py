@@ -10,8 +10,10 @@ under test. The same contract checks run against the hf engine in ``tests/unit/r
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,8 +30,9 @@ from attnrl.rollout.fingerprint import fingerprint, mismatches
 from attnrl.training.backend import build_backend
 from attnrl.training.loop import RLLoop
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from attnrl.training.weights import WeightStream
 from infra.ray_engine import RayRolloutPool, RolloutPoolError, WeightSyncError
-from infra.vllm_weight_transfer import NativeWeightSync, engine_init_info
+from infra.vllm_weight_transfer import NativeWeightSender, engine_init_info
 from tests import rollout_contract as contract
 from tests.conftest import PROJECT_ROOT, small_overrides, small_tiny_model
 
@@ -177,7 +180,38 @@ def test_native_transfer_gives_each_engine_its_own_ranks_and_needs_cuda(pool, pl
     assert [engine_init_info({"rank_offset": 1, "world_size": 5}, i, 2)["rank_offset"] for i in range(2)] == [1, 3]
     assert engine_init_info({"packed": True}, 1, 2) == {"packed": True}  # IPC has no ranks
     with pytest.raises(RuntimeError, match="'nccl' weight transfer needs CUDA"):
-        NativeWeightSync(pool, plain, backend="nccl", tensor_parallel_size=1)
+        NativeWeightSender(WeightStream(plain, torch.float32), pool.actors, backend="nccl", rank=0,
+                           tensor_parallel_size=1, packed_modules=pool.packed)
+
+
+_SOURCE_CHECK = """
+import json, torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from vllm.distributed.weight_transfer.base import WeightSource
+from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+from attnrl.training.weights import WeightStream
+from infra.vllm_weight_transfer import stream_source
+
+model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2))
+seen = []
+source = stream_source(WeightStream(model, torch.bfloat16), lambda: lambda name, tensor: seen.append(name))
+checked = list(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata()))  # vLLM's own contract check
+print(json.dumps({"source": isinstance(source, WeightSource), "sent": [n for n, _ in checked], "seen": seen,
+                  "dtypes": sorted({str(t.dtype) for _, t in checked}),
+                  "parameters": [n for n, _ in model.named_parameters()]}))
+"""
+
+
+def test_the_weight_stream_is_a_vllm_weight_source_that_keeps_its_metadata_contract():
+    """vLLM checks, per tensor, that the source yields what its metadata declared (the worker sizes its buffers
+    from it); run in the worker environment, where vLLM is."""
+    done = subprocess.run([str(PROJECT_ROOT / ".venv-vllm" / "bin" / "python"), "-c", _SOURCE_CHECK], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["source"] and result["dtypes"] == ["torch.bfloat16"]
+    assert result["sent"] == result["seen"] == result["parameters"]  # every parameter once, observed as sent
 
 
 def test_a_killed_engine_process_is_replaced_and_training_goes_on(pool, plain, padded):

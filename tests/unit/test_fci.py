@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnrl.fci import FCICollector, forward_influence, mask_scores, step_attention
+from attnrl.fci_kernel import block_rows
 from attnrl.steps import SeparatorVocab, StepSegmentation, segment_response
 
 # ---------------------------------------------------------------------------------------------- hand-computed
@@ -104,8 +105,10 @@ def naive_fci(model, inputs, segs, delta, aggregation, mask_first_step=True, mas
     return out
 
 
-def streaming_fci(model, inputs, segs, delta, aggregation, block_size, mask_first_step=True, mask_after_think=True):
-    with torch.no_grad(), FCICollector(model, segs, delta=delta, aggregation=aggregation, block_size=block_size) as c:
+def streaming_fci(model, inputs, segs, delta, aggregation, block_size, mask_first_step=True, mask_after_think=True,
+                  precision=None):
+    with torch.no_grad(), FCICollector(model, segs, delta=delta, aggregation=aggregation, block_size=block_size,
+                                       precision=precision) as c:
         logits = model(**inputs).logits
     return c.scores(mask_first_step=mask_first_step, mask_after_think=mask_after_think), logits, c
 
@@ -126,6 +129,29 @@ def test_streaming_matches_naive(tiny_policy, length, block_size, delta, aggrega
         assert g.shape == (seg.num_steps + 1,)
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert any(bool((g > 0).any()) for g in got)
+
+
+@pytest.mark.parametrize(("length", "block_size"), [(150, 64), (150, 1024), (150, None)])
+def test_the_cuda_path_matches_naive_in_fp32(tiny_policy, length, block_size):
+    """The GPU path (matmuls in the model's dtype writing fp32 scores, the log2 scale on the scores, large blocks)
+    computes what the naive reference does when it is given fp32."""
+    model, tokenizer = tiny_policy
+    inputs, segs = make_batch(tokenizer, [length, length - 9, length // 2], seed=7)
+    got, logits, _ = streaming_fci(model, inputs, segs, 2, "mean_mean", block_size, mask_first_step=False,
+                                   precision="input")
+    want = naive_fci(model, inputs, segs, 2, "mean_mean", mask_first_step=False)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[valid], plain[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_blocks_are_as_large_as_the_workspace_holds():
+    assert block_rows(9216, 12) == 2368  # 1 GiB of fp32 scores [12, rows, 9216], in multiples of 64
+    assert block_rows(9216, 12, workspace_bytes=1) == 64  # never below one multiple
+    assert 4 * 12 * block_rows(2048, 12) * 2048 <= 1 << 30
 
 
 def test_think_mask_and_too_few_steps(tiny_policy):
