@@ -30,7 +30,6 @@ from transformers import PreTrainedTokenizerBase
 from attnrl.config.identity import changed_keys
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
-from attnrl.errors import ConfigError
 from attnrl.lineage import LINEAGE_FILE, lineage, write_lineage
 from attnrl.model.loading import attention_implementation, load_policy, resolve_device, save_policy
 from attnrl.reward.verifier import Verifier
