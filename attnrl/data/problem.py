@@ -2,12 +2,13 @@
 
 A problem is a chat prompt plus the list of accepted final answers. Real data keeps answers
 messy (trailing newlines, LaTeX, several accepted forms), so the record strips surrounding
-whitespace and refuses anything it could not grade: an empty prompt, no answer, a
-non-string answer.
+whitespace and refuses anything it could not grade: an empty prompt or one of control characters
+only, no answer, a non-string answer.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,9 +99,18 @@ def _validate_prompt(prompt: Any, where: str) -> tuple[dict[str, str], ...]:
         messages.append({"role": str(role), "content": content})
     if messages[-1]["role"] != "user":
         raise DataError(f"{where}: the last prompt message must be the user turn, got role {messages[-1]['role']!r}")
-    if not messages[-1]["content"].strip():
+    content = messages[-1]["content"]
+    if not content.strip():
         raise DataError(f"{where}: field 'prompt' is empty (the user message has no text)")
+    if not has_text(content):
+        raise DataError(f"{where}: field 'prompt' has no text, only control characters ({content[:40]!r})")
     return tuple(messages)
+
+
+def has_text(text: str) -> bool:
+    """Whether ``text`` holds a character that is neither whitespace nor a control or format character
+    (Unicode category C: NUL, escapes, zero-width marks): what a person or a tokenizer could read."""
+    return any(not ch.isspace() and unicodedata.category(ch)[0] != "C" for ch in text)
 
 
 def _validate_answers(answers: Any, where: str) -> tuple[str, ...]:
@@ -119,5 +129,7 @@ def _validate_answers(answers: Any, where: str) -> tuple[str, ...]:
             )
         if not answer.strip():
             raise DataError(f"{where}: answer {i} is empty")
+        if not has_text(answer):
+            raise DataError(f"{where}: answer {i} has no text, only control characters ({answer[:40]!r})")
         cleaned.append(answer.strip())
     return tuple(cleaned)

@@ -60,6 +60,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the tokenizer: {exc}") from exc
+    if not tokenizer.chat_template:
+        raise ModelLoadError(
+            f"{path}: the tokenizer has no chat template, and every prompt is built from chat messages (spec §2.4); "
+            "add one ('chat_template' in tokenizer_config.json, or chat_template.jinja), as instruct and R1 "
+            "checkpoints ship it"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right
@@ -84,6 +90,12 @@ def load_policy(
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the model: {exc}") from exc
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(
+            f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows: ids from "
+            f"{rows} on would index past it (a tokenizer from another model?)"
+        )
     model.to(resolve_device(device))
     model.eval()
     return PolicyBundle(model=model, tokenizer=tokenizer, path=path)

@@ -33,6 +33,8 @@ def _break(rows: list[dict], case: str) -> list[dict]:
         bad["reward_model"]["ground_truth"] = []
     elif case == "empty prompt":
         bad["prompt"][0]["content"] = "   "
+    elif case == "control characters":
+        bad["prompt"][0]["content"] = "\x00\x01\x02"
     elif case == "duplicate id":
         bad["extra_info"]["index"] = rows[0]["extra_info"]["index"]
     elif case == "overlong prompt":
@@ -84,7 +86,8 @@ def test_bad_training_problems_stop_the_train_flow_naming_the_row(prefect_api, t
     assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == earlier
 
 
-@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "duplicate id", "overlong prompt"])
+@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "control characters", "duplicate id",
+                                  "overlong prompt"])
 def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_api, tmp_path, case):
     source = _write_bad(tmp_path / "source" / "aime_bad.parquet", case)
     root = tmp_path / "run"

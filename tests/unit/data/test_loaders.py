@@ -47,6 +47,12 @@ def test_empty_prompt_names_the_row(tmp_path):
         load_verl_parquet(path)
 
 
+def test_a_prompt_of_control_characters_names_the_file_and_row(tmp_path):
+    path = _write(tmp_path / "x.parquet", [_row(0, ["4"]), _row(1, ["4"], content="\x00\x01\x02")])
+    with pytest.raises(DataError, match=r"x.parquet row 1: field 'prompt' has no text, only control characters"):
+        load_verl_parquet(path)
+
+
 def test_non_string_answer_names_the_row(tmp_path):
     path = _write(tmp_path / "x.parquet", [_row(0, [4])])
     with pytest.raises(DataError, match=r"row 0: answer 0 must be a string, got int"):
