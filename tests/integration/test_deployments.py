@@ -26,6 +26,7 @@ import httpx
 import pytest
 from prefect.client.base import PrefectHttpxSyncClient
 
+from attnrl.config import resolve_config
 from tests.conftest import PROJECT_ROOT, small_overrides
 
 pytestmark = pytest.mark.integration
@@ -141,6 +142,8 @@ def test_deploy_registers_the_scheduled_and_on_demand_deployments(prefect_server
     cluster = deployments[("train", "train-on-ray-cluster")]
     assert cluster["job_variables"]["env"] == {"RAY_ADDRESS": "auto"}
     assert "distributed.enabled=true" in cluster["parameters"]["overrides"]
+    for deployment in deployments.values():  # every preset run's configuration resolves (the layout rules included)
+        resolve_config(path=PROJECT_ROOT / "params.yaml", overrides=deployment["parameters"].get("overrides", []))
     pool = api.get(f"/work_pools/{POOL}").json()
     assert pool["type"] == "process"
     # One run at a time of the pipeline, of evaluate-latest and of on-demand training; later ones wait.
