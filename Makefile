@@ -86,7 +86,7 @@ server-stop:
 # check"): DeepSpeed (its sdist built into a pure wheel, no ops compiled) and what DeepSpeed needs beyond that
 # machine's packages, at the lock's versions, for CPython 3.12 on x86-64 Linux.
 GPU_WHEELS ?= .whl
-GPU_WHEEL_PINS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions
+GPU_WHEEL_PINS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions einops msgpack psutil
 gpu-wheels: install
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
 	$(PY) -m pip wheel $(PIP_FLAGS) -q --no-deps -w $(GPU_WHEELS) $$(grep '^deepspeed==' requirements.lock)

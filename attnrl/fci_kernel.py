@@ -85,13 +85,17 @@ def _matmul_fp32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     if a.dtype == torch.float32:
         return torch.matmul(a, b, out=out)
     kind = a.device.type
-    if _MIXED_MATMUL.get(kind, kind == "cuda"):
+    if mixed_matmul(kind):
         try:
-            out.copy_(torch.bmm(a, b, out_dtype=torch.float32))
-            return out
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch: upcast from now on
+            return torch.bmm(a, b, out_dtype=torch.float32, out=out)
+        except (TypeError, NotImplementedError):  # a torch without the overload: upcast from now on
             _MIXED_MATMUL[kind] = False
     return torch.matmul(a.float(), b.float(), out=out)
+
+
+def mixed_matmul(device_type: str) -> bool:
+    """Whether half-precision matmuls on this device type write fp32 directly (False once the overload failed)."""
+    return _MIXED_MATMUL.get(device_type, device_type == "cuda")
 
 
 def attention_with_influence(

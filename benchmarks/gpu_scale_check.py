@@ -217,7 +217,7 @@ def fci_kernel(ctx: SimpleNamespace) -> dict[str, Any]:
     torch = ctx.torch
     import torch.nn.functional as F
 
-    from attnrl.fci_kernel import CPU_BLOCK_ROWS, StepPlan, attention_with_influence, block_rows
+    from attnrl.fci_kernel import CPU_BLOCK_ROWS, StepPlan, attention_with_influence, block_rows, mixed_matmul
 
     length = ctx.shape["lengths"][-1]
     numbers = ctx.numbers
@@ -248,6 +248,8 @@ def fci_kernel(ctx: SimpleNamespace) -> dict[str, Any]:
         measured["all_layers_seconds"] = round(measured["seconds"] * layers, 3)
         runs[name] = measured
     result["runs"] = runs
+    # False: this torch lacks bmm(..., out_dtype=float32) and the "input" runs upcast instead (fci_kernel._matmul_fp32).
+    result["bf16_matmul_writes_fp32"] = mixed_matmul(ctx.device.type)
     return result
 
 

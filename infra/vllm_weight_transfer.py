@@ -24,6 +24,7 @@ environment (``distributed.python``). On CPU the weights go through Ray's object
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -74,27 +75,44 @@ class EngineWeightSyncClient:
 
 
 def stream_source(stream: WeightStream, observe: Callable[[], Callable[[str, torch.Tensor], None] | None]):
-    """vLLM's ``WeightSource`` over ``stream``; ``observe()`` gives, per pass, what sees each sent tensor."""
+    """vLLM's ``WeightSource`` over ``stream``; ``observe()`` gives, per pass, what sees each sent tensor.
+
+    vLLM 0.33 (the GPU worker's) declares ``metadata`` as a cached property and takes full tensors from
+    ``iter_full()``; 0.32 (the CPU build here) calls ``metadata()`` and iterates the source itself.
+    """
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 
-    class StreamSource(WeightSource):
-        def metadata(self) -> list[ParamMeta]:
-            return [ParamMeta(m.name, m.dtype, m.shape) for m in stream.metadata()]
+    def declared() -> list[ParamMeta]:
+        return [ParamMeta(m.name, m.dtype, m.shape) for m in stream.metadata()]
 
-        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-            seen = observe()
-            for name, tensor in stream:
-                if seen is not None:
-                    seen(name, tensor)
-                yield name, tensor
+    def full_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        seen = observe()
+        for name, tensor in stream:
+            if seen is not None:
+                seen(name, tensor)
+            yield name, tensor
+
+    if hasattr(WeightSource, "iter_full"):
+        class StreamSource(WeightSource):
+            metadata = functools.cached_property(lambda self: declared())
+
+            def iter_full(self) -> Iterator[tuple[str, torch.Tensor]]:
+                return full_tensors()
+    else:
+        class StreamSource(WeightSource):  # type: ignore[no-redef]
+            def metadata(self) -> list[ParamMeta]:
+                return declared()
+
+            def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+                return full_tensors()
 
     return StreamSource()
 
 
 def trainer_init_info(backend: str, *, rank: int, engines: int, tensor_parallel_size: int,
                       master: tuple[str, int] | None) -> Any:
-    """vLLM's trainer init info for ``backend``; rank 0 is the sender. Both backends send packed: chunks of
-    one reused 1 GiB buffer instead of a second full copy of the model on the GPU."""
+    """vLLM's trainer init info for ``backend``; rank 0 is the sender. Both backends send packed: chunks through
+    reused 1 GiB buffers (one for IPC, two in flight for NCCL) instead of a second full copy of the model."""
     if backend == "nccl":
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 

@@ -196,7 +196,8 @@ model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, intermediate
                                      num_attention_heads=4, num_key_value_heads=2))
 seen = []
 source = stream_source(WeightStream(model, torch.bfloat16), lambda: lambda name, tensor: seen.append(name))
-checked = list(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata()))  # vLLM's own contract check
+declared = source.metadata() if callable(source.metadata) else source.metadata  # vLLM 0.32 / 0.33
+checked = list(NCCLTrainerWeightTransferEngine._checked_iter(source, declared))  # vLLM's own contract check
 print(json.dumps({"source": isinstance(source, WeightSource), "sent": [n for n, _ in checked], "seen": seen,
                   "dtypes": sorted({str(t.dtype) for _, t in checked}),
                   "parameters": [n for n, _ in model.named_parameters()]}))
