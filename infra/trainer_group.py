@@ -130,8 +130,9 @@ class TrainerRank:
         if resume:
             load_backend_state(Path(resume), optimizer)
         self.release_memory = self.device.type == "cuda" and config.distributed.placement == "colocated"
-        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "device": str(self.device), "backend": backend, "python": sys.executable}
+        # The engine beside this rank starts next: the full fp32 copy DeepSpeed just partitioned is still cached.
+        return self._released({"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                               "device": str(self.device), "backend": backend, "python": sys.executable})
 
     def _lockstep(self, counts: list[int]) -> list[int]:
         tensor = torch.tensor(counts, dtype=torch.int64, device=self.device)
