@@ -93,7 +93,7 @@ class TrainerRank:
         """Join the process group, load the policy (and the reference), build the backend, restore a checkpoint."""
         from transformers.utils import logging as hf_logging
 
-        from attnrl.model.loading import attention_implementation, load_policy
+        from attnrl.model.loading import load_policy
         from attnrl.training.backend import autocast_dtype, build_backend
         from attnrl.training.checkpoint import load_backend_state
         from attnrl.training.trainer import PolicyTrainer
@@ -113,7 +113,7 @@ class TrainerRank:
             timeout=datetime.timedelta(seconds=config.distributed.start_timeout_s),
         )
         seed_everything(config.seed)
-        attention = attention_implementation(config.model.attn_implementation, self.device)
+        attention = config.model.attn_implementation  # 'auto': FlexAttention on a GPU rank, SDPA on a CPU one
         policy = load_policy(Path(resume) / MODEL_DIR if resume else model_dir, dtype="float32", device=str(self.device),
                              attn_implementation=attention)
         self.tokenizer = policy.tokenizer
@@ -285,7 +285,7 @@ class TrainerGroup:
     def publish(self, engine: Any) -> tuple[Any, Any]:
         """Rank 0's export in the engines' dtype, in the object store: (its reference, its fingerprint)."""
         ref, expected = self._gather([a.publish_weights.remote(engine.spec.dtype, engine.packed) for a in self.actors],
-                                     "weight export")[0]
+                                     "weight export")[0]  # [reference, fingerprint] from rank 0, None from the rest
         return ref, expected
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -79,14 +79,17 @@ def load_policy(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
 ) -> PolicyBundle:
-    """Load a causal LM and its tokenizer from a local ``save_pretrained`` directory."""
+    """Load a causal LM and its tokenizer from a local ``save_pretrained`` directory; ``attn_implementation``
+    'auto' is resolved for ``device`` (``attention_implementation``)."""
     path = _existing_model_dir(path)
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
     tokenizer = load_tokenizer(path)
+    target = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=_DTYPES[dtype], local_files_only=True, attn_implementation=attn_implementation
+            str(path), dtype=_DTYPES[dtype], local_files_only=True,
+            attn_implementation=attention_implementation(attn_implementation, target),
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot load the model: {exc}") from exc
@@ -96,7 +99,7 @@ def load_policy(
             f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows: ids from "
             f"{rows} on would index past it (a tokenizer from another model?)"
         )
-    model.to(resolve_device(device))
+    model.to(target)
     model.eval()
     return PolicyBundle(model=model, tokenizer=tokenizer, path=path)
 

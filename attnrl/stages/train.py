@@ -31,7 +31,7 @@ from attnrl.config.identity import changed_keys
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.lineage import LINEAGE_FILE, lineage, write_lineage
-from attnrl.model.loading import attention_implementation, load_policy, resolve_device, save_policy
+from attnrl.model.loading import load_policy, save_policy
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import RolloutEngine
 from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
@@ -163,13 +163,13 @@ def local_runtime(config: RunConfig, *, init: Path, resume: Path | None) -> Iter
     # The trained copy is loaded in fp32: the torch backend keeps it as master weights (bf16 only inside
     # autocast), DeepSpeed in bf16 mode casts it and keeps its own fp32 master copy (train.precision); the
     # rollout engine and the frozen reference use model.dtype.
-    device = resolve_device(config.model.device)
-    attention = attention_implementation(config.model.attn_implementation, device)
-    policy = load_policy(resume / "model" if resume else init, dtype="float32", device=str(device),
-                         attn_implementation=attention)
+    settings = config.model
+    policy = load_policy(resume / "model" if resume else init, dtype="float32", device=settings.device,
+                         attn_implementation=settings.attn_implementation)
     reference = None
     if config.algorithm.kl_coef > 0:
-        reference = load_policy(init, dtype=config.model.dtype, device=str(device), attn_implementation=attention).model
+        reference = load_policy(init, dtype=settings.dtype, device=settings.device,
+                                attn_implementation=settings.attn_implementation).model
     # A pool's actors hold their own copies (cast on every push); the in-process engine needs one here.
     engine_model = policy.model if uses_pool(config) else copy.deepcopy(policy.model).to(dtype=getattr(torch, config.model.dtype))
     engine = build_engine(config, model_dir=policy.path, tokenizer=policy.tokenizer, max_new_tokens=max_new_tokens,
