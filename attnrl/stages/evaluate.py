@@ -22,7 +22,7 @@ from attnrl.eval.metrics import BenchmarkScore, SampleResult, benchmark_scores, 
 from attnrl.model.loading import load_policy, load_tokenizer
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
-from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
+from attnrl.rollout.factory import build_engine, engine_batch_rows, engine_session, preflight, uses_pool
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout, OutputCheck
 from attnrl.stages.prepare import benchmark_name
@@ -33,8 +33,6 @@ from attnrl.utils.progress import Progress
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
-# Generation calls per benchmark: each a tenth of the progress.
-PROGRESS_CALLS = 10
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,8 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
         for spec in config.data.eval:
             name = benchmark_name(spec)
             problems = load_verl_parquet(layout.prepared_eval(name))
-            graded = evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name)
+            graded = evaluate_problems(problems, spec.k, engine, tokenizer, verifier, config, name,
+                                       call_rows=engine_batch_rows(config))
             logger.info("evaluate %s: %d of %d responses correct", name, sum(r["reward"] for r in graded), len(graded))
             rows.extend(graded)
     scores = benchmark_scores(
@@ -81,14 +80,17 @@ def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path
 
 
 def evaluate_problems(problems: list[Problem], k: int, engine: RolloutEngine, tokenizer, verifier: Verifier,
-                      config: RunConfig, benchmark: str) -> list[dict[str, object]]:
-    """Sample and grade ``k`` responses for each problem; one result row per sample."""
+                      config: RunConfig, benchmark: str, *, call_rows: int) -> list[dict[str, object]]:
+    """Sample and grade ``k`` responses for each problem; one result row per sample.
+
+    Generation calls hold up to ``call_rows`` samples (``engine_batch_rows``: what the engines run at once, so
+    no engine waits on a small call) and each is seeded by its index; the progress moves once per call.
+    """
     params = SamplingParams(
         temperature=config.eval.temperature, top_p=config.eval.top_p, max_new_tokens=config.eval.max_new_tokens
     )
     requests = [GenerationRequest(tuple(encode_prompt(tokenizer, p.prompt)), n=k) for p in problems]
-    # In PROGRESS_CALLS calls, each seeded by its index, so the progress shows on any engine.
-    size = max(1, -(-len(requests) // PROGRESS_CALLS))
+    size = max(1, call_rows // k)
     completions: list[list[Completion]] = []
     with Progress(logger, f"evaluate {benchmark}", len(requests) * k, "samples") as progress:
         for index, first in enumerate(range(0, len(requests), size)):

@@ -20,6 +20,7 @@ STYLE = """
 .steps{font-family:monospace;margin:0.5em 0}
 .step{display:flex;gap:1em;align-items:baseline;padding:2px 6px;border-bottom:1px solid #eee}
 .step .n{color:#888;width:2em}.step .t{flex:1;white-space:pre-wrap}.step .s{color:#555;font-size:90%;width:16em}
+.steps.inline{white-space:pre-wrap;line-height:1.6}.steps.inline .tok{padding:1px 0}
 .mark{font-weight:bold;padding:0 2px}.mark.fci{color:#b00}.mark.entropy{color:#06c}
 svg.tree text{font-family:monospace;font-size:11px}
 table.segments td:nth-child(2),table.segments th:nth-child(2){text-align:left;font-family:monospace}
@@ -55,20 +56,28 @@ def _trace(trace: ProblemTrace) -> str:
 
 
 def _steps(trace: ProblemTrace) -> str:
+    """One row per step; a response without any line break, whose steps are single tokens (spec §4's last
+    fallback), runs inline instead, each token shaded and titled with its FCI and entropy."""
     top = max((s.fci for s in trace.steps), default=0.0)
+    inline = len(trace.steps) > 1 and all(step.end - step.start == 1 for step in trace.steps)
     rows = []
     for k, step in enumerate(trace.steps, start=1):
-        shade = step.fci / top if top > 0 else 0.0
+        shade = f"background:rgba(230,120,20,{0.75 * (step.fci / top if top > 0 else 0.0):.2f})"
         text = "".join(
             "".join(f'<span class="mark {b}" title="{MARKS[b][1]}">{MARKS[b][0]}</span>' for b in piece.branches)
             + html.escape(piece.text)
             for piece in step.pieces
         )
-        rows.append(
-            f'<div class="step" style="background:rgba(230,120,20,{0.75 * shade:.2f})">'
-            f'<span class="n">{k}</span><span class="t">{text}</span>'
-            f'<span class="s">FCI {step.fci:.3f} · entropy {step.entropy:.2f}</span></div>'
-        )
+        scores = f"FCI {step.fci:.3f} · entropy {step.entropy:.2f}"
+        if inline:
+            rows.append(f'<span class="tok" style="{shade}" title="step {k}: {scores}">{text}</span>')
+        else:
+            rows.append(f'<div class="step" style="{shade}"><span class="n">{k}</span><span class="t">{text}</span>'
+                        f'<span class="s">{scores}</span></div>')
+    if inline:
+        return (f'<p class="note">This response has no line break, so every token is a step (spec §4, the last '
+                f'fallback of step segmentation): its {len(rows)} tokens run inline, each titled with its FCI and '
+                f'entropy.</p><div class="steps inline">{"".join(rows)}</div>')
     return f'<div class="steps">{"".join(rows)}</div>'
 
 

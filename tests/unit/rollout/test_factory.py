@@ -8,7 +8,7 @@ from attnrl.config import resolve_config
 from attnrl.errors import ConfigError
 from attnrl.model.loading import save_policy
 from attnrl.rollout import RolloutEngine
-from attnrl.rollout.factory import build_engine, engine_max_model_len, preflight, uses_pool
+from attnrl.rollout.factory import build_engine, engine_batch_rows, engine_max_model_len, preflight, uses_pool
 
 
 def test_hf_engine_is_built_from_the_config(tiny_policy, tmp_path):
@@ -17,6 +17,15 @@ def test_hf_engine_is_built_from_the_config(tiny_policy, tmp_path):
     engine = build_engine(config, model_dir=tmp_path, tokenizer=tokenizer, max_new_tokens=8, model=model)
     assert isinstance(engine, RolloutEngine) and engine.batch_size == 7 and engine.vocab_size == len(tokenizer)
     assert not uses_pool(config) and uses_pool(resolve_config(preset="tiny", overrides=["rollout.engine=vllm"]))
+
+
+@pytest.mark.parametrize(("overrides", "rows"), [
+    (["rollout.batch_size=24"], 24),  # one in-process hf engine
+    (["rollout.batch_size=24", "rollout.ray.enabled=true", "rollout.ray.num_actors=3"], 72),  # a pool of hf actors
+    (["rollout.engine=vllm", "rollout.vllm.max_num_seqs=100", "rollout.ray.num_actors=2"], 200),
+])
+def test_engine_batch_rows_is_what_the_engines_run_at_once(overrides, rows):
+    assert engine_batch_rows(resolve_config(preset="tiny", overrides=overrides)) == rows
 
 
 def test_the_in_process_engine_needs_a_model(tiny_policy, tmp_path):

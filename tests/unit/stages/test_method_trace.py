@@ -3,13 +3,14 @@ steps it was built from; the view draws one box per node and one mark per branch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 import pytest
 
 from attnrl.config import resolve_config
-from attnrl.stages.method_trace import trace_problems
+from attnrl.stages.method_trace import Piece, StepTrace, trace_problems
 from attnrl.stages.prepare import prepare
 from attnrl.stages.report import trace_candidates
 from attnrl.stages.trace_view import traces_html
@@ -89,7 +90,21 @@ def test_the_view_draws_a_box_per_node_and_a_mark_per_branch_point(traced):
     trees = re.findall(r'<svg class="tree".*?</svg>', page, flags=re.S)
     assert [tree.count("<rect") for tree in trees] == [len(t.segments) + 1 for t in three]  # + the question
     assert page.count('class="mark fci"') == sum(len(set(t.fci_offsets)) for t in three) + 1  # + the legend's
-    assert page.count('<div class="step"') == sum(len(t.steps) for t in three)
+    # A row per step, or a token per step where a response has no line break (inline, spec §4's fallback).
+    assert page.count('<div class="step"') + page.count('<span class="tok"') == sum(len(t.steps) for t in three)
+
+
+def test_a_response_without_line_breaks_runs_inline_token_by_token(traced):
+    trace = traced[3][0]
+    tokens = tuple(StepTrace(start=i, end=i + 1, fci=float(i), entropy=0.5, pieces=(Piece(i, f"t{i} ", ()),))
+                   for i in range(5))
+    page = traces_html([dataclasses.replace(trace, steps=tokens)])
+    assert '<div class="step"' not in page and page.count('<span class="tok"') == 5
+    assert "no line break, so every token is a step" in page and 'title="step 5: FCI 4.000 · entropy 0.50"' in page
+    lines = tuple(StepTrace(start=2 * i, end=2 * i + 2, fci=1.0, entropy=0.5, pieces=(Piece(2 * i, "a\n", ()),))
+                  for i in range(3))
+    page = traces_html([dataclasses.replace(trace, steps=lines)])  # steps of several tokens: a row each
+    assert page.count('<div class="step"') == 3 and '<span class="tok"' not in page
 
 
 def test_no_trace_when_none_is_asked_for(traced):
