@@ -3,7 +3,7 @@
     python benchmarks/real_model.py throughput   # evaluation tokens/s, hf and vLLM: the old 10-call split vs
                                                  # calls sized to the engines' batch, side by side (~6 min)
     python benchmarks/real_model.py pipeline     # prepare → evaluate → 2 AttnRL steps on vLLM → evaluate →
-                                                 # report, timed (~4 min; tests/integration/test_real_model_pipeline.py)
+                                                 # report, timed (~3 min; tests/integration/test_real_model_pipeline.py)
 
 One JSON object on stdout. The problems come from ../shared/benchmarks (verl parquet): ``TRAIN_IDS`` are
 MATH-train problems SmolLM2 solved in 1 to 3 of 4 samples (128 tokens, temperature 1, the hf engine, seed 0),
@@ -67,7 +67,7 @@ def pipeline_overrides(model_dir: Path, train_path: Path, eval_path: Path) -> li
         "rollout.sampling.n=4", f"rollout.sampling.max_new_tokens={MAX_NEW_TOKENS}", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
         "algorithm.prompt_batch_size=2", "algorithm.num_branch_points=1",
         "train.steps=2", "train.mini_batch_sequences=32", "train.lr=1e-6",
-        "report.trace_problems=1",
+        "report.trace_problems=0",  # the report's method trace would generate and score again (tested on its own)
     ]
 
 

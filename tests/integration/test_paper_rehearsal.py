@@ -33,12 +33,12 @@ R1_RESPONSE = ("Okay, so I need to find 2+3.\n\nFirst, 2+3 is 5.\n\nWait, let me
 
 
 def _benchmarks() -> list[str]:
-    """The preset's benchmarks whose files are in ../shared/benchmarks, at their K, 2 problems each."""
+    """The preset's benchmarks whose files are in ../shared/benchmarks, at their K, one problem each."""
     specs = resolve_config(preset="r1-distill-1.5b").data.eval
     present = [spec for spec in specs if (SHARED / "eval" / spec.path.split("/")[-1]).is_file()]
     assert {spec.name for spec in present} >= {"aime24", "amc23", "math500", "minerva"}
     return [f"{{kind: verl_parquet, path: {SHARED / 'eval' / spec.path.split('/')[-1]}, name: {spec.name}, "
-            f"k: {spec.k}, limit: 2}}" for spec in present]
+            f"k: {spec.k}, limit: 1}}" for spec in present]
 
 
 def rehearsal_overrides() -> list[str]:
@@ -52,7 +52,7 @@ def rehearsal_overrides() -> list[str]:
         # Lengths: 8,192-token responses and 512-token branching rules become 48 and 8 tokens.
         f"rollout.sampling.max_new_tokens={MAX_NEW_TOKENS}", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
         "algorithm.min_branch_position=8", "algorithm.min_branch_spacing=4",
-        "algorithm.prompt_batch_size=2", "train.steps=2",
+        "algorithm.prompt_batch_size=1", "train.steps=2",
         # Random weights never earn a reward, so every question would be filtered out (spec §7.6) and the run
         # would stop as stalled: here the all-wrong questions are trained on (zero advantages, the KL term).
         "algorithm.zero_advantage_filter=false",
@@ -64,7 +64,7 @@ def rehearsal_overrides() -> list[str]:
         "rollout.ray.object_store_mb=512",
         f"rollout.vllm.python={vllm_python}", "rollout.vllm.weight_sync=object_store", "rollout.vllm.kv_cache_gib=0.25",
         "rollout.vllm.block_size=32",
-        "reward.workers=2", "report.trace_problems=1",
+        "reward.workers=2", "report.trace_problems=0",
     ]
 
 
