@@ -1,8 +1,8 @@
 """The train flow on the distributed runtime (issue 12): 2 gloo trainer ranks and 1 hf rollout actor on
 Ray, split placement with the engines scoring the next batch during the update. A rollout actor killed
 mid-run is replaced; a trainer rank SIGKILLed mid-run fails the train task naming the rank, the task's
-retry resumes from the newest checkpoint, and the final weights equal a run that lost no rank. And the
-paper preset's colocated layout (a rank and an engine per bundle, ZeRO-3) scaled to CPU trains end to end."""
+retry resumes from the newest checkpoint, and the final weights equal a run that lost no rank. The paper
+preset's colocated layout scaled to CPU is rehearsed in test_paper_rehearsal.py."""
 
 from __future__ import annotations
 
@@ -114,19 +114,3 @@ def test_faults_on_the_distributed_runtime_leave_the_run_exact(prefect_api, tmp_
     mismatched = [name for name in expected if not torch.equal(expected[name], actual[name])]
     assert not mismatched, f"weights differ after the resume: {mismatched[:5]}"
     assert [r["reward"] for r in first.metrics] == [r["reward"] for r in second.metrics]
-
-
-def test_the_papers_colocated_layout_trains_on_cpu(prefect_api, tmp_path):
-    """The r1-distill-1.5b preset's shape scaled to this machine: a rank and an engine per (CPU) bundle, ZeRO-3,
-    the engines told to sleep while the ranks work, the weights pushed and proven after every update."""
-    overrides = [*small_overrides(), "distributed.enabled=true", "distributed.placement=colocated",
-                 "distributed.overlap=false", "distributed.trainer_ranks=2", "rollout.ray.num_actors=2",
-                 "train.zero_stage=3", "train.save_every=2"]
-    common = {"config_path": CONFIG, "overrides": overrides, "root": str(tmp_path)}
-    prepare_flow(**common)
-    warmup_flow(**common)
-    result = train_flow(**common)
-    assert [int(row["step"]) for row in result.metrics] == [1, 2]
-    assert all(row["engines_replaced"] == 0.0 for row in result.metrics)
-    assert (tmp_path / "runs" / "train" / "final" / "model.safetensors").is_file()
-    assert not _workers_left("TrainerRank", "EngineWorker")

@@ -1,13 +1,15 @@
 """A dress rehearsal of the paper's preset (``r1-distill-1.5b``) on CPU: the preset as it resolves, with the
-small delta ``REHEARSAL`` below, through the whole Prefect pipeline. What stays the paper's: the R1-Distill
-tokenizer and chat template (every id as published), the 151,936-row LM head over its 151,665 tokens, the
-six benchmarks' files where ../shared/benchmarks has them with their K, the colocated layout (a DeepSpeed
-ZeRO-3 rank beside a vLLM engine per bundle), the algorithm and the trainer settings. The model is the
-``r1-distill-qwen-small`` fixture (`make fixtures`): that tokenizer on a 2-layer body with random weights."""
+small delta ``rehearsal_overrides`` below, through the pipeline's stage flows (all but the evaluation before
+training). What stays the paper's: the R1-Distill tokenizer and chat template (every id as published), the
+151,936-row LM head over its 151,665 tokens, the six benchmarks' files where ../shared/benchmarks has them
+with their K, the colocated layout (a DeepSpeed ZeRO-3 rank beside a vLLM engine per bundle), the algorithm
+and the trainer settings. The model is the ``r1-distill-qwen-small`` fixture (`make fixtures`): that
+tokenizer on a 2-layer body with random weights."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +19,7 @@ from attnrl.model.loading import load_tokenizer
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout import encode_prompt
 from attnrl.steps import SeparatorVocab, segment_response
-from flows.pipeline import pipeline
+from flows.stages import difficulty_flow, evaluate_flow, prepare_flow, report_flow, train_flow, warmup_flow
 from scripts.fixtures import R1_SMALL, fixture_dir
 from tests.conftest import PROJECT_ROOT
 
@@ -105,8 +107,12 @@ def test_the_papers_preset_rehearses_end_to_end_on_cpu(prefect_api, tmp_path):
     resolved = resolve_config(path=config_path, overrides=overrides)
     assert (resolved.distributed.placement, resolved.train.zero_stage, resolved.algorithm.method) == ("colocated", 3,
                                                                                                     "attnrl")
-    state = pipeline(config_path=str(config_path), overrides=overrides, root=str(tmp_path), return_state=True)
-    assert state.is_completed(), state.message
+    # The stages in the pipeline's order, each its own flow, without the evaluation before training (the test's
+    # budget: it would start two more engines for random weights' zero accuracy).
+    for stage in (prepare_flow, warmup_flow, difficulty_flow, train_flow, evaluate_flow, report_flow):
+        started = time.perf_counter()
+        stage(config_path=str(config_path), overrides=overrides, root=str(tmp_path))
+        print(f"rehearsal: {stage.name} took {time.perf_counter() - started:.1f}s")
 
     runs = tmp_path / "runs"
     steps = [json.loads(line) for line in (runs / "train" / "metrics.jsonl").read_text().splitlines()]

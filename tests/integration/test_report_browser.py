@@ -60,7 +60,7 @@ def test_the_report_renders_in_chromium_with_its_figures_tables_and_traces(repor
 
         sections = browser.execute_script("""return Array.from(document.querySelectorAll('section.trace')).map(s => ({
             problem: s.dataset.problem,
-            shaded: Array.from(s.querySelectorAll('.step')).filter(d => {
+            shaded: Array.from(s.querySelectorAll('.step, .tok')).filter(d => {
                 const rgba = getComputedStyle(d).backgroundColor.match(/[0-9.]+/g);
                 return rgba.length === 3 || parseFloat(rgba[3]) > 0; }).length,
             fci: s.querySelectorAll('.mark.fci').length,
