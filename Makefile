@@ -65,7 +65,8 @@ demo: install
 # Two pytest-xdist workers, one test module each at a time (module fixtures such as the DVC project or the
 # Prefect server stay in one worker): most integration tests wait on subprocesses and servers.
 TEST_WORKERS ?= 2
-test: environments fixtures browser
+test: environments
+	@$(MAKE) --no-print-directory -j2 fixtures browser
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install

@@ -65,7 +65,8 @@ def pipeline_overrides(model_dir: Path, train_path: Path, eval_path: Path) -> li
         "rollout.engine=vllm", f"rollout.vllm.python={ROOT / '.venv-vllm' / 'bin' / 'python'}",
         "rollout.continuation_parts=1",
         "rollout.sampling.n=4", f"rollout.sampling.max_new_tokens={MAX_NEW_TOKENS}", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
-        "algorithm.prompt_batch_size=2", "algorithm.num_branch_points=1",
+        # 2 prompts of 4 samples, one branch point and one continuation per expanded response: 16 sequences a step.
+        "algorithm.prompt_batch_size=2", "algorithm.num_branch_points=1", "algorithm.continuations_per_branch=1",
         "train.steps=2", "train.mini_batch_sequences=32", "train.lr=1e-6",
         "report.trace_problems=0",  # the report's method trace would generate and score again (tested on its own)
     ]
