@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "benchmarks"
 MATH_TRAIN = SHARED / "train" / "dapo+math_train.parquet"
 MATH500 = SHARED / "eval" / "math500_1.parquet"
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"  # vLLM's CPU build (`make vllm-env`)
 TRAIN_IDS = (17550, 17700, 17914, 18372, 18566, 18682, 18687, 19853, 20223, 20650, 23443, 23491, 23549, 24126)
 EVAL_PROBLEMS = 4
 EVAL_K = 4
@@ -62,7 +63,7 @@ def pipeline_overrides(model_dir: Path, train_path: Path, eval_path: Path) -> li
         f"data.train=[{{kind: verl_parquet, path: {train_path}, name: math-train}}]",
         f"data.eval=[{{kind: verl_parquet, path: {eval_path}, name: math500, k: {EVAL_K}}}]",
         "data.max_prompt_tokens=128",  # the longest templated prompt here is ~80 tokens (SmolLM2 adds a system turn)
-        "rollout.engine=vllm", f"rollout.vllm.python={ROOT / '.venv-vllm' / 'bin' / 'python'}",
+        "rollout.engine=vllm", f"rollout.vllm.python={VLLM_PYTHON}",
         "rollout.continuation_parts=1",
         "rollout.sampling.n=4", f"rollout.sampling.max_new_tokens={MAX_NEW_TOKENS}", f"eval.max_new_tokens={MAX_NEW_TOKENS}",
         # 2 prompts of 4 samples, one branch point and one continuation per expanded response: 16 sequences a step.
@@ -77,7 +78,7 @@ def _throughput(args: argparse.Namespace) -> dict:
 
     from attnrl.config import resolve_config
     from attnrl.data.loaders import load_verl_parquet
-    from attnrl.model.loading import load_policy
+    from attnrl.model.loading import load_policy, load_tokenizer
     from attnrl.reward.verifier import Verifier
     from attnrl.rollout.factory import build_engine, engine_batch_rows, engine_session
     from attnrl.stages.evaluate import evaluate_problems
@@ -91,18 +92,19 @@ def _throughput(args: argparse.Namespace) -> dict:
         problems = load_verl_parquet(eval_path)
         for engine_name in args.engines:
             overrides = ["data.max_prompt_tokens=128", f"eval.max_new_tokens={args.max_new_tokens}",
-                         f"rollout.engine={engine_name}", f"rollout.vllm.python={ROOT / '.venv-vllm' / 'bin' / 'python'}"]
+                         f"rollout.engine={engine_name}", f"rollout.vllm.python={VLLM_PYTHON}"]
             config = resolve_config(preset="tiny", overrides=overrides)
-            policy = load_policy(model_dir)
-            engine = build_engine(config, model_dir=model_dir, tokenizer=policy.tokenizer,
-                                  max_new_tokens=args.max_new_tokens,
-                                  model=None if engine_name == "vllm" else policy.model)
+            # vLLM's actors load the model themselves; only the in-process hf engine needs it here.
+            model = None if engine_name == "vllm" else load_policy(model_dir).model
+            tokenizer = load_tokenizer(model_dir)
+            engine = build_engine(config, model_dir=model_dir, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                                  model=model)
             splits = {"ten_calls": math.ceil(len(problems) / 10) * args.k, "engine_batch": engine_batch_rows(config)}
             rows = {}
             with engine_session(engine), Verifier(timeout_s=5, workers=1) as verifier:
                 for label, call_rows in splits.items():
                     start = time.perf_counter()
-                    graded = evaluate_problems(problems, args.k, engine, policy.tokenizer, verifier, config, "math500",
+                    graded = evaluate_problems(problems, args.k, engine, tokenizer, verifier, config, "math500",
                                                call_rows=call_rows)
                     seconds = time.perf_counter() - start
                     tokens = sum(int(row["response_tokens"]) for row in graded)
