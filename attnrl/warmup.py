@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnrl.config.schema import WarmupConfig
+from attnrl.utils import stopping
 from attnrl.utils.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def run_warmup(
         running = 0.0
         with Progress(logger, "warmup", config.steps, "steps") as progress:
             for step in range(config.steps):
+                stopping.checkpoint()
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, config)
                 batch = collate([examples[rng.randrange(len(examples))] for _ in range(config.batch_size)], pad_token_id)

@@ -10,7 +10,9 @@
 Every command runs the same flows as the deployments (one implementation per stage): with
 ``PREFECT_API_URL`` set (environment or profile), runs are recorded on that server and visible in
 its UI; without it, on the server ``make server`` started for the project in the current directory
-if it answers (``flows/prefect_api.py``); else Prefect starts a temporary local API for the run.
+if it answers (``flows/prefect_api.py``); else the command starts a temporary local API for the run.
+Ctrl-C and SIGTERM stop every command within seconds, with the status 130 or 143 and a line saying what
+was stopped and what is kept; nothing it started is left running (``flows/stopping.py``).
 Every stage reads ``--config`` (default ``params.yaml``) plus ``--set key.path=value`` overrides.
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 from attnrl.config import METHODS, PRESETS, dump_config, resolve_config
 from attnrl.errors import AttnRLError
 from attnrl.eval.metrics import BenchmarkScore, format_table
+from attnrl.utils import stopping
+from flows.stopping import OwnProcesses, reset_record, stop_line, stop_on_signals, stop_signal
 
 STAGES = ("prepare", "warmup", "difficulty", "train", "evaluate", "report")
 
@@ -41,6 +45,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # libraries at WARNING; attnrl's own lines and the flows' run logs at INFO, as a person reads them
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s  %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("attnrl").setLevel(logging.INFO)
+
+    def say(line: str) -> None:
+        print(f"attnrl {args.command}: {line}", file=sys.stderr, flush=True)
+
+    own = OwnProcesses.now()
+    reset_record()
+    try:
+        with stop_on_signals(own, say):
+            return _command(args)
+    except BaseException as exc:  # Ctrl-C, SIGTERM (Prefect's TerminationSignal inside a flow run)
+        # A signal that landed in a library's own error handling can come out as another error (Prefect's
+        # "Task run is not set"): the recorded signal says how the command ended.
+        signum = stop_signal(exc) or stopping.recorded()
+        if signum is None:
+            raise
+        say(stop_line(signum))
+        return 128 + signum
+    finally:
+        if left := own.end():
+            say(f"ended {len(left)} processes it had started and left running: {'; '.join(left)}")
+        stopping.clear()  # for a next command in this process
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         if args.command == "config":
             sys.stdout.write(dump_config(resolve_config(preset=args.preset, overrides=args.set)))
@@ -62,9 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             quiet_console()
 
         started = time.perf_counter()
-        with project_prefect_api(Path.cwd()) as note:
-            if note:
-                print(f"attnrl {args.command}: {note}", file=sys.stderr)
+        with project_prefect_api(Path.cwd()) as api:
+            if api.note:
+                print(f"attnrl {args.command}: {api.note}", file=sys.stderr)
+            args.temporary_api = api.temporary
             COMMANDS[args.command](args)
         print(f"attnrl {args.command}: done in {time.perf_counter() - started:.0f}s")
         return 0
@@ -79,9 +108,9 @@ def _alerts(args: argparse.Namespace) -> int:
     from flows.alerts import deployment_names, ensure_failure_alert
     from flows.prefect_api import project_prefect_api
 
-    with project_prefect_api(Path.cwd()) as note:
-        if note:
-            print(f"attnrl alerts: {note}", file=sys.stderr)
+    with project_prefect_api(Path.cwd(), start_temporary=False) as api:
+        if api.note:
+            print(f"attnrl alerts: {api.note}", file=sys.stderr)
         if not _has_api_url():
             raise AttnRLError("attnrl alerts needs a Prefect server: set PREFECT_API_URL or run `make server`")
         deployments = deployment_names(Path(args.prefect_yaml))
@@ -150,7 +179,7 @@ def _print_result(stage: str, result: Any) -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline import pipeline
 
-    result, run = _with_run(pipeline, **_flow_args(args), experiment=args.experiment)
+    result, run = _with_run(pipeline, args.temporary_api, **_flow_args(args), experiment=args.experiment)
     print(format_table(result.after.scores))
     print(f"report: {Path(result.report.html_path).resolve()}")
     print(run)
@@ -161,7 +190,7 @@ def _demo(args: argparse.Namespace) -> None:
     from flows.console import headline
     from flows.pipeline import pipeline
 
-    result, run = _with_run(pipeline, **_flow_args(args))
+    result, run = _with_run(pipeline, args.temporary_api, **_flow_args(args))
     print("\n== accuracy of the warmed-up policy ==")
     print(format_table(result.before.scores))
     print("\n== accuracy after RL ==")
@@ -173,14 +202,14 @@ def _demo(args: argparse.Namespace) -> None:
     print(run)
 
 
-def _with_run(flow: Any, **parameters: Any) -> tuple[Any, str]:
+def _with_run(flow: Any, temporary_api: bool, **parameters: Any) -> tuple[Any, str]:
     """Run ``flow``; its result and a line naming its Prefect run (the UI's link where a UI serves it)."""
     from prefect.utilities.urls import url_for
 
     state = flow(**parameters, return_state=True)
     result = state.result()  # a failed run raises its error here
     run_id = state.state_details.flow_run_id
-    if not _has_api_url():
+    if temporary_api:
         return result, (f"Prefect run: {run_id}, on a temporary API that ended with this command "
                         "(`make server` keeps runs)")
     return result, f"Prefect run: {url_for('flow-run', obj_id=run_id) or run_id} (logs: prefect flow-run logs {run_id})"

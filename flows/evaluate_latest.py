@@ -18,8 +18,10 @@ from prefect import flow, get_client, get_run_logger
 from attnrl.errors import ModelLoadError
 from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
+from attnrl.stages.train import CHECKPOINTS_DIR
 from attnrl.training.checkpoint import latest_checkpoint
 from flows.stages import DEFAULT_CONFIG, evaluate_flow, load_flow_config, train_flow
+from flows.stopping import signals_recorded
 from flows.workspace import run_workspace
 
 OUT_DIR_NAME = "eval-latest"
@@ -28,7 +30,7 @@ FLOW_RUN_RESOURCE = "prefect.flow-run."
 
 def newest_model_dir(train_dir: Path) -> Path:
     """The model of the newest complete checkpoint under ``train_dir``, else ``train_dir/final``."""
-    checkpoint = latest_checkpoint(train_dir / "checkpoints")
+    checkpoint = latest_checkpoint(train_dir / CHECKPOINTS_DIR)
     if checkpoint is not None and (checkpoint / "model" / "config.json").is_file():
         return checkpoint / "model"
     final = train_dir / "final"
@@ -60,7 +62,7 @@ def evaluate_latest(config_path: str = DEFAULT_CONFIG, overrides: list[str] | No
     if train_flow_run is not None:
         config_path, overrides, root, method = train_run_parameters(train_flow_run)
     config = load_flow_config(config_path, overrides, method)
-    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+    with signals_recorded(), run_workspace(root, config, config_path, overrides, method, set()) as own:
         layout = Layout.of(config, own)
         model_dir = newest_model_dir(layout.train_dir)
         get_run_logger().info("evaluating %s%s", model_dir,

@@ -51,6 +51,7 @@ from flows.stages import (
     train_flow,
     warmup_flow,
 )
+from flows.stopping import signals_recorded
 from flows.workspace import run_workspace
 from tasks.checks import (
     check_model_dir_task,
@@ -89,7 +90,8 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
                           f" with overrides {overrides}" if overrides else "",
                           f" and method {method}" if method else "", config_digest(config)[:12])
     recorder = StageRecorder.for_run(root, config, config_path, overrides, method)
-    with run_workspace(root, config, config_path, overrides, method, {"prepare", "warmup", "difficulty"}) as own:
+    with signals_recorded(), \
+            run_workspace(root, config, config_path, overrides, method, {"prepare", "warmup", "difficulty"}) as own:
         result = _run_stages(config, own, recorder)
         if experiment:
             recorder.record_experiment(f"{experiment}-{flow_run.get_scheduled_start_time():%Y%m%d-%H%M%S}")

@@ -14,6 +14,9 @@ workspace lock, and a run with overrides in a DVC project writes to its own root
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from prefect import Task, flow
@@ -23,11 +26,13 @@ from attnrl.config.schema import RunConfig
 from attnrl.errors import ConfigError
 from attnrl.stages.difficulty import DifficultyResult
 from attnrl.stages.evaluate import EvaluationResult
+from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import PreparedData
 from attnrl.stages.report import ReportResult
-from attnrl.stages.train import TrainResult
+from attnrl.stages.train import CHECKPOINTS_DIR, TrainResult
 from attnrl.stages.warmup import WarmupResult
 from flows.console import attnrl_logs_in_runs
+from flows.stopping import signals_recorded, stage_running
 from flows.workspace import run_workspace
 from tasks.checks import gate_training_input_task
 from tasks.stages import difficulty_task, evaluate_task, prepare_task, report_task, train_task, warmup_task
@@ -52,6 +57,17 @@ def load_flow_config(config_path: str, overrides: list[str] | None, method: str 
     return config
 
 
+@contextmanager
+def stage_workspace(name: str, config: RunConfig, root: str, config_path: str, overrides: list[str] | None,
+                    method: str | None, produces: set[str]) -> Iterator[Path]:
+    """Stage ``name``'s root under its workspace lock (:func:`flows.workspace.run_workspace`), with every stop
+    signal recorded and the stage noted for the line a stopped command prints (:mod:`flows.stopping`)."""
+    with signals_recorded(), run_workspace(root, config, config_path, overrides, method, produces) as own:
+        checkpoints = Layout.of(config, own).train_dir / CHECKPOINTS_DIR if name == "train" else None
+        with stage_running(name, checkpoints):
+            yield own
+
+
 def bounded(stage_task: Task[P, R], seconds: float | None) -> Task[P, R]:
     """``stage_task`` with its run bounded by ``seconds`` (``timeouts.*``; None: unbounded)."""
     return stage_task.with_options(timeout_seconds=seconds)
@@ -61,7 +77,7 @@ def bounded(stage_task: Task[P, R], seconds: float | None) -> Task[P, R]:
 def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                  method: str | None = None, config: RunConfig | None = None) -> PreparedData:
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, {"prepare"}) as own:
+    with stage_workspace("prepare", config, root, config_path, overrides, method, {"prepare"}) as own:
         return bounded(prepare_task, config.timeouts.prepare_s)(config, own)
 
 
@@ -69,7 +85,7 @@ def prepare_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None 
 def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> WarmupResult:
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, {"warmup"}) as own:
+    with stage_workspace("warmup", config, root, config_path, overrides, method, {"warmup"}) as own:
         return bounded(warmup_task, config.timeouts.warmup_s)(config, own)
 
 
@@ -77,7 +93,7 @@ def warmup_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None =
 def difficulty_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                     method: str | None = None, config: RunConfig | None = None) -> DifficultyResult:
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, {"difficulty"}) as own:
+    with stage_workspace("difficulty", config, root, config_path, overrides, method, {"difficulty"}) as own:
         return bounded(difficulty_task, config.timeouts.difficulty_s)(config, own)
 
 
@@ -87,7 +103,7 @@ def train_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = 
     """RL training; with checks on, the input problems are gated first and every step's rollout batch
     before its update."""
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+    with stage_workspace("train", config, root, config_path, overrides, method, set()) as own:
         if config.checks.enabled:
             gate_training_input_task(config, own)
         return bounded(train_task, config.timeouts.train_s)(config, own)
@@ -99,7 +115,7 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
                   out_dir: str | None = None, config: RunConfig | None = None) -> EvaluationResult:
     """Evaluate ``model_dir`` (default: the initial policy) into ``out_dir`` (default: ``runs/eval``)."""
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+    with stage_workspace("evaluate", config, root, config_path, overrides, method, set()) as own:
         return bounded(evaluate_task, config.timeouts.evaluate_s)(config, own, model_dir, out_dir)
 
 
@@ -107,5 +123,5 @@ def evaluate_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None
 def report_flow(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None, root: str = ".",
                 method: str | None = None, config: RunConfig | None = None) -> ReportResult:
     config = load_flow_config(config_path, overrides, method, config)
-    with run_workspace(root, config, config_path, overrides, method, set()) as own:
+    with stage_workspace("report", config, root, config_path, overrides, method, set()) as own:
         return bounded(report_task, config.timeouts.report_s)(config, own)

@@ -33,10 +33,13 @@ never imports this module; ``attnrl.rollout.factory`` resolves it by import path
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,17 +92,32 @@ def connect(address: str | None = None, object_store_mb: int = 256, num_cpus: in
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            object_store_memory=object_store_mb * 2**20,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
+    with _sigterm_handler_kept():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                object_store_memory=object_store_mb * 2**20,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
     return True
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit(15)``: put back the run's own (Prefect's,
+    which marks the flow run; the command line's, which stops the run and says so: ``flows.stopping``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
 
 
 def worker_runtime_env(spec: EngineSpec) -> dict[str, Any] | None:

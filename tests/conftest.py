@@ -73,3 +73,20 @@ def small_overrides() -> list[str]:
         "rollout.sampling.n=4",
         "rollout.sampling.max_new_tokens=16",
     ]
+
+
+def locked_project(root: Path) -> Path:
+    """``root`` made a DVC project (so runs take its workspace lock: ``flows/workspace.py``) with the small
+    configuration as its params.yaml, its problems prepared and its policy warmed up, by the stage functions."""
+    from attnrl.config import dump_config, resolve_config
+    from attnrl.stages.prepare import prepare
+    from attnrl.stages.warmup import warmup
+
+    config = resolve_config(path=PROJECT_ROOT / "params.yaml", overrides=small_overrides())
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(dump_config(config))
+    (root / ".dvc").mkdir()
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    prepare(config, root)
+    warmup(config, root)
+    return root

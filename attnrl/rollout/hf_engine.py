@@ -19,6 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from attnrl.rollout.engine import Completion, GenerationRequest, SamplingParams, cut_at_vocabulary
+from attnrl.utils import stopping
 from attnrl.utils.seeding import derive_seed
 
 
@@ -104,6 +105,7 @@ class HFRolloutEngine:
             # leave=False: one bar per call would otherwise pile up over a training run.
             bar = tqdm(chunks, desc="generate", leave=False, disable=not self.progress or len(chunks) < 2)
             for chunk_index, chunk in enumerate(bar):
+                stopping.checkpoint()
                 chunk_requests = [requests[rows[k][0]] for k in chunk]
                 completions = self._generate_chunk(chunk_requests, params, derive_seed(seed, chunk_index))
                 results.update(zip(chunk, completions, strict=True))

@@ -29,6 +29,7 @@ from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.lineage import lineage, write_lineage
 from attnrl.utils.atomic import atomic_path
+from attnrl.utils import stopping
 from attnrl.utils.progress import Progress
 from attnrl.utils.seeding import derive_seed
 
@@ -94,6 +95,7 @@ def evaluate_problems(problems: list[Problem], k: int, engine: RolloutEngine, to
     completions: list[list[Completion]] = []
     with Progress(logger, f"evaluate {benchmark}", len(requests) * k, "samples") as progress:
         for index, first in enumerate(range(0, len(requests), size)):
+            stopping.checkpoint()
             part = requests[first : first + size]
             completions.extend(engine.generate(part, params, seed=derive_seed(config.seed, "eval", benchmark, index)))
             progress.update(len(part) * k)

@@ -55,6 +55,7 @@ from attnrl.utils.registry import load_object
 from attnrl.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
+CHECKPOINTS_DIR = "checkpoints"  # under the run directory: step_*/ (attnrl.training.checkpoint)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def train(
     """
     layout = Layout.of(config, root)
     run = Path(run_dir) if run_dir is not None else layout.train_dir
-    checkpoints = run / "checkpoints"
+    checkpoints = run / CHECKPOINTS_DIR
     seed_everything(config.seed)
     init = initial_policy_path(config, root)
     max_new_tokens = config.rollout.sampling.max_new_tokens

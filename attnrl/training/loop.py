@@ -75,6 +75,7 @@ from attnrl.training.rollouts import (
 from attnrl.training.trainer import ScoredSequence, Trainer, TrainSequence
 from attnrl.training.tree_parts import TreePartBuilder
 from attnrl.tree import TrainingPath
+from attnrl.utils import stopping
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,15 @@ BatchCheck = Callable[[int, Sequence[TrainingPath]], None]  # (step, the paths i
 def run_directly(name: str, fn: Callable[[], T]) -> T:
     """The default phase runner: just call it (an orchestrator passes one that records each phase)."""
     return fn()
+
+
+def stop_checked(phases: PhaseRunner) -> PhaseRunner:
+    """``phases`` with a stop checkpoint before every step and phase (``attnrl.utils.stopping``)."""
+    def run(name: str, fn: Callable[[], T]) -> T:
+        stopping.checkpoint()
+        return phases(name, fn)
+
+    return run
 
 
 @dataclass
@@ -124,7 +134,7 @@ class RLLoop:
         """``phases`` runs every training step (named ``step-N``) and each phase inside it
         (``generate``, ``score``, ``update``, …), so a workflow engine can show and time them."""
         self.config = config
-        self.phases = phases
+        self.phases = stop_checked(phases)
         self.check_batch = check_batch
         self.algorithm = config.algorithm
         self.engine = engine

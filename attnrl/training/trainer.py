@@ -42,6 +42,7 @@ from attnrl.training.sequences import (
     rows_from_flat,
     split_flat,
 )
+from attnrl.utils import stopping
 
 if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
     from attnrl.config.schema import AlgorithmConfig, TrainConfig
@@ -290,6 +291,7 @@ class PolicyTrainer:
             seqs = minibatch.sequences
             micro = self._micro_batches([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], implementation)
             for k, (chunk, batch, calls) in enumerate(micro):
+                stopping.checkpoint()
                 stats = self._micro_step([seqs[i] for i in chunk], batch, minibatch.normaliser,
                                          boundary=k == len(micro) - 1, head_calls=calls)
                 for key, value in stats.items():

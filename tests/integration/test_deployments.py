@@ -1,7 +1,7 @@
 """prefect.yaml against a real, separate Prefect server: `prefect deploy --all` registers the deployments with
 their schedules, concurrency limits and triggers; a real process worker runs them; two pipeline runs started
 at once take turns; a completed train run is evaluated; a failing run fires the failure alert at a webhook
-receiver on 127.0.0.1.
+receiver on 127.0.0.1; a cancelled run stops, frees its workspace and the next run resumes.
 
 The server here is its own `prefect server start` process (not the session's test harness) with its own
 PREFECT_HOME, hence a fresh SQLite database; it and the worker are stopped in teardown.
@@ -27,7 +27,9 @@ import pytest
 from prefect.client.base import PrefectHttpxSyncClient
 
 from attnrl.config import resolve_config
-from tests.conftest import PROJECT_ROOT, small_overrides
+from attnrl.training.checkpoint import latest_checkpoint
+from flows.workspace import isolated_root, lock_name
+from tests.conftest import PROJECT_ROOT, locked_project, small_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -314,3 +316,43 @@ def test_a_failing_deployment_run_fires_the_failure_alert_at_a_webhook(prefect_s
     assert alert["source"] == "attnrl"
     assert alert["subject"] == f"attnrl: pipeline run {failed['name']} is Failed", alert
     assert "pipeline-nightly" in alert["body"] and run_id in alert["body"] and "train.lr" in alert["body"], alert
+
+
+def test_a_cancelled_deployment_run_stops_frees_its_workspace_and_the_next_run_resumes(prefect_server, tmp_path):
+    """What the UI's Cancel does (`prefect flow-run cancel`): the run goes Cancelling, the worker terminates its
+    process; it must stop within 20 s, end Cancelled, free the workspace lock, and a later run of the same
+    deployment with the same parameters resume from the newest checkpoint."""
+    api, env = prefect_server
+    root = locked_project(tmp_path / "project")
+    overrides = [*small_overrides(), "train.steps=20", "train.save_every=1"]
+    parameters = {"config_path": str(root / "params.yaml"), "overrides": overrides, "root": str(root)}
+    own = isolated_root(root, resolve_config(path=root / "params.yaml", overrides=overrides))
+    checkpoints = own / "runs" / "train" / "checkpoints"
+    log = tmp_path / "worker.log"
+    first = _start_run(api, ("train", "train-on-demand"), parameters)
+    worker = _worker(env, log, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint(checkpoints) is None:
+            assert _run(api, first)["state"]["type"] not in TERMINAL, log.read_text()
+            assert time.monotonic() < deadline, f"no checkpoint in 300 s\n{log.read_text()}"
+            time.sleep(0.2)
+        asked = time.monotonic()
+        response = api.post(f"/flow_runs/{first}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+        assert response.status_code in (200, 201), response.text
+        cancelled = _wait(api, first, log, 60)
+        took = time.monotonic() - asked
+        assert cancelled["state"]["type"] == "CANCELLED", f"{cancelled['state']}\n{log.read_text()}"
+        assert took <= 20, f"cancelled after {took:.0f}s\n{log.read_text()}"
+        newest = latest_checkpoint(checkpoints)
+        assert newest is not None and newest.name != "step_000020"
+        assert api.get(f"/v2/concurrency_limits/{lock_name(own)}").json()["active_slots"] == 0
+
+        second = _start_run(api, ("train", "train-on-demand"), parameters)
+        done = _wait(api, second, log, 300)
+        assert done["state"]["type"] == "COMPLETED", f"{done['state']}\n{log.read_text()}"
+    finally:
+        _stop(worker)
+    logs = [entry["message"] for entry in api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [second]}}}).json()]
+    assert any(message.startswith(f"resuming from {newest} ") for message in logs), logs
+    assert latest_checkpoint(checkpoints).name == "step_000020"
