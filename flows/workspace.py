@@ -18,8 +18,8 @@ run's wait for the slot but never cut one of those requests half-way, and a run 
 it, so the slot frees itself. A run that has to wait says so within seconds and then every minute, on the
 console and in its run's logs: the root, the flow run that holds it (the holder tags its flow run with
 the lock's name) and how long it has waited. Subflows (the stages of a pipeline run) run under their
-parent's lock and in their parent's root. Outside a DVC project
-(a scratch directory) there are no versioned outputs to guard, and runs take no lock.
+parent's lock and in their parent's root. Outside a DVC project (a scratch directory) there are no
+versioned outputs to guard, and runs take no lock.
 """
 
 from __future__ import annotations
