@@ -25,13 +25,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnrl.config import METHODS, PRESETS, dump_config, resolve_config
 from attnrl.errors import AttnRLError
 from attnrl.eval.metrics import BenchmarkScore, format_table
 from attnrl.utils import stopping
 from flows.stopping import OwnProcesses, reset_record, stop_line, stop_on_signals, stop_signal
+
+if TYPE_CHECKING:
+    from flows.prefect_api import PrefectAPI
 
 STAGES = ("prepare", "warmup", "difficulty", "train", "evaluate", "report")
 
@@ -93,8 +96,7 @@ def _command(args: argparse.Namespace) -> int:
         with project_prefect_api(Path.cwd()) as api:
             if api.note:
                 print(f"attnrl {args.command}: {api.note}", file=sys.stderr)
-            args.temporary_api = api.temporary
-            COMMANDS[args.command](args)
+            COMMANDS[args.command](args, api)
         print(f"attnrl {args.command}: done in {time.perf_counter() - started:.0f}s")
         return 0
     except AttnRLError as exc:
@@ -142,7 +144,7 @@ def _flow_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
+    def run(args: argparse.Namespace, api: PrefectAPI) -> None:
         import flows.stages as stage_flows
 
         flow = getattr(stage_flows, f"{name}_flow")
@@ -176,21 +178,21 @@ def _print_result(stage: str, result: Any) -> None:
         print(f"report: {result.html_path} ({', '.join(p.name for p in result.figures)})")
 
 
-def _pipeline(args: argparse.Namespace) -> None:
+def _pipeline(args: argparse.Namespace, api: PrefectAPI) -> None:
     from flows.pipeline import pipeline
 
-    result, run = _with_run(pipeline, args.temporary_api, **_flow_args(args), experiment=args.experiment)
+    result, run = _with_run(pipeline, api.temporary, **_flow_args(args), experiment=args.experiment)
     print(format_table(result.after.scores))
     print(f"report: {Path(result.report.html_path).resolve()}")
     print(run)
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace, api: PrefectAPI) -> None:
     """The pipeline on the embedded default, then mean@K before and after RL, per benchmark."""
     from flows.console import headline
     from flows.pipeline import pipeline
 
-    result, run = _with_run(pipeline, args.temporary_api, **_flow_args(args))
+    result, run = _with_run(pipeline, api.temporary, **_flow_args(args))
     print("\n== accuracy of the warmed-up policy ==")
     print(format_table(result.before.scores))
     print("\n== accuracy after RL ==")
@@ -226,7 +228,7 @@ def before_after(before: list[BenchmarkScore], after: list[BenchmarkScore]) -> s
     return "\n".join(lines)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, PrefectAPI], None]] = {
     **{name: _stage(name) for name in STAGES}, "pipeline": _pipeline, "demo": _demo,
 }
 

@@ -216,13 +216,12 @@ def reset_record() -> None:
 @contextlib.contextmanager
 def stage_running(name: str, checkpoints: Path | None = None) -> Iterator[None]:
     """Note that stage ``name`` runs (``checkpoints``: where it saves them); completed if the body returns."""
-    outer = _record.current
     _record.current = name
     if checkpoints is not None:
         _record.checkpoints = checkpoints
     yield
     _record.completed.append(name)
-    _record.current = outer
+    _record.current = None
 
 
 def stop_line(signum: int) -> str:
