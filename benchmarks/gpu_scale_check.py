@@ -14,7 +14,11 @@ itself, nothing downloads), the way the ``r1-distill-1.5b`` preset trains one ra
    1,024 + 8,192 tokens in 36,864-token micro-batches, on the preset's backend: DeepSpeed ZeRO-3 in bf16
    (a world of one) where DeepSpeed is installed, else the torch backend (bf16 autocast);
 6. ``weights``: the weight export for the object store and the weight stream of vLLM's native transfer
-   (full tensors in bf16, module by module), each with its fingerprint.
+   (full tensors in bf16, module by module), each with its fingerprint;
+7. ``trees``: tree-packed training (``train.tree_packing``) on one question's tree of the paper's shape
+   (a 1,024-token prompt, G = 6 responses of 4,096 tokens, each branched at N = 2 points around its middle
+   with T = 2 continuations): the reference pass and one update per path, then tree-packed through
+   FlexAttention's block mask and through the SDPA segment kernel, with the log-prob and loss differences.
 
 Each section is timed after a warm-up, reports tokens/s and peak GPU memory, and fails on its own (its
 error is recorded and the next section runs); a section that would start after ``--budget-s`` is skipped.
@@ -58,7 +62,7 @@ SMALL_BODY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
 TRAIN = {
     "lr": 1e-6, "weight_decay": 0.01, "grad_clip": 1.0, "mini_batch_sequences": 192,
     "max_tokens_per_micro_batch": 36_864, "logits_chunk_tokens": 1024, "gradient_checkpointing": True,
-    "packing": "auto", "zero_stage": 3, "reference_offload": False,
+    "packing": "auto", "tree_packing": False, "zero_stage": 3, "reference_offload": False,
 }
 ALGORITHM = {
     "clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "kl_coef": 0.001, "entropy_coef": 0.0,
@@ -66,17 +70,18 @@ ALGORITHM = {
     "fci_mask_first_step": True, "fci_mask_after_think": True,
 }
 TEMPERATURE = 1.0  # training rollouts (spec §12)
-SECTIONS = ("environment", "plain_forward", "fci_kernel", "fci_accuracy", "passes", "weights")
+SECTIONS = ("environment", "plain_forward", "fci_kernel", "fci_accuracy", "passes", "weights", "trees")
 
 
 def _shape(small: bool) -> dict[str, Any]:
     if small:
         return {"lengths": [64, 128, 256], "prompt": 32, "response": 96, "sequences": 3, "step_every": 16,
                 "token_budget": 256, "accuracy_length": 128, "kernel_blocks": [16, 64, None], "device": "cpu",
-                "warmup": 1, "repeats": 2}
+                "warmup": 1, "repeats": 2, "tree": {"prompt": 16, "response": 32, "offsets": (12, 20), "responses": 2}}
     return {"lengths": [1024, 2048, 4096, 9216], "prompt": 1024, "response": 8192, "sequences": 8, "step_every": 64,
             "token_budget": TRAIN["max_tokens_per_micro_batch"], "accuracy_length": 2048,
-            "kernel_blocks": [128, 512, None], "device": "cuda", "warmup": 1, "repeats": 3}
+            "kernel_blocks": [128, 512, None], "device": "cuda", "warmup": 1, "repeats": 3,
+            "tree": {"prompt": 1024, "response": 4096, "offsets": (1536, 2560), "responses": 6}}
 
 
 class Meter:
@@ -369,6 +374,80 @@ def weights(ctx: SimpleNamespace) -> dict[str, Any]:
         out[key]["gib"] = round(count * 2 / 2**30, 2)  # as the engines take them, bf16
     # The stream sends each parameter once (no buffers, a tied head once); where both name a tensor they agree.
     out["fingerprints_agree"] = all(exported.get(name) == value for name, value in streamed.items())
+    return out
+
+
+def _tree(shape: dict[str, Any], vocab: int):
+    """One question's tree: G responses (6 at the paper's shape), N = 2 branch points each, T = 2 continuations
+    per point (spec §12)."""
+    import torch
+
+    from attnrl.training.trainer import TrainSequence
+
+    generator = torch.Generator().manual_seed(3)
+    draw = lambda n: tuple(torch.randint(0, vocab, (n,), generator=generator).tolist())  # noqa: E731
+    prompt, length, out = draw(shape["prompt"]), shape["response"], []
+    for _ in range(shape["responses"]):
+        response = draw(length)
+        paths = [response, *(response[:o] + draw(length - o) for o in shape["offsets"] for _ in range(2))]
+        for path in paths:
+            advantage = float(torch.randn((), generator=generator))
+            out.append(TrainSequence(prompt, path, tuple([-11.9] * length), tuple([advantage] * length)))
+    return out
+
+
+def trees(ctx: SimpleNamespace) -> dict[str, Any]:
+    """Per path against tree-packed, on each attention kernel a tree runs on here: same weights, same paths."""
+    torch = ctx.torch
+    from attnrl.training.backend import build_backend
+    from attnrl.training.trainer import PolicyTrainer, TrainSequence
+
+    ctx.trainer = None  # the passes section's trainer and its optimizer state: their memory goes to these
+    ctx.release_policy()
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    backend_name = "deepspeed" if ctx.deepspeed else "torch"
+    sequences = _tree(ctx.shape["tree"], ctx.numbers["vocab_size"])
+    prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
+    kernels = ["flex_attention", "sdpa"] if ctx.device.type == "cuda" else ["sdpa"]
+    variants = {"per_path": (kernels[0], False), **{f"tree_{k}": (k, True) for k in kernels}}
+    out: dict[str, Any] = {"sequences": len(sequences), "per_path_tokens": sum(len(p) + len(r) for p, r in
+                                                                                zip(prompts, responses, strict=True))}
+    baseline: dict[str, Any] = {}
+    for name, (kernel, packed) in variants.items():
+        train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
+                                   "precision": ctx.precision, "backend": backend_name, "tree_packing": packed})
+        policy = ctx.fresh_policy(torch.float32)
+        reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
+        for model in (policy, reference):
+            model.set_attn_implementation(kernel)
+        backend = build_backend(backend_name, policy, train)
+        if ctx.deepspeed:
+            reference = backend.prepare_reference(reference)
+        trainer = PolicyTrainer(policy, backend, reference=reference, pad_token_id=0,
+                                algorithm=SimpleNamespace(**ALGORITHM), train=train, temperature=TEMPERATURE,
+                                autocast=torch.bfloat16 if ctx.precision == "bf16" else None)
+        entry: dict[str, Any] = {"kernel": kernel, "tree_packing": packed}
+        entry["reference"], refs = ctx.meter(lambda: trainer.logprobs(prompts, responses, reference=True),
+                                             warmup=0, repeats=1, tokens=out["per_path_tokens"])
+        batch = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
+                 for s, r in zip(sequences, refs, strict=True)]
+        entry["update"], stats = ctx.meter(lambda: trainer.update(batch), warmup=0, repeats=1,
+                                           tokens=out["per_path_tokens"])
+        entry["update_stats"] = {k: stats[k] for k in ("optimizer_steps", "grad_norm", "loss")}
+        if not baseline:
+            baseline.update(refs=refs, stats=entry["update_stats"])
+        else:
+            entry["reference_max_abs_diff"] = max(abs(a - b) for mine, theirs in zip(refs, baseline["refs"], strict=True)
+                                                  for a, b in zip(mine, theirs, strict=True))
+            entry["loss_diff"] = abs(stats["loss"] - baseline["stats"]["loss"])
+            entry["update_speedup"] = round(out["per_path"]["update"]["seconds"] / entry["update"]["seconds"], 2)
+        out[name] = entry
+        del trainer, backend, policy, reference
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 

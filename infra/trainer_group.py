@@ -42,7 +42,7 @@ from attnrl.errors import AttnRLError, ConfigError, DataError, ModelLoadError
 from attnrl.rollout.fingerprint import fingerprint
 from attnrl.steps import StepSegmentation
 from attnrl.training.checkpoint import MODEL_DIR, OPTIMIZER_DIR
-from attnrl.training.sharding import pad_to_world, shard_by_tokens, shard_mini_batches
+from attnrl.training.sharding import pad_to_world, shard_mini_batches, shard_sequences
 from attnrl.training.trainer import MiniBatch, ScoredSequence, TrainSequence
 from infra.deepspeed_backend import local_rank_of, visible_index
 from infra.placement import Placement
@@ -215,6 +215,7 @@ class TrainerGroup:
         # Placing the ranks, joining the process group and loading are bounded by their own field.
         starting = (config.distributed.start_timeout_s, "distributed.start_timeout_s")
         self.mini_batch = config.train.mini_batch_sequences
+        self.trees = config.train.tree_packing  # a prompt's sequences stay on one rank (shard_sequences)
         self.kl = config.algorithm.kl_coef > 0
         sync = config.rollout.vllm.weight_sync
         self.native_sync = None if config.rollout.engine != "vllm" or sync == "object_store" else sync
@@ -258,7 +259,8 @@ class TrainerGroup:
     def update(self, sequences: Sequence[TrainSequence]) -> dict[str, float]:
         if not sequences:
             return {}
-        per_rank = shard_mini_batches(pad_to_world(sequences, self.world_size), self.mini_batch, self.world_size)
+        per_rank = shard_mini_batches(pad_to_world(sequences, self.world_size), self.mini_batch, self.world_size,
+                                      trees=self.trees)
         stats = self._gather([a.update.remote(b) for a, b in zip(self.actors, per_rank, strict=True)], "update")
         # Each rank's values are its share scaled by the world size (Normaliser.per_rank): their mean is the
         # whole batch's. Gradient norms and step counts are the same on every rank.
@@ -307,7 +309,7 @@ class TrainerGroup:
 
     def _sharded(self, method: str, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                  extra) -> list[Any]:
-        shards = shard_by_tokens([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], self.world_size)
+        shards = shard_sequences(prompts, responses, self.world_size, trees=self.trees)
         refs = [getattr(actor, method).remote([tuple(prompts[i]) for i in idx], [tuple(responses[i]) for i in idx],
                                               *extra(idx))
                 for actor, idx in zip(self.actors, shards, strict=True)]

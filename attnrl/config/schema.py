@@ -332,6 +332,16 @@ class TrainConfig(Section):
         "block-diagonal [total, total] mask over a packed row, whose cost grows with the square of the total "
         "instead of rows × longest².",
     )
+    tree_packing: bool = Field(
+        default=False,
+        description="Merge the sequences of every pass (the continuations' behaviour pass, the reference pass, "
+        "the update) into prefix trees: a token shared by several paths (the prompt, the prefix a continuation "
+        "branched from) goes through the model once, and its loss is the sum of those paths' terms, so loss and "
+        "gradient equal per-path training (attnrl/training/prefix_tree.py). Needs an attention kernel that takes a "
+        "tree mask (sdpa, eager: a dense [tokens × tokens] mask; flex_attention: block-sparse); with flash "
+        "attention the passes fall back to train.packing with a warning. The micro-batch budget counts distinct "
+        "tokens.",
+    )
     backend: Literal["deepspeed", "torch"] = Field(
         default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."
     )

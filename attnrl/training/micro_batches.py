@@ -6,12 +6,16 @@ would occupy exceed the budget: rows × longest row when left-padded, the total 
 micro-batch, so every sequence is processed. Counting tokens instead of sequences bounds the
 activation memory of every forward, whatever the response lengths (verl's
 ``ppo_max_token_len_per_gpu`` / ``log_prob_max_token_len_per_gpu``).
+
+Tree-packed (``train.tree_packing``), a micro-batch's tokens are its prefix tree's distinct tokens
+(``tree_budget_batches``): a continuation adds only what it does not share with the sequences before it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from attnrl.training.prefix_tree import PrefixTrie
 from attnrl.training.sequences import layout_tokens
 
 
@@ -30,4 +34,22 @@ def token_budget_batches(total_lengths: Sequence[int], budget: int, *, packed: b
             start, total, longest = i, length, length
     if start < len(total_lengths):
         batches.append(range(start, len(total_lengths)))
+    return batches
+
+
+def tree_budget_batches(sequences: Sequence[Sequence[int]], budget: int) -> list[range]:
+    """Split sequence indices into consecutive ranges whose prefix tree holds at most ``budget`` distinct tokens."""
+    if budget < 1:
+        raise ValueError(f"the token budget must be at least 1, got {budget}")
+    if any(len(tokens) < 1 for tokens in sequences):
+        raise ValueError("every sequence needs at least one token")
+    batches: list[range] = []
+    start, trie = 0, PrefixTrie()
+    for i, tokens in enumerate(sequences):
+        if i > start and len(trie) + trie.added(tokens) > budget:
+            batches.append(range(start, i))
+            start, trie = i, PrefixTrie()
+        trie.add(tokens)
+    if start < len(sequences):
+        batches.append(range(start, len(sequences)))
     return batches

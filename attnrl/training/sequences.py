@@ -1,6 +1,6 @@
 """Laying prompt ⧺ response sequences out as model inputs, and per-token results back (spec §5.1, §11).
 
-Two layouts, one result format:
+Three layouts, one result format:
 
 * **left-padded** rows (``left_padded``): rows share the width of the longest, and every response
   ends at the last column. This is the layout the rollout engine generates with, so recomputed
@@ -10,10 +10,17 @@ Two layouts, one result format:
   packed-sequence detection when no attention mask is given) and keeps sequences apart: varlen
   kernels (flash attention) split the row, SDPA and eager get a block-diagonal mask. No compute is
   spent on padding (verl's ``use_remove_padding``, spec §5.1).
+* **tree-packed** (``tree_packed``): the sequences merged into a prefix tree
+  (``attnrl/training/prefix_tree.py``), every distinct prefix token once, in one row in depth-first
+  order; position ids are depths, and ``tree_parent`` / ``tree_end`` define the attention under which
+  a token sees exactly its ancestors (``attnrl/training/tree_attention.py``). A question's paths share the prompt and each continuation the prefix it branched
+  from, so those tokens go through the model once instead of once per path (``train.tree_packing``).
 
 Either way ``ModelBatch.logit_index`` names, in sequence order, the flat positions (row × width +
 column) whose hidden states predict the response tokens, so only those reach the LM head, and
-per-token results come back as one flat ``[N]`` tensor, N = total response tokens.
+per-token results come back as one flat ``[N]`` tensor, N = total response tokens. Tree-packed,
+the head sees each distinct predicted token once, and ``expand`` maps the N response tokens onto
+those values (``expanded``), so a shared token's gradient is the sum of its sequences' terms.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from attnrl.training.prefix_tree import PrefixTrie, preorder
 
 
 @dataclass(frozen=True)
@@ -37,23 +46,35 @@ class Span:
 @dataclass(frozen=True)
 class ModelBatch:
     input_ids: Tensor              # [rows, width]
-    attention_mask: Tensor | None  # [rows, width] for left padding; None when padding-free
-    position_ids: Tensor | None    # [1, width] restarting per sequence when padding-free; None otherwise
-    logit_index: Tensor            # [N] flat positions whose hidden states predict the response tokens
-    targets: Tensor                # [N] the response tokens, sequence after sequence
+    attention_mask: Tensor | None  # [rows, width] for left padding; None when padding-free or tree-packed
+    position_ids: Tensor | None    # [1, width] restarting per sequence (padding-free) or depths (tree); else None
+    logit_index: Tensor            # [M] flat positions whose hidden states predict the (distinct) response tokens
+    targets: Tensor                # [M] those tokens; M = N but in a tree, sequence after sequence
     response_lengths: tuple[int, ...]
-    spans: tuple[Span, ...]
+    spans: tuple[Span, ...]        # empty when tree-packed: a sequence is not contiguous there
+    tree_end: Tensor | None = None     # [width] tree-packed: one past each node's subtree (prefix_tree.sees)
+    tree_parent: Tensor | None = None  # [width] tree-packed: each node's parent, -1 for a root
+    expand: Tensor | None = None       # [N] tree-packed: each response token's entry among the M values
 
     @property
     def padding_free(self) -> bool:
         return self.position_ids is not None
+
+    @property
+    def tree(self) -> bool:
+        return self.tree_end is not None
+
+    def expanded(self, values: Tensor) -> Tensor:
+        """Per-token ``values`` over the M predicted tokens as the N response tokens, sequence after sequence."""
+        return values if self.expand is None else values.index_select(0, self.expand)
 
     def to(self, device: torch.device) -> ModelBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device)
 
         return ModelBatch(self.input_ids.to(device), move(self.attention_mask), move(self.position_ids),
-                          self.logit_index.to(device), self.targets.to(device), self.response_lengths, self.spans)
+                          self.logit_index.to(device), self.targets.to(device), self.response_lengths, self.spans,
+                          move(self.tree_end), move(self.tree_parent), move(self.expand))
 
 
 def _check(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> None:
@@ -100,6 +121,37 @@ def padding_free(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[
         start += length
     return ModelBatch(torch.tensor([ids]), None, torch.cat(positions)[None], torch.cat(index), _targets(responses),
                       tuple(len(r) for r in responses), tuple(spans))
+
+
+def tree_packed(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> ModelBatch:
+    """The ``prompt ⧺ response`` sequences merged into one prefix tree, one row in depth-first order.
+
+    Every distinct predicted token (a node that is a response token of some sequence) reaches the
+    head once, predicted from its parent's hidden state; ``expand`` lists, for each sequence's
+    response tokens in order, that token's entry among them.
+    """
+    _check(prompts, responses)
+    trie = PrefixTrie()
+    paths = [trie.add([*prompt, *response]) for prompt, response in zip(prompts, responses, strict=True)]
+    layout = preorder(trie)
+    # Predicted nodes, in preorder, and each one's entry.
+    predicted = sorted({int(layout.position[node]) for path, prompt in zip(paths, prompts, strict=True)
+                        for node in path[len(prompt):]})
+    entry = {node: k for k, node in enumerate(predicted)}
+    expand = [entry[int(layout.position[node])] for path, prompt in zip(paths, prompts, strict=True)
+              for node in path[len(prompt):]]
+    nodes = torch.tensor(predicted, dtype=torch.long)
+    return ModelBatch(layout.tokens[None], None, layout.depth[None], layout.parent[nodes], layout.tokens[nodes],
+                      tuple(len(r) for r in responses), (), layout.end, layout.parent,
+                      torch.tensor(expand, dtype=torch.long))
+
+
+def tree_tokens(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> int:
+    """Distinct tokens (the row's width) of ``tree_packed(prompts, responses)``."""
+    trie = PrefixTrie()
+    for prompt, response in zip(prompts, responses, strict=True):
+        trie.add([*prompt, *response])
+    return len(trie)
 
 
 def _targets(responses: Sequence[Sequence[int]]) -> Tensor:

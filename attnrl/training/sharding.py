@@ -8,6 +8,9 @@
   ranks' averaged gradient is the single process's, step for step.
 * ``shard_by_tokens``: a balanced split of any list of sequences (scoring passes), order kept
   within each shard.
+* ``shard_sequences``: either of those splits over the sequences of a pass; tree-packed
+  (``train.tree_packing``), the sequences of one prompt stay on one rank, weighed by their distinct
+  tokens, so no rank runs a prefix another rank also runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from attnrl.training.sequences import tree_tokens
 from attnrl.training.trainer import MiniBatch, TrainSequence, mini_batches
 
 
@@ -44,13 +48,28 @@ def shard_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(shard) for shard in shards]
 
 
-def shard_mini_batches(sequences: Sequence[TrainSequence], size: int, world_size: int) -> list[list[MiniBatch]]:
-    """Per rank, its share of every mini-batch of ``size`` sequences, with the whole mini-batch's
-    normaliser divided by the world size (``Normaliser.per_rank``)."""
+def shard_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], world_size: int, *,
+                    trees: bool) -> list[list[int]]:
+    """Indices per rank (``shard_by_tokens``); with ``trees``, whole groups of one prompt, each weighed by the
+    distinct tokens of its prefix tree, then each shard in the original order."""
+    if not trees:
+        return shard_by_tokens([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], world_size)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    members = list(groups.values())
+    weights = [tree_tokens([prompts[i] for i in group], [responses[i] for i in group]) for group in members]
+    return [sorted(i for g in shard for i in members[g]) for shard in shard_by_tokens(weights, world_size)]
+
+
+def shard_mini_batches(sequences: Sequence[TrainSequence], size: int, world_size: int, *,
+                       trees: bool = False) -> list[list[MiniBatch]]:
+    """Per rank, its share of every mini-batch of ``size`` sequences (``shard_sequences``), with the whole
+    mini-batch's normaliser divided by the world size (``Normaliser.per_rank``)."""
     per_rank: list[list[MiniBatch]] = [[] for _ in range(world_size)]
     for batch in mini_batches(sequences, size):
-        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in batch.sequences]
+        prompts, responses = [s.prompt_ids for s in batch.sequences], [s.response_ids for s in batch.sequences]
         normaliser = batch.normaliser.per_rank(world_size)
-        for rank, indices in enumerate(shard_by_tokens(lengths, world_size)):
+        for rank, indices in enumerate(shard_sequences(prompts, responses, world_size, trees=trees)):
             per_rank[rank].append(MiniBatch(tuple(batch.sequences[i] for i in indices), normaliser))
     return per_rank

@@ -17,6 +17,7 @@ as the actor does in verl, so log-probs match the engine's.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from attnrl.rollout.engine import RolloutEngine
 from attnrl.steps import StepSegmentation
 from attnrl.training.backend import OptimizerBackend
 from attnrl.training.chunked_head import ResponseScorer, head_calls
-from attnrl.training.micro_batches import token_budget_batches
+from attnrl.training.micro_batches import token_budget_batches, tree_budget_batches
+from attnrl.training.prefix_tree import TREE_KERNELS, block_mask
 from attnrl.training.sequences import (
     ModelBatch,
     left_padded,
@@ -41,8 +43,12 @@ from attnrl.training.sequences import (
     right_aligned,
     rows_from_flat,
     split_flat,
+    tree_packed,
 )
+from attnrl.training.tree_attention import TreeAttention
 from attnrl.utils import stopping
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
     from attnrl.config.schema import AlgorithmConfig, TrainConfig
@@ -170,6 +176,7 @@ class PolicyTrainer:
         self.train_config = train
         self.temperature = temperature
         self.autocast = autocast
+        self._untreed: set[str] = set()  # kernels the tree-packing fallback was already logged for
         if backend is not None and algorithm.kl_coef > 0 and reference is None:
             raise ValueError("algorithm.kl_coef > 0 needs a reference model (the initial policy, spec §11)")
         if backend is not None and backend.scorer.lm is not model:
@@ -195,32 +202,69 @@ class PolicyTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
+    def _tree_packed(self, attn_implementation: str) -> bool:
+        """Whether this pass merges its sequences into prefix trees (``train.tree_packing``): only where the
+        attention kernel can run a tree; elsewhere (flash attention) it says so once and lays them out per
+        sequence. The FCI pass reads whole sequences by construction and is never tree-packed."""
+        if not self.train_config.tree_packing or attn_implementation == FCI_KERNEL:
+            return False
+        if attn_implementation in TREE_KERNELS:
+            return True
+        if attn_implementation not in self._untreed:
+            self._untreed.add(attn_implementation)
+            logger.warning("train.tree_packing: the %r attention kernel takes no tree mask; its passes run every "
+                           "sequence whole (train.packing) instead", attn_implementation)
+        return False
+
     def _micro_batches(
         self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], attn_implementation: str
     ) -> list[tuple[range, ModelBatch, int | None]]:
         """Consecutive token-budget micro-batches, each laid out for the pass's attention implementation,
         then empty ones (``range(0)``, one pad token) up to the count every rank runs, each with the number
         of LM-head calls every rank makes in it (``lockstep``; None in one process: as many as it needs)."""
-        packed = uses_padding_free(self.train_config.packing, attn_implementation)
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+        budget = self.train_config.max_tokens_per_micro_batch
         out = []
-        for chunk in token_budget_batches(lengths, self.train_config.max_tokens_per_micro_batch, packed=packed):
-            ps, rs = [prompts[i] for i in chunk], [responses[i] for i in chunk]
-            batch = padding_free(ps, rs) if packed else left_padded(ps, rs, self.pad_token_id)
-            out.append((chunk, batch.to(self.device)))
+        if self._tree_packed(attn_implementation):
+            sequences = [[*p, *r] for p, r in zip(prompts, responses, strict=True)]
+            for chunk in tree_budget_batches(sequences, budget):
+                batch = tree_packed([prompts[i] for i in chunk], [responses[i] for i in chunk])
+                out.append((chunk, batch.to(self.device)))
+        else:
+            packed = uses_padding_free(self.train_config.packing, attn_implementation)
+            lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+            for chunk in token_budget_batches(lengths, budget, packed=packed):
+                ps, rs = [prompts[i] for i in chunk], [responses[i] for i in chunk]
+                batch = padding_free(ps, rs) if packed else left_padded(ps, rs, self.pad_token_id)
+                out.append((chunk, batch.to(self.device)))
         if self.lockstep is solo:
             return [(chunk, batch, None) for chunk, batch in out]
         [count] = self.lockstep([len(out)])
         filler = left_padded([[self.pad_token_id]], [[self.pad_token_id]], self.pad_token_id).to(self.device)
         out += [(range(0), filler)] * (count - len(out))
-        calls = self.lockstep([head_calls(sum(b.response_lengths), self.train_config.logits_chunk_tokens)
-                               for _, b in out])
+        calls = self.lockstep([head_calls(len(b.targets), self.train_config.logits_chunk_tokens) for _, b in out])
         return [(chunk, batch, n) for (chunk, batch), n in zip(out, calls, strict=True)]
 
-    def _run(self, scorer: torch.nn.Module, batch: ModelBatch, *, with_entropy: bool, head_calls: int | None):
+    @staticmethod
+    def _tree_attention(lm: PreTrainedModel, batch: ModelBatch, implementation: str) -> contextlib.AbstractContextManager:
+        """For a tree-packed batch on SDPA or eager, ``lm``'s attention through the segment kernel: around the
+        forward and, where gradient checkpointing recomputes layers, the backward."""
+        if batch.tree and implementation != "flex_attention":
+            return TreeAttention(lm, batch.tree_parent)
+        return contextlib.nullcontext()
+
+    def _run(self, scorer: torch.nn.Module, batch: ModelBatch, *, with_entropy: bool, head_calls: int | None,
+             implementation: str):
+        """Per-token log-probs (and entropies) of every response token of ``batch``, flat [N]. A tree's block
+        mask (FlexAttention) is built here, for one micro-batch at a time; SDPA and eager need none (they run
+        inside ``_tree_attention``)."""
+        mask = batch.attention_mask
+        if batch.tree and implementation == "flex_attention":
+            mask = block_mask(batch.tree_end)
         with self._precision():
-            return scorer(batch.input_ids, batch.attention_mask, batch.position_ids, batch.logit_index, batch.targets,
-                          temperature=self.temperature, with_entropy=with_entropy, head_calls=head_calls)
+            logprobs, entropies = scorer(batch.input_ids, mask, batch.position_ids, batch.logit_index, batch.targets,
+                                         temperature=self.temperature, with_entropy=with_entropy,
+                                         head_calls=head_calls)
+        return batch.expanded(logprobs), None if entropies is None else batch.expanded(entropies)
 
     @torch.no_grad()
     def score(
@@ -235,7 +279,7 @@ class PolicyTrainer:
         scored: list[ScoredSequence] = []
         for chunk, batch, calls in self._micro_batches(prompts, responses, implementation):
             if not chunk:  # lockstep filler: the forward only keeps the ranks' collectives in step
-                self._run(self.scorer, batch, with_entropy=False, head_calls=calls)
+                self._run(self.scorer, batch, with_entropy=False, head_calls=calls, implementation=implementation)
                 continue
             fci = None
             if segmentations is not None:
@@ -246,13 +290,16 @@ class PolicyTrainer:
                     aggregation=self.algorithm.step_attention,
                     spans=batch.spans,
                 ) as collector:
-                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls)
+                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls,
+                                                    implementation=implementation)
                 fci = collector.scores(
                     mask_first_step=self.algorithm.fci_mask_first_step,
                     mask_after_think=self.algorithm.fci_mask_after_think,
                 )
             else:
-                logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls)
+                with self._tree_attention(self.model, batch, implementation):
+                    logprobs, entropies = self._run(self.scorer, batch, with_entropy=True, head_calls=calls,
+                                                    implementation=implementation)
             rows = zip(split_flat(logprobs, batch.response_lengths), split_flat(entropies, batch.response_lengths))
             for j, (lp, ent) in enumerate(rows):
                 scored.append(ScoredSequence(lp, ent, None if fci is None else tuple(fci[j].tolist())))
@@ -268,8 +315,10 @@ class PolicyTrainer:
             raise ValueError("no reference model: algorithm.kl_coef is 0")
         scorer.lm.eval()
         out: list[tuple[float, ...]] = []
-        for chunk, batch, calls in self._micro_batches(prompts, responses, scorer.lm.config._attn_implementation):
-            values, _ = self._run(scorer, batch, with_entropy=False, head_calls=calls)
+        implementation = scorer.lm.config._attn_implementation
+        for chunk, batch, calls in self._micro_batches(prompts, responses, implementation):
+            with self._tree_attention(scorer.lm, batch, implementation):
+                values, _ = self._run(scorer, batch, with_entropy=False, head_calls=calls, implementation=implementation)
             if chunk:  # else a lockstep filler
                 out.extend(split_flat(values, batch.response_lengths))
         return out
@@ -293,7 +342,7 @@ class PolicyTrainer:
             for k, (chunk, batch, calls) in enumerate(micro):
                 stopping.checkpoint()
                 stats = self._micro_step([seqs[i] for i in chunk], batch, minibatch.normaliser,
-                                         boundary=k == len(micro) - 1, head_calls=calls)
+                                         boundary=k == len(micro) - 1, head_calls=calls, implementation=implementation)
                 for key, value in stats.items():
                     totals[key] += value  # each is this micro-batch's share of the mini-batch value
             totals["grad_norm"] += self.backend.step()
@@ -303,13 +352,22 @@ class PolicyTrainer:
 
     def _micro_step(
         self, sequences: Sequence[TrainSequence], batch: ModelBatch, normaliser: Normaliser, *, boundary: bool,
-        head_calls: int | None,
+        head_calls: int | None, implementation: str,
     ) -> dict[str, float]:
-        logprobs, entropy = self._run(self.backend.module, batch, with_entropy=self.algorithm.entropy_coef > 0,
-                                      head_calls=head_calls)
-        if not sequences:  # lockstep filler: a zero loss whose backward takes part in the gradient reduction
-            self.backend.backward(logprobs.sum() * 0.0, boundary=boundary)
-            return {}
+        with self._tree_attention(self.model, batch, implementation):
+            logprobs, entropy = self._run(self.backend.module, batch, with_entropy=self.algorithm.entropy_coef > 0,
+                                          head_calls=head_calls, implementation=implementation)
+            if not sequences:  # lockstep filler: a zero loss whose backward takes part in the gradient reduction
+                self.backend.backward(logprobs.sum() * 0.0, boundary=boundary)
+                return {}
+            loss, stats = self._loss(sequences, batch, logprobs, entropy, normaliser)
+            self.backend.backward(loss, boundary=boundary)
+        return stats
+
+    def _loss(self, sequences: Sequence[TrainSequence], batch: ModelBatch, logprobs: torch.Tensor,
+              entropy: torch.Tensor | None, normaliser: Normaliser) -> tuple[torch.Tensor, dict[str, float]]:
+        """The PPO objective over the micro-batch's sequences, each with its own old log-probs and advantages (a
+        tree's shared tokens included: ``logprobs`` holds every sequence's copy of them)."""
         mask = response_mask(batch.response_lengths).to(self.device)
         width = mask.shape[1]
 
@@ -317,7 +375,7 @@ class PolicyTrainer:
             return right_aligned(values, width).to(self.device)
 
         ref = aligned([s.ref_logprobs or () for s in sequences]) if self.algorithm.kl_coef > 0 else None
-        loss, stats = policy_objective(
+        return policy_objective(
             rows_from_flat(logprobs, mask),
             aligned([s.old_logprobs for s in sequences]),
             ref,
@@ -327,8 +385,6 @@ class PolicyTrainer:
             self.algorithm,
             normaliser,
         )
-        self.backend.backward(loss, boundary=boundary)
-        return stats
 
     def push_weights(self, engine: RolloutEngine) -> None:
         """Send the updated policy to the rollout engine (after every update, spec §3.2)."""

@@ -1,6 +1,6 @@
-"""The DeepSpeed backend on CPU, ZeRO stages 0–3: starts without JIT-compiling ops, trains like plain AdamW,
-exports the full state dict (gathered under ZeRO-3), resumes exactly, skips non-finite steps, and runs the
-reference model as a ZeRO-3 inference engine."""
+"""The DeepSpeed backend on CPU, ZeRO stages 0–3: starts without JIT-compiling ops, trains like plain AdamW
+(tree-packed too), exports the full state dict (gathered under ZeRO-3), resumes exactly, skips non-finite
+steps, and runs the reference model as a ZeRO-3 inference engine."""
 
 from __future__ import annotations
 
@@ -125,6 +125,23 @@ def test_zero_stage_trains_like_adamw_and_resumes_exactly(tiny_policy, plain_ada
     assert _max_diff(_snapshot(resumed), held) == 0.0
     resumed.update(sequences)
     assert _max_diff(_snapshot(resumed), held) > 0.0
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_tree_packed_updates_equal_per_path_adamw(tiny_policy, plain_adamw, stage):
+    # The sequences share prefixes ((5, 6) and 7): with train.tree_packing each shared token runs once, under
+    # gradient checkpointing and ZeRO's partitions, and the gradient is still the per-path one.
+    from deepspeed.utils import safe_get_full_grad
+
+    model, tokenizer = tiny_policy
+    _, _, plain_grads, plain_stats = plain_adamw
+    trainer = _trainer(copy.deepcopy(model), tokenizer, _config(stage, "train.tree_packing=true"))
+    grads = _record_gradients(trainer, safe_get_full_grad)
+    stats = trainer.update(_sequences(trainer))
+    assert stats["optimizer_steps"] == len(grads) == 1
+    assert _max_diff(grads[0], plain_grads[0]) <= GRAD_ATOL
+    for key in ("loss", "pg_loss", "kl", "grad_norm"):
+        assert stats[key] == pytest.approx(plain_stats[key], rel=1e-6), key
 
 
 def test_reference_model_runs_as_an_offloaded_zero3_inference_engine(tiny_policy):

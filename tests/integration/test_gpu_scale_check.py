@@ -52,5 +52,8 @@ def test_small_run_prints_every_section_of_the_gpu_report():
     assert all(set(passes[p]) == MEASURE for p in ("score", "reference", "update"))
     assert passes["update_stats"]["optimizer_steps"] == 1.0 and passes["all_scores_finite"]
     assert sections["weights"]["fingerprints_agree"]
+    trees = sections["trees"]  # on CPU the SDPA segment kernel against per path: the same values, fewer tokens
+    assert trees["tree_sdpa"]["reference_max_abs_diff"] <= 1e-5 and trees["tree_sdpa"]["loss_diff"] <= 1e-6
+    assert trees["per_path"]["update_stats"]["optimizer_steps"] == trees["tree_sdpa"]["update_stats"]["optimizer_steps"]
     assert all(set(sections["weights"][k]) == MEASURE | {"gib"} for k in ("export_and_fingerprint",
                                                                          "stream_and_fingerprint"))

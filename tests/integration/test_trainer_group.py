@@ -1,6 +1,6 @@
 """The TrainerGroup on CPU: 2 gloo ranks as Ray actors train like the single-process trainer at ZeRO 0, 2
-and 3 (the batch split over the ranks by tokens, lockstep micro-batches, spec §11 padding) and score like
-it. A rank that dies mid-run: tests/integration/test_distributed_training.py."""
+and 3 (the batch split over the ranks by tokens, lockstep micro-batches, spec §11 padding; tree-packed at
+0 and 3) and score like it. A rank that dies mid-run: tests/integration/test_distributed_training.py."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ BASE = [
     TrainSequence((5, 6, 7), (8, 9, 10, 14), (-2.0, -1.5, -3.0, -0.5), (1.0, 1.0, -0.5, 0.3)),
     TrainSequence((5, 6), (9, 9), (-2.5, -2.0), (-1.0, -1.0)),
     TrainSequence((7,), (8, 8, 8), (-1.0, -1.0, -1.0), (0.5, 0.0, 0.5)),
-    TrainSequence((7, 7), (11,), (-3.0,), (2.0,)),
+    # A continuation of the first path after 2 tokens: its shared tokens carry other old log-probs.
+    TrainSequence((5, 6, 7), (8, 9, 11), (-2.2, -1.1, -3.0), (2.0, 2.0, 1.0)),
     TrainSequence((6, 5, 7, 7), (9, 8, 10), (-1.2, -0.7, -2.2), (-0.4, 0.8, 0.8)),
 ]
 
@@ -105,9 +106,11 @@ def _weights(group: TrainerGroup, directory) -> dict[str, torch.Tensor]:
     return load_policy(group.save_final(directory), dtype="float32").model.state_dict()
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_two_ranks_train_like_one_process(cluster, policy_dir, single, stage, tmp_path):
-    config = _config(stage)
+# ZeRO 0 and 3 tree-packed (train.tree_packing: each rank packs its share's prefix trees; a prompt's
+# sequences stay on one rank), ZeRO 2 per path; the single process trains per path.
+@pytest.mark.parametrize("stage, tree", [(0, True), (2, False), (3, True)], ids=["0-tree", "2", "3-tree"])
+def test_two_ranks_train_like_one_process(cluster, policy_dir, single, stage, tree, tmp_path):
+    config = _config(stage, f"train.tree_packing={str(tree).lower()}")
     placement = place(config)
     group = TrainerGroup(config, placement, model_dir=policy_dir, resume=None)
     try:

@@ -1,4 +1,4 @@
-"""Micro-batch layouts (left-padded, padding-free) and token-budget micro-batching."""
+"""Micro-batch layouts (left-padded, padding-free, tree-packed) and token-budget micro-batching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,17 @@ import torch
 
 from attnrl.training.chunked_head import ResponseScorer
 from attnrl.training.micro_batches import token_budget_batches
-from attnrl.training.sequences import left_padded, padding_free, response_mask, rows_from_flat, split_flat
+from attnrl.training.prefix_tree import ancestor_mask
+from attnrl.training.sequences import (
+    left_padded,
+    padding_free,
+    response_mask,
+    rows_from_flat,
+    split_flat,
+    tree_packed,
+    tree_tokens,
+)
+from attnrl.training.tree_attention import TreeAttention, segments
 
 PROMPTS = [(5, 6, 7), (5, 6), (7,)]
 RESPONSES = [(8, 9, 10, 11), (9, 9), (8, 8, 8, 8, 8, 8)]
@@ -47,6 +57,67 @@ def test_padding_free_outputs_equal_left_padded_ones(tiny_policy, implementation
         model.set_attn_implementation(original)
     for left, packed in zip(out["left"], out["packed"]):
         torch.testing.assert_close(packed, left, atol=1e-5, rtol=0)
+
+
+# A question's tree: two responses to one prompt, continuations from the first after 2 and after 1 of its
+# tokens, one that repeats a whole response, and another question.
+TREE_PROMPTS = [(5, 6, 7), (5, 6, 7), (5, 6, 7, 8, 9), (5, 6, 7, 8), (5, 6, 7), (4, 6)]
+TREE_RESPONSES = [(8, 9, 10, 11), (8, 12), (13, 14, 11), (15,), (8, 12), (8, 9, 10)]
+
+
+def test_a_tree_holds_each_distinct_token_once_and_expands_to_every_sequence():
+    batch = tree_packed(TREE_PROMPTS, TREE_RESPONSES)
+    # 5 6 7 | 8 9 10 11 | 12 | 13 14 11 | 15 → 12 distinct under the first prompt, 5 under the second.
+    assert batch.input_ids.shape == (1, 17) and tree_tokens(TREE_PROMPTS, TREE_RESPONSES) == 17
+    assert batch.expanded(batch.targets).tolist() == [t for r in TREE_RESPONSES for t in r]
+    assert len(batch.targets) == 4 + 1 + 3 + 1 + 3  # the repeated response and shared 8s counted once
+    # Each target is predicted from its parent: exactly one child of that node (it sees the node, one deeper) holds it.
+    sees = ancestor_mask(batch.tree_end)
+    tokens, depth = batch.input_ids[0], batch.position_ids[0]
+    for parent, target in zip(batch.logit_index.tolist(), batch.targets.tolist(), strict=True):
+        children = [j for j in range(17) if sees[j, parent] and depth[j] == depth[parent] + 1 and tokens[j] == target]
+        assert len(children) == 1
+
+
+def test_segments_are_runs_of_only_children_reading_their_ancestors():
+    batch = tree_packed(TREE_PROMPTS, TREE_RESPONSES)
+    # Row: 5 6 7 8 | 9 | 10 11 | 13 14 11 | 12 | 15 || 4 6 8 9 10 (the second question: one chain). 8 has three
+    # children (9, 12, 15) and 9 two (10, 13): each ends a segment.
+    assert batch.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 13, 14, 11, 12, 15, 4, 6, 8, 9, 10]
+    found = [(s.start, s.stop, s.keys.tolist()) for s in segments(batch.tree_parent)]
+    assert found == [(0, 4, [0, 1, 2, 3]), (4, 5, [0, 1, 2, 3, 4]), (5, 7, [0, 1, 2, 3, 4, 5, 6]),
+                     (7, 10, [0, 1, 2, 3, 4, 7, 8, 9]), (10, 11, [0, 1, 2, 3, 10]), (11, 12, [0, 1, 2, 3, 11]),
+                     (12, 17, [12, 13, 14, 15, 16])]
+    dense = ancestor_mask(batch.tree_end)
+    for s in segments(batch.tree_parent):  # every query of a segment sees its ancestors' keys and its own causally
+        for row in range(s.start, s.stop):
+            assert dense[row].nonzero().flatten().tolist() == [k for k in s.keys.tolist() if k <= row]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_tree_packed_outputs_equal_each_sequence_alone(implementation):
+    # A random Qwen2 with grouped-query attention (4 heads, 2 key/value heads), as the paper's model has.
+    from tests.conftest import small_tiny_model
+
+    model = small_tiny_model()[0]
+    model.set_attn_implementation(implementation)
+    scorer = ResponseScorer(model, 4)
+    left = left_padded(TREE_PROMPTS, TREE_RESPONSES, 0)
+    tree = tree_packed(TREE_PROMPTS, TREE_RESPONSES)
+    with torch.no_grad():
+        want = scorer(left.input_ids, left.attention_mask, left.position_ids, left.logit_index, left.targets,
+                      temperature=0.7, with_entropy=True)
+        with TreeAttention(model, tree.tree_parent):
+            got = scorer(tree.input_ids, None, tree.position_ids, tree.logit_index, tree.targets, temperature=0.7,
+                         with_entropy=True)
+        # The dense mask computes the same: the segment kernel is that mask, without its [U x U] cost.
+        dense = scorer(tree.input_ids, ancestor_mask(tree.tree_end)[None, None], tree.position_ids, tree.logit_index,
+                       tree.targets, temperature=0.7, with_entropy=True)
+    assert model.config._attn_implementation == implementation
+    for values, masked, expected in zip(got, dense, want, strict=True):
+        torch.testing.assert_close(tree.expanded(values), expected, atol=1e-5, rtol=0)
+        if implementation == "sdpa":
+            torch.testing.assert_close(tree.expanded(masked), expected, atol=1e-5, rtol=0)
 
 
 def test_flat_values_round_trip_through_the_loss_layout():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnrl.loss import LossSettings, Normaliser, k3_kl_per_token, policy_objective
-from attnrl.training.sharding import pad_to_world, shard_by_tokens, shard_mini_batches
+from attnrl.training.sharding import pad_to_world, shard_by_tokens, shard_mini_batches, shard_sequences
 from attnrl.training.trainer import TrainSequence, mini_batches
 
 
@@ -75,3 +75,19 @@ def test_rank_mini_batches_are_the_single_process_ones_with_per_rank_normalisers
         for share in shares:
             # DeepSpeed averages the ranks' gradients: each divides by half the whole mini-batch's counts.
             assert share.normaliser == Normaliser(whole.normaliser.tokens / 2, whole.normaliser.sequences / 2)
+
+
+def test_tree_packed_shards_keep_each_prompts_sequences_on_one_rank():
+    prompts = [(1, 2)] * 4 + [(3,)] * 3 + [(4, 5, 6)] * 2
+    responses = [(7, 8, 9, 10), (7, 8, 9, 11), (7, 8, 12), (13,), (7,) * 9, (7,) * 8 + (8,), (9,), (1,), (2,)]
+    shards = shard_sequences(prompts, responses, 2, trees=True)
+    assert sorted(i for shard in shards for i in shard) == list(range(9))
+    for shard in shards:
+        assert shard == sorted(shard)
+    rank_of = {i: r for r, shard in enumerate(shards) for i in shard}
+    for prompt in set(prompts):
+        assert len({rank_of[i] for i in range(9) if prompts[i] == prompt}) == 1
+    # Weighed by distinct tokens: (3,) has 1 + 9 + 1 + 1 = 12, (1, 2) 2 + 4 + 1 + 1 + 1 = 9, (4, 5, 6) 3 + 2 = 5.
+    assert shards == [[4, 5, 6], [0, 1, 2, 3, 7, 8]]
+    # Untreed, sequences of one prompt go to both ranks.
+    assert len({r for r, shard in enumerate(shard_sequences(prompts, responses, 2, trees=False)) if 4 in shard or 5 in shard}) == 2

@@ -110,7 +110,23 @@ def _sequences(seed: int) -> list[TrainSequence]:
     return out
 
 
-def _step_gradients(model, tokenizer, overrides, *, checkpointing=False):
+def _tree_sequences(seed: int) -> list[TrainSequence]:
+    """Two questions' trees in by-question order: responses, continuations that repeat a prefix of one (their
+    shared tokens carry other old log-probs: θ_k against θ_{k-1}, spec §3.2), and a response sampled twice."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt_len in (4, 3):
+        prompt = tuple(torch.randint(4, 30, (prompt_len,), generator=rng).tolist())
+        responses = [tuple(torch.randint(4, 30, (n,), generator=rng).tolist()) for n in (6, 5)]
+        paths = [*responses, responses[1], responses[0][:2] + (31, 32, 33), responses[0][:4] + (34,)]
+        for response in paths:
+            noise = torch.randn(3, len(response), generator=rng)
+            out.append(TrainSequence(prompt, response, tuple((noise[0] - 3).tolist()), tuple(noise[1].tolist()),
+                                     tuple((noise[2] - 3).tolist())))
+    return out
+
+
+def _step_gradients(model, tokenizer, overrides, *, checkpointing=False, sequences=None):
     config = resolve_config(preset="tiny", overrides=["train.mini_batch_sequences=4", "algorithm.entropy_coef=0.01",
                                                       *overrides])
     model = copy.deepcopy(model)
@@ -127,8 +143,10 @@ def _step_gradients(model, tokenizer, overrides, *, checkpointing=False):
     mlp.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
     backwards = []
     mlp.register_full_backward_hook(lambda *args: backwards.append(1))
-    stats = trainer.update(_sequences(seed=3))
-    assert stats["optimizer_steps"] == 2 and len(backend.grads) == 2  # 6 sequences, 4 per mini-batch
+    sequences = _sequences(seed=3) if sequences is None else sequences
+    stats = trainer.update(sequences)
+    steps = -(-len(sequences) // 4)  # 4 per mini-batch
+    assert stats["optimizer_steps"] == steps and len(backend.grads) == steps
     assert len(calls) == (2 if checkpointing else 1) * len(backwards)  # one backward per micro-batch
     return backend.grads, stats
 
@@ -152,6 +170,68 @@ def test_micro_batching_and_checkpointing_leave_the_gradient_unchanged(tiny_poli
                 torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=f"{name}, step {step}: {key}")
         for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
             assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_tree_packing_leaves_every_pass_and_the_gradient_unchanged(tiny_policy, implementation):
+    model, tokenizer = tiny_policy
+    model = copy.deepcopy(model)
+    model.set_attn_implementation(implementation)
+    sequences = _tree_sequences(seed=5)
+    common = ["algorithm.loss_aggregation=token_mean", "train.packing=left_padded"]
+    whole, whole_stats = _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=100000"],
+                                         sequences=sequences)
+    variants = {
+        "tree": _step_gradients(model, tokenizer, [*common, "train.tree_packing=true",
+                                                   "train.max_tokens_per_micro_batch=100000"], sequences=sequences),
+        # 12 distinct tokens: trees cut into several micro-batches, a shared prefix in more than one.
+        "tree, budget": _step_gradients(model, tokenizer, [*common, "train.tree_packing=true",
+                                                           "train.max_tokens_per_micro_batch=12"], sequences=sequences),
+        "tree, checkpointing": _step_gradients(model, tokenizer, [*common, "train.tree_packing=true"],
+                                               checkpointing=True, sequences=sequences),
+    }
+    for name, (grads, stats) in variants.items():
+        for step, (got, want) in enumerate(zip(grads, whole, strict=True)):
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=0, msg=f"{name}, step {step}: {key}")
+        for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
+            assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+    # The no-grad passes: per-path values, in the callers' order.
+    prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
+    per_path = _trainer(model, tokenizer, "train.packing=left_padded")
+    packed = _trainer(model, tokenizer, "train.tree_packing=true", "train.max_tokens_per_micro_batch=12")
+    for reference in (False, True):
+        for got, want in zip(packed.logprobs(prompts, responses, reference=reference),
+                             per_path.logprobs(prompts, responses, reference=reference), strict=True):
+            assert got == pytest.approx(want, abs=1e-5)
+    for got, want in zip(packed.score(prompts, responses), per_path.score(prompts, responses), strict=True):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+        assert got.entropies == pytest.approx(want.entropies, abs=1e-5)
+
+
+def test_tree_packing_runs_fewer_tokens_through_the_model(tiny_policy):
+    model, tokenizer = tiny_policy
+    sequences = _tree_sequences(seed=5)
+    widths = {}
+    for setting in ("false", "true"):
+        trainer = _trainer(model, tokenizer, f"train.tree_packing={setting}", "train.packing=padding_free",
+                           "train.max_tokens_per_micro_batch=100000")
+        batches = trainer._micro_batches([s.prompt_ids for s in sequences], [s.response_ids for s in sequences], "sdpa")
+        widths[setting] = sum(batch.input_ids.numel() for _, batch, _ in batches)
+    # Per path: 7 prompt tokens x 5 paths + 6+5+5+5+5 response tokens per question; tree: 4+6+5+3+1 and 3+6+5+3+1.
+    assert widths == {"false": 5 * 4 + 26 + 5 * 3 + 26, "true": 19 + 18}
+
+
+def test_tree_packing_falls_back_where_the_kernel_takes_no_mask(tiny_policy, caplog):
+    from attnrl.training.trainer import FCI_KERNEL
+
+    model, tokenizer = tiny_policy
+    trainer = _trainer(model, tokenizer, "train.tree_packing=true")
+    assert trainer._tree_packed("sdpa") and trainer._tree_packed("flex_attention")
+    assert not trainer._tree_packed(FCI_KERNEL) and not caplog.records
+    assert not trainer._tree_packed("flash_attention_2") and not trainer._tree_packed("flash_attention_2")
+    [record] = caplog.records
+    assert "flash_attention_2" in record.getMessage() and "train.packing" in record.getMessage()
 
 
 def test_update_and_scoring_never_hold_full_logits(tiny_policy):
