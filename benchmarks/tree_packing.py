@@ -21,7 +21,9 @@ Measured per (batches, pass, layout), repeats interleaved (per-path, packed, per
 minimum and every repeat), token slots through the decoder (the micro-batches' rows × widths, padding
 included, as the trainer lays them out), the distinct
 tokens of the pass (each micro-batch's prefix tree; the update's mini-batches separately, since the
-weights change between them), and the peak resident memory above the resting one (VmHWM reset per pass).
+weights change between them), and the peak resident memory above the resting one (VmHWM reset per pass;
+the script runs itself again with ``MALLOC_MMAP_THRESHOLD_=65536``, as ``memprobe`` runs its workers, so
+freed buffers leave the process and an earlier run's heap does not hide a later run's peak).
 Prints the JSON and writes it to ``benchmarks/results/tree_packing.json``.
 """
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import os
 import random
 import shutil
 import sys
@@ -53,6 +57,7 @@ from common import RESULTS, log_to_stderr, provenance, warmed_up, workdir, write
 from memprobe import MIB, current_bytes, peak_bytes, reset_peak  # benchmarks/memprobe.py
 
 LAYOUTS = {"per_path": "false", "packed": "true"}
+MMAP_THRESHOLD = "65536"
 PASSES = ("behaviour", "reference", "update")
 LONG = {"prompt": 128, "response": 512, "responses": 6, "offsets": (192, 320), "continuations": 2, "questions": 1}
 
@@ -158,6 +163,8 @@ def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainS
                                         for (ps, rs), batch in zip(inputs, batches, strict=True))
         for _ in range(repeats):
             for layout, packing in LAYOUTS.items():
+                trainer = None
+                gc.collect()
                 trainer = build_trainer(config, model, packing)  # the same weights and optimizer state every time
                 rest = current_bytes("cpu")
                 reset_peak("cpu")
@@ -202,10 +209,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="keep the warmed-up workspace here (and reuse it)")
     args = parser.parse_args()
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # glibc reads it at start-up only
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
     log_to_stderr("benchmarks")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     record: dict[str, Any] = {**provenance("tree_packing.py", sys.argv[1:]), "threads": args.threads,
+                              "memory": "RSS above resting (VmHWM reset via clear_refs), MALLOC_MMAP_THRESHOLD_=65536",
                               "repeats": args.repeats, "long_prefix_shape": LONG, "batches": {}}
     with workdir(args.keep, "tree-packing-") as root:
         for method in ("attnrl", "treerl"):

@@ -49,8 +49,9 @@ BASE = [
     TrainSequence((5, 6, 7), (8, 9, 10, 14), (-2.0, -1.5, -3.0, -0.5), (1.0, 1.0, -0.5, 0.3)),
     TrainSequence((5, 6), (9, 9), (-2.5, -2.0), (-1.0, -1.0)),
     TrainSequence((7,), (8, 8, 8), (-1.0, -1.0, -1.0), (0.5, 0.0, 0.5)),
-    # A continuation of the first path after 2 tokens: its shared tokens carry other old log-probs.
-    TrainSequence((5, 6, 7), (8, 9, 11), (-2.2, -1.1, -3.0), (2.0, 2.0, 1.0)),
+    # A continuation of the first path after 2 tokens (two of its own, so a hidden state past the branch
+    # predicts one): its shared tokens carry other old log-probs.
+    TrainSequence((5, 6, 7), (8, 9, 11, 12), (-2.2, -1.1, -3.0, -1.0), (2.0, 2.0, 1.0, 1.0)),
     TrainSequence((6, 5, 7, 7), (9, 8, 10), (-1.2, -0.7, -2.2), (-0.4, 0.8, 0.8)),
 ]
 
