@@ -396,58 +396,60 @@ def _tree(shape: dict[str, Any], vocab: int):
     return out
 
 
-def trees(ctx: SimpleNamespace) -> dict[str, Any]:
-    """Per path against tree-packed, on each attention kernel a tree runs on here: same weights, same paths."""
+def _tree_variant(ctx: SimpleNamespace, kernel: str, packed: bool, sequences: list, tokens: int):
+    """The reference pass and one update over ``sequences`` on fresh weights, ``kernel``, tree-packed or not."""
     torch = ctx.torch
     from attnrl.training.backend import build_backend
     from attnrl.training.trainer import PolicyTrainer, TrainSequence
 
+    backend_name = "deepspeed" if ctx.deepspeed else "torch"
+    train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
+                               "precision": ctx.precision, "backend": backend_name, "tree_packing": packed})
+    policy = ctx.fresh_policy(torch.float32)
+    reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
+    for model in (policy, reference):
+        model.set_attn_implementation(kernel)
+    backend = build_backend(backend_name, policy, train)
+    if ctx.deepspeed:
+        reference = backend.prepare_reference(reference)
+    trainer = PolicyTrainer(policy, backend, reference=reference, pad_token_id=0, algorithm=SimpleNamespace(**ALGORITHM),
+                            train=train, temperature=TEMPERATURE,
+                            autocast=torch.bfloat16 if ctx.precision == "bf16" else None)
+    prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
+    entry: dict[str, Any] = {"kernel": kernel, "tree_packing": packed}
+    entry["reference"], refs = ctx.meter(lambda: trainer.logprobs(prompts, responses, reference=True), warmup=0,
+                                         repeats=1, tokens=tokens)
+    batch = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
+             for s, r in zip(sequences, refs, strict=True)]
+    entry["update"], stats = ctx.meter(lambda: trainer.update(batch), warmup=0, repeats=1, tokens=tokens)
+    entry["update_stats"] = {k: stats[k] for k in ("optimizer_steps", "grad_norm", "loss")}
+    return entry, refs
+
+
+def trees(ctx: SimpleNamespace) -> dict[str, Any]:
+    """Per path against tree-packed, on each attention kernel a tree runs on here: same weights, same paths."""
+    torch = ctx.torch
     ctx.trainer = None  # the passes section's trainer and its optimizer state: their memory goes to these
     ctx.release_policy()
-    gc.collect()
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
-    backend_name = "deepspeed" if ctx.deepspeed else "torch"
     sequences = _tree(ctx.shape["tree"], ctx.numbers["vocab_size"])
-    prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in sequences)
     kernels = ["flex_attention", "sdpa"] if ctx.device.type == "cuda" else ["sdpa"]
     variants = {"per_path": (kernels[0], False), **{f"tree_{k}": (k, True) for k in kernels}}
-    out: dict[str, Any] = {"sequences": len(sequences), "per_path_tokens": sum(len(p) + len(r) for p, r in
-                                                                                zip(prompts, responses, strict=True))}
-    baseline: dict[str, Any] = {}
+    out: dict[str, Any] = {"sequences": len(sequences), "per_path_tokens": tokens}
+    baseline = None
     for name, (kernel, packed) in variants.items():
-        train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
-                                   "precision": ctx.precision, "backend": backend_name, "tree_packing": packed})
-        policy = ctx.fresh_policy(torch.float32)
-        reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
-        for model in (policy, reference):
-            model.set_attn_implementation(kernel)
-        backend = build_backend(backend_name, policy, train)
-        if ctx.deepspeed:
-            reference = backend.prepare_reference(reference)
-        trainer = PolicyTrainer(policy, backend, reference=reference, pad_token_id=0,
-                                algorithm=SimpleNamespace(**ALGORITHM), train=train, temperature=TEMPERATURE,
-                                autocast=torch.bfloat16 if ctx.precision == "bf16" else None)
-        entry: dict[str, Any] = {"kernel": kernel, "tree_packing": packed}
-        entry["reference"], refs = ctx.meter(lambda: trainer.logprobs(prompts, responses, reference=True),
-                                             warmup=0, repeats=1, tokens=out["per_path_tokens"])
-        batch = [TrainSequence(s.prompt_ids, s.response_ids, s.old_logprobs, s.advantages, r)
-                 for s, r in zip(sequences, refs, strict=True)]
-        entry["update"], stats = ctx.meter(lambda: trainer.update(batch), warmup=0, repeats=1,
-                                           tokens=out["per_path_tokens"])
-        entry["update_stats"] = {k: stats[k] for k in ("optimizer_steps", "grad_norm", "loss")}
-        if not baseline:
-            baseline.update(refs=refs, stats=entry["update_stats"])
-        else:
-            entry["reference_max_abs_diff"] = max(abs(a - b) for mine, theirs in zip(refs, baseline["refs"], strict=True)
-                                                  for a, b in zip(mine, theirs, strict=True))
-            entry["loss_diff"] = abs(stats["loss"] - baseline["stats"]["loss"])
-            entry["update_speedup"] = round(out["per_path"]["update"]["seconds"] / entry["update"]["seconds"], 2)
-        out[name] = entry
-        del trainer, backend, policy, reference
         gc.collect()
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
+        entry, refs = _tree_variant(ctx, kernel, packed, sequences, tokens)
+        if baseline is None:
+            baseline = (refs, entry)
+        else:
+            entry["reference_max_abs_diff"] = max(abs(a - b) for mine, theirs in zip(refs, baseline[0], strict=True)
+                                                  for a, b in zip(mine, theirs, strict=True))
+            entry["loss_diff"] = abs(entry["update_stats"]["loss"] - baseline[1]["update_stats"]["loss"])
+            entry["update_speedup"] = round(baseline[1]["update"]["seconds"] / entry["update"]["seconds"], 2)
+        out[name] = entry
     return out
 
 

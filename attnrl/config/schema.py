@@ -337,10 +337,11 @@ class TrainConfig(Section):
         description="Merge the sequences of every pass (the continuations' behaviour pass, the reference pass, "
         "the update) into prefix trees: a token shared by several paths (the prompt, the prefix a continuation "
         "branched from) goes through the model once, and its loss is the sum of those paths' terms, so loss and "
-        "gradient equal per-path training (attnrl/training/prefix_tree.py). Needs an attention kernel that takes a "
-        "tree mask (sdpa, eager: a dense [tokens × tokens] mask; flex_attention: block-sparse); with flash "
-        "attention the passes fall back to train.packing with a warning. The micro-batch budget counts distinct "
-        "tokens.",
+        "gradient equal per-path training (attnrl/training/prefix_tree.py). sdpa and eager run it segment by "
+        "segment (attnrl/training/tree_attention.py), flex_attention through a block mask; with flash attention the "
+        "passes fall back to train.packing with a warning. The micro-batch budget counts distinct tokens; in a "
+        "trainer group a prompt's sequences stay on one rank. Off by default: on the long-prefix shape it needs more "
+        "memory than per-path training (README 'Tree-packed training'), and it has not run on a GPU.",
     )
     backend: Literal["deepspeed", "torch"] = Field(
         default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."

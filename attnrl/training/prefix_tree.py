@@ -113,7 +113,8 @@ def sees(query: Tensor, key: Tensor, end: Tensor) -> Tensor:
 
 
 def ancestor_mask(end: Tensor) -> Tensor:
-    """[U, U] boolean: row ``i`` is True exactly at ``i``'s ancestors and ``i`` (dense, for SDPA and eager)."""
+    """[U, U] boolean: row ``i`` is True exactly at ``i``'s ancestors and ``i`` (dense: the reference the
+    segment kernel and the block mask are tested against)."""
     index = torch.arange(end.shape[0], device=end.device)
     return sees(index[:, None], index[None, :], end)
 

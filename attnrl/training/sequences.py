@@ -12,9 +12,10 @@ Three layouts, one result format:
   spent on padding (verl's ``use_remove_padding``, spec §5.1).
 * **tree-packed** (``tree_packed``): the sequences merged into a prefix tree
   (``attnrl/training/prefix_tree.py``), every distinct prefix token once, in one row in depth-first
-  order; position ids are depths, and ``tree_parent`` / ``tree_end`` define the attention under which
-  a token sees exactly its ancestors (``attnrl/training/tree_attention.py``). A question's paths share the prompt and each continuation the prefix it branched
-  from, so those tokens go through the model once instead of once per path (``train.tree_packing``).
+  order; position ids are depths, and ``tree_parent`` / ``tree_end`` define the attention under
+  which a token sees exactly its ancestors (``attnrl/training/tree_attention.py``). A question's
+  paths share the prompt and each continuation the prefix it branched from, so those tokens go
+  through the model once instead of once per path (``train.tree_packing``).
 
 Either way ``ModelBatch.logit_index`` names, in sequence order, the flat positions (row × width +
 column) whose hidden states predict the response tokens, so only those reach the LM head, and

@@ -10,7 +10,7 @@
   within each shard.
 * ``shard_sequences``: either of those splits over the sequences of a pass; tree-packed
   (``train.tree_packing``), the sequences of one prompt stay on one rank, weighed by their distinct
-  tokens, so no rank runs a prefix another rank also runs.
+  tokens, so a question's shared prefixes run once, on that rank.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Exact causal attention over a prefix tree, without a [tokens × tokens] mask (tree-packed training).
 
 A tree-packed row (``sequences.tree_packed``) holds every distinct prefix once, in depth-first order;
-a token must see exactly its ancestors. A dense mask does that, but it costs O(U²) for U tokens in the
-row, where per-path training costs Σ over paths of O(L²): on the long-prefix shape (a 4 k response
-with continuations from its middle) the dense mask is several times slower than not packing at all.
+a token must see exactly its ancestors. A dense mask does that, but its attention costs O(U²) for U
+tokens in the row, where per-path training costs Σ over paths of O(L²): with long responses, more
+than not packing at all.
 
 So the row is cut into **segments**, maximal runs of nodes in which every node is the previous one's
 only child (a prompt, a response up to its first branch point, a continuation). A segment's ancestors
@@ -14,7 +14,7 @@ attention without the repeats.
 
 The kernel is a transformers attention function (``AttentionInterface``) the model switches to for a
 tree's forward (and its backward, where gradient checkpointing recomputes layers): ``TreeAttention``.
-FlexAttention on a GPU takes the same rule as a block mask instead (``prefix_tree.attention_mask``).
+FlexAttention on a GPU takes the same rule as a block mask instead (``prefix_tree.block_mask``).
 """
 
 from __future__ import annotations

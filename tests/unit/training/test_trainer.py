@@ -151,6 +151,16 @@ def _step_gradients(model, tokenizer, overrides, *, checkpointing=False, sequenc
     return backend.grads, stats
 
 
+def _assert_same_steps(variants: dict, whole: list, whole_stats: dict, *, grad_atol: float) -> None:
+    """Every variant's gradients, step by step, and its update statistics equal the single-micro-batch run's."""
+    for name, (grads, stats) in variants.items():
+        for step, (got, want) in enumerate(zip(grads, whole, strict=True)):
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], atol=grad_atol, rtol=0, msg=f"{name}, step {step}: {key}")
+        for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
+            assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
 def test_micro_batching_and_checkpointing_leave_the_gradient_unchanged(tiny_policy, aggregation):
     model, tokenizer = tiny_policy
@@ -164,12 +174,7 @@ def test_micro_batching_and_checkpointing_leave_the_gradient_unchanged(tiny_poli
         "checkpointing": _step_gradients(model, tokenizer, [*common, "train.max_tokens_per_micro_batch=100000"],
                                          checkpointing=True),
     }
-    for name, (grads, stats) in variants.items():
-        for step, (got, want) in enumerate(zip(grads, whole, strict=True)):
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0, msg=f"{name}, step {step}: {key}")
-        for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
-            assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+    _assert_same_steps(variants, whole, whole_stats, grad_atol=1e-6)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -190,12 +195,7 @@ def test_tree_packing_leaves_every_pass_and_the_gradient_unchanged(tiny_policy, 
         "tree, checkpointing": _step_gradients(model, tokenizer, [*common, "train.tree_packing=true"],
                                                checkpointing=True, sequences=sequences),
     }
-    for name, (grads, stats) in variants.items():
-        for step, (got, want) in enumerate(zip(grads, whole, strict=True)):
-            for key in want:
-                torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=0, msg=f"{name}, step {step}: {key}")
-        for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction"):
-            assert stats[key] == pytest.approx(whole_stats[key], abs=1e-6), (name, key)
+    _assert_same_steps(variants, whole, whole_stats, grad_atol=2e-6)
     # The no-grad passes: per-path values, in the callers' order.
     prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
     per_path = _trainer(model, tokenizer, "train.packing=left_padded")
