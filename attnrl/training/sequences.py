@@ -135,12 +135,12 @@ def tree_packed(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
     trie = PrefixTrie()
     paths = [trie.add([*prompt, *response]) for prompt, response in zip(prompts, responses, strict=True)]
     layout = preorder(trie)
+    position = layout.position.tolist()  # read per token below: plain ints, not tensor indexing
+    responses_at = [[position[node] for node in path[len(prompt):]] for path, prompt in zip(paths, prompts, strict=True)]
     # Predicted nodes, in preorder, and each one's entry.
-    predicted = sorted({int(layout.position[node]) for path, prompt in zip(paths, prompts, strict=True)
-                        for node in path[len(prompt):]})
+    predicted = sorted({node for nodes in responses_at for node in nodes})
     entry = {node: k for k, node in enumerate(predicted)}
-    expand = [entry[int(layout.position[node])] for path, prompt in zip(paths, prompts, strict=True)
-              for node in path[len(prompt):]]
+    expand = [entry[node] for nodes in responses_at for node in nodes]
     nodes = torch.tensor(predicted, dtype=torch.long)
     return ModelBatch(layout.tokens[None], None, layout.depth[None], layout.parent[nodes], layout.tokens[nodes],
                       tuple(len(r) for r in responses), (), layout.end, layout.parent,
