@@ -63,11 +63,14 @@ demo: install
 	$(VENV)/bin/attnrl demo
 
 # Two pytest-xdist workers, one test module each at a time (module fixtures such as the DVC project or the
-# Prefect server stay in one worker): most integration tests wait on subprocesses and servers.
+# Prefect server stay in one worker): most integration tests wait on subprocesses and servers. Modules go out
+# longest first, in the order tests/conftest.py collects them (LONGEST_FIRST), so both workers end together.
 TEST_WORKERS ?= 2
-test: environments
-	@$(MAKE) --no-print-directory -j2 fixtures browser
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# The two environments and the browser install side by side (mostly waiting on the network); the fixtures
+# follow the driver's environment, which they are built with.
+test:
+	@$(MAKE) --no-print-directory -j3 install vllm-env browser fixtures
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-unit: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/unit

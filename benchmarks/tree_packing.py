@@ -19,12 +19,12 @@ reference) and ``update`` (one PPO epoch over the paths in mini-batches, from th
 
 Measured per (batches, pass, layout), repeats interleaved (per-path, packed, per-path, ...): seconds (the
 minimum and every repeat), token slots through the decoder (the micro-batches' rows × widths, padding
-included, as the trainer lays them out), the distinct
-tokens of the pass (each micro-batch's prefix tree; the update's mini-batches separately, since the
+included, as the trainer lays them out) and the largest micro-batch's, the distinct tokens of the pass (each micro-batch's prefix tree; the update's mini-batches separately, since the
 weights change between them), and the peak resident memory above the resting one (VmHWM reset per pass;
 the script runs itself again with ``MALLOC_MMAP_THRESHOLD_=65536``, as ``memprobe`` runs its workers, so
 freed buffers leave the process and an earlier run's heap does not hide a later run's peak).
-Prints the JSON and writes it to ``benchmarks/results/tree_packing.json``.
+Prints the JSON and writes it to ``benchmarks/results/tree_packing.json`` (with ``--budget N``, the token
+budget of every measured micro-batch, to ``tree_packing-budgetN.json``).
 """
 
 from __future__ import annotations
@@ -119,8 +119,11 @@ def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def build_trainer(config: RunConfig, model: torch.nn.Module, packing: str) -> PolicyTrainer:
-    config = config.model_copy(update={"train": config.train.model_copy(update={"tree_packing": packing == "true"})})
+def build_trainer(config: RunConfig, model: torch.nn.Module, packing: str, budget: int | None) -> PolicyTrainer:
+    update: dict[str, Any] = {"tree_packing": packing == "true"}
+    if budget is not None:
+        update["max_tokens_per_micro_batch"] = budget
+    config = config.model_copy(update={"train": config.train.model_copy(update=update)})
     model = copy.deepcopy(model)
     return PolicyTrainer(model, build_backend(config.train.backend, model, config.train), reference=copy.deepcopy(model),
                          pad_token_id=0, algorithm=config.algorithm, train=config.train,
@@ -134,8 +137,8 @@ def distinct_tokens(pass_name: str, config: RunConfig, prompts, responses, seque
                for b in mini_batches(sequences, config.train.mini_batch_sequences))
 
 
-def processed_tokens(trainer: PolicyTrainer, pass_name: str, inputs, batches: list[list[TrainSequence]]) -> int:
-    """Token slots the pass runs through the decoder: its micro-batches' rows × widths, as the trainer lays them out."""
+def processed_tokens(trainer: PolicyTrainer, pass_name: str, inputs, batches: list[list[TrainSequence]]) -> list[int]:
+    """Token slots of each micro-batch the pass runs through the decoder (rows × width, as the trainer lays them out)."""
     kernel = trainer.model.config._attn_implementation
     calls = []
     for (prompts, responses), batch in zip(inputs, batches, strict=True):
@@ -144,11 +147,12 @@ def processed_tokens(trainer: PolicyTrainer, pass_name: str, inputs, batches: li
         else:
             calls += [([s.prompt_ids for s in b.sequences], [s.response_ids for s in b.sequences])
                       for b in mini_batches(batch, trainer.train_config.mini_batch_sequences)]
-    return sum(layout.input_ids.numel() for prompts, responses in calls if prompts
-               for _, layout, _ in trainer._micro_batches(prompts, responses, kernel))
+    return [layout.input_ids.numel() for prompts, responses in calls if prompts
+            for _, layout, _ in trainer._micro_batches(prompts, responses, kernel)]
 
 
-def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainSequence]], repeats: int) -> dict[str, Any]:
+def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainSequence]], repeats: int,
+            budget: int | None) -> dict[str, Any]:
     out: dict[str, Any] = {"sequences": sum(len(b) for b in batches)}
     for pass_name in PASSES:
         record: dict[str, Any] = {layout: {"seconds": []} for layout in LAYOUTS}
@@ -165,7 +169,7 @@ def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainS
             for layout, packing in LAYOUTS.items():
                 trainer = None
                 gc.collect()
-                trainer = build_trainer(config, model, packing)  # the same weights and optimizer state every time
+                trainer = build_trainer(config, model, packing, budget)  # the same weights and optimizer state each time
                 rest = current_bytes("cpu")
                 reset_peak("cpu")
                 started = time.perf_counter()
@@ -177,7 +181,8 @@ def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainS
                 seconds = time.perf_counter() - started
                 entry = record[layout]
                 entry["seconds"].append(round(seconds, 3))
-                entry["tokens"] = processed_tokens(trainer, pass_name, inputs, batches)
+                slots = processed_tokens(trainer, pass_name, inputs, batches)
+                entry["tokens"], entry["largest_micro_batch"] = sum(slots), max(slots, default=0)
                 entry["extra_peak_mib"] = max(entry.get("extra_peak_mib", 0), round((peak_bytes("cpu") - rest) / MIB, 1))
         for layout in LAYOUTS:
             entry = record[layout]
@@ -187,6 +192,10 @@ def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainS
         record["speedup"] = round(record["per_path"]["min_seconds"] / packed, 2) if packed else None  # None: no inputs
         out[pass_name] = record
     return out
+
+
+def config_budget() -> int:
+    return resolve_config(preset="tiny").train.max_tokens_per_micro_batch
 
 
 def long_prefix_model(config: RunConfig) -> torch.nn.Module:
@@ -208,6 +217,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="keep the warmed-up workspace here (and reuse it)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="train.max_tokens_per_micro_batch of every measured pass (default: the preset's); the "
+                             "results go to tree_packing-budget<N>.json")
     args = parser.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:  # glibc reads it at start-up only
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD})
@@ -216,17 +228,18 @@ def main() -> None:
     started = time.perf_counter()
     record: dict[str, Any] = {**provenance("tree_packing.py", sys.argv[1:]), "threads": args.threads,
                               "memory": "RSS above resting (VmHWM reset via clear_refs), MALLOC_MMAP_THRESHOLD_=65536",
-                              "repeats": args.repeats, "long_prefix_shape": LONG, "batches": {}}
+                              "repeats": args.repeats, "long_prefix_shape": LONG,
+                              "max_tokens_per_micro_batch": args.budget or config_budget(), "batches": {}}
     with workdir(args.keep, "tree-packing-") as root:
         for method in ("attnrl", "treerl"):
             config, init, batches = tiny_batches(method, args.steps, root)
             model = load_policy(init, dtype="float32", attn_implementation=config.model.attn_implementation).model
-            record["batches"][f"tiny-{method}"] = measure(config, model, batches, args.repeats)
+            record["batches"][f"tiny-{method}"] = measure(config, model, batches, args.repeats, args.budget)
         config = resolve_config(preset="tiny")
         record["batches"]["long-prefix"] = measure(config, long_prefix_model(config), [long_prefix_batch(0)],
-                                                   args.repeats)
+                                                   args.repeats, args.budget)
     record["wall_s"] = round(time.perf_counter() - started, 1)
-    write_json(record, RESULTS / "tree_packing.json")
+    write_json(record, RESULTS / ("tree_packing.json" if args.budget is None else f"tree_packing-budget{args.budget}.json"))
 
 
 if __name__ == "__main__":

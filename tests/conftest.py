@@ -15,6 +15,30 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = PROJECT_ROOT.parent / "shared" / "benchmarks"
 
 
+# `make test` runs two pytest-xdist workers with --dist loadfile --no-loadscope-reorder: whole files, handed out
+# in collection order to whichever worker is free. Collected longest first, the files balance like the
+# longest-processing-time rule, and the two workers finish together instead of one running the longest file
+# alone at the end (by default xdist orders files by their number of tests, which puts the long integration
+# files, with few tests each, last). The order is what `pytest --durations=0` measured per file, longest
+# first; files not listed follow in their usual order.
+LONGEST_FIRST = tuple(f"integration/test_{name}.py" for name in (
+    "dvc_pipeline", "deployments", "stopping", "real_model_pipeline", "paper_rehearsal", "trainer_group", "flows",
+    "readme_commands", "distributed_training", "real_model_engines", "cli", "ray_engine", "vllm_engine",
+    "data_gates", "train_resume", "gpu_scale_check", "verifier_benchmarks", "vllm_preflight",
+))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests = Path(__file__).parent
+
+    def order(item: pytest.Item) -> int:
+        inside = item.path.is_relative_to(tests)
+        return rank.get(item.path.relative_to(tests).as_posix(), len(rank)) if inside else len(rank)
+
+    items.sort(key=order)  # stable: a file's tests keep their order
+
+
 def require_benchmarks() -> Path:
     """The real benchmark folder; skipped with a reason when absent, but never under CI."""
     if not BENCHMARKS.is_dir():
