@@ -155,10 +155,15 @@ def test_ranks_that_stop_answering_fail_the_call_at_the_timeout_naming_them(clus
     class Group(TrainerGroup):
         rank_class = Rank1Hangs
 
-    config = _config(0, "distributed.call_timeout_s=10")
+    config = _config(0, "distributed.call_timeout_s=10", "algorithm.kl_coef=0")
     placement = place(config)
     group = Group(config, placement, model_dir=policy_dir, resume=None)
     try:
+        # Without a KL term the ranks hold no reference model: the group says so before asking any rank.
+        prompts, responses = [s.prompt_ids for s in BASE], [s.response_ids for s in BASE]
+        with pytest.raises(ValueError, match="no reference model: algorithm.kl_coef is 0") as refused:
+            group.logprobs(prompts, responses, reference=True)
+        assert refused.type is ValueError
         started = time.monotonic()
         with pytest.raises(TrainerRankFailed, match=r"trainer rank\(s\) 0, 1 of 2 did not answer during update "
                                                    r"within 10 s \(distributed.call_timeout_s\)"):

@@ -52,6 +52,16 @@ def test_only_the_critical_step_and_the_query_decide_the_answer(seed):
     assert task_family("planted").critical_steps(expression) == (critical,)
 
 
+def test_an_injected_error_always_changes_the_value():
+    for seed in range(40):
+        rng = random.Random(seed)
+        expression = planted_expression(4, 10, "+-", rng)
+        right = planted_steps(expression, 10)
+        wrong = planted_steps(expression, 10, error_rate=1.0, rng=rng)
+        for step, (good, bad) in enumerate(zip(right[:4], wrong[:4], strict=True)):  # the definitions
+            assert good.rsplit("=", 1)[1] != bad.rsplit("=", 1)[1], (expression, step, bad)
+
+
 def test_generated_problems_carry_the_family_answers_and_levels():
     config = SyntheticTaskConfig(family="planted", levels=[2, 4], train_per_level=30, eval_per_level=5)
     problems = generate_problems(config, split="test", seed=3)

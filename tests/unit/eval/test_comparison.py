@@ -46,6 +46,13 @@ def test_tokens_to_reach_interpolates_between_evaluations():
     assert tokens_to_reach(curve, 81.0) is None
 
 
+def test_a_curve_that_reaches_the_threshold_exactly_and_stays_flat_reaches_it_there():
+    flat = [{"tokens": t, "accuracy": {"mean": a}} for t, a in [(0, 50.0), (40, 70.0), (80, 70.0)]]
+    assert tokens_to_reach(flat, 70.0) == 40
+    level = [{"tokens": t, "accuracy": {"mean": a}} for t, a in [(0, 70.0), (40, 70.0)]]
+    assert tokens_to_reach(level, 70.0) == 0
+
+
 def test_a_summary_pairs_every_method_with_the_baseline_by_seed():
     runs = [run("grpo", s, f, [(0, 0, 50), (100, 100, f)]) for s, f in [(1, 60.0), (2, 70.0), (3, 80.0)]]
     runs += [run("attnrl", s, f, [(0, 0, 50), (100, 100, f)]) for s, f in [(1, 61.0), (2, 72.0), (3, 81.0)]]

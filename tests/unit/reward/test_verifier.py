@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import multiprocessing
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -47,6 +48,8 @@ class TestScoringRules:
         assert verifier.score(_answer("0.75"), answers) == 1.0
         assert verifier.score(_answer("12"), answers) == 1.0
         assert verifier.score(_answer("13"), answers) == 0.0
+        # An integer prediction against integers and a fraction: Math-Verify decides (6/2 is 3), not the integer path.
+        assert verifier.score(_answer("3"), ["4", "\\frac{6}{2}"]) == 1.0
 
     def test_single_string_ground_truth(self, verifier: Verifier) -> None:
         assert verifier.score(_answer("7"), "7\n") == 1.0
@@ -137,6 +140,33 @@ class TestHardTimeout:
             assert v.score_batch(items) == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
         assert set(multiprocessing.active_children()) == before
 
+    def test_the_timeout_counts_from_the_hand_over_not_from_the_childs_start(self) -> None:
+        # The child takes 2 s to start, longer than the 1 s timeout; grading itself is instant.
+        with Verifier(timeout_s=1.0, grade_fn="tests.unit.reward.slow_start_grader:grade") as v:
+            assert v.score(_answer("RIGHT"), ["1"]) == 1.0
+            assert v.children_started == 1
+
+    def test_an_interrupted_batch_stops_its_busy_child_and_the_next_batch_is_graded_right(self) -> None:
+        before = set(multiprocessing.active_children())
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            with Verifier(timeout_s=30.0, grade_fn=f"{HELPERS}:grade_or_hang") as v:
+                assert v.score(_answer("RIGHT"), ["1"]) == 1.0  # the child is up and idle
+                signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C while the child hangs on the next batch
+                with pytest.raises(KeyboardInterrupt):
+                    v.score_batch([(_answer("HANG"), ["1"])])
+                assert set(multiprocessing.active_children()) == before  # the busy child was stopped
+                # A fresh child grades the next batch: no answer of the interrupted one is read as its result.
+                assert v.score_batch([(_answer("wrong"), ["1"]), (_answer("RIGHT"), ["1"])]) == [0.0, 1.0]
+                assert v.children_started == 2
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
     def test_crashed_child_scores_zero_and_is_replaced(self, caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.WARNING), Verifier(timeout_s=30.0, grade_fn=f"{HELPERS}:grade_or_crash") as v:
             items = [(_answer("RIGHT"), ["1"]), (_answer("CRASH"), ["1"]), (_answer("RIGHT"), ["1"])]
@@ -161,8 +191,10 @@ class TestHardTimeout:
 
 def test_integer_answers_are_settled_without_a_grading_process():
     with Verifier(timeout_s=5.0) as verifier:
-        scores = verifier.score_batch([("\\boxed{5}", ["4"]), ("\\boxed{004}", ["4"]), ("\\boxed{+7}", ["1", "7"])])
-        assert scores == [0.0, 1.0, 1.0]
+        # The last ground truth is settled by its boxed content.
+        scores = verifier.score_batch([("\\boxed{5}", ["4"]), ("\\boxed{004}", ["4"]), ("\\boxed{+7}", ["1", "7"]),
+                                       ("\\boxed{7}", ["The answer is $\\boxed{7}$."])])
+        assert scores == [0.0, 1.0, 1.0, 1.0]
         assert verifier.children_started == 0
 
 

@@ -25,6 +25,9 @@ def test_a_batch_is_cut_to_the_prompts_whose_measured_cost_fits_but_not_below_ha
     assert costs.prompts_that_fit(16, 3_199.0, continuations=True) == 0   # 7 prompts: a step too noisy to take
     assert costs.prompts_that_fit(16, -50.0, continuations=True) == 0
     assert costs.prompts_that_fit(16, 1_999.0, continuations=False) == 16  # GRPO: initial samples only
+    # An odd batch: half of 15 is 7.5, so 8 prompts is the least taken and 7 is too few.
+    assert costs.prompts_that_fit(15, 3_200.0, continuations=True) == 8
+    assert costs.prompts_that_fit(15, 2_800.0, continuations=True) == 0
 
 
 def test_batches_already_taken_are_paid_for_first():

@@ -7,7 +7,7 @@ import pytest
 from attnrl.data.problem import make_problem
 from attnrl.sampling import ExpansionPlan
 from attnrl.steps import StepSegmentation
-from attnrl.training.metrics import outcome_ratios, step_metrics
+from attnrl.training.metrics import merged_update_stats, outcome_ratios, step_metrics
 from attnrl.training.rollouts import BranchPoint, ScoredQuestion, ScoredResponse
 from attnrl.tree import Continuation, InitialResponse, build_question_tree, filter_zero_advantage_questions
 
@@ -86,3 +86,11 @@ def test_empty_populations_give_zero_not_a_division_error(batch):
     assert m["incorrect_once_twice_valid_ratio"] == 0.0  # no all-wrong question: 0.0, not 0/0
     assert m["filtered_ratio_all"] == 1.0 == m["easy_filtered_ratio"]
     assert outcome_ratios([], "_x") == {"solve_all_ratio_x": 0.0, "solve_none_ratio_x": 0.0, "valid_ratio_x": 0.0}
+
+
+def test_merged_update_stats_weigh_each_update_by_its_optimizer_steps():
+    # A streamed step: one mini-batch of 1 optimizer step, then one of 3.
+    merged = merged_update_stats([{"optimizer_steps": 1.0, "loss": 1.0, "clip_fraction": 0.4},
+                                  {"optimizer_steps": 3.0, "loss": 2.0, "clip_fraction": 0.0}])
+    assert merged == {"loss": 1.75, "clip_fraction": 0.1, "optimizer_steps": 4.0}
+    assert merged_update_stats([]) == {} and merged_update_stats([{"optimizer_steps": 0.0, "loss": 5.0}]) == {}

@@ -28,10 +28,10 @@ class RecordingTrainer:
         return [tuple(-2.0 if reference else -1.0 for _ in r) for r in responses]
 
 
-def _question(rewards):
+def _question(rewards, tokens=RESPONSE, steps=(0, 3, 6, 9, 11), fci=(0.0, 0.9, 0.1)):
     problem = make_problem(id=0, prompt="q", answers=["7"], source="toy", split="train", where="test")
-    response = [ScoredResponse(RESPONSE, tuple(-0.5 for _ in RESPONSE), tuple(1.0 for _ in RESPONSE),
-                               StepSegmentation((0, 3, 6, 9, 11)), (0.0, 0.9, 0.1), r, "stop") for r in rewards]
+    response = [ScoredResponse(tokens, tuple(-0.5 for _ in tokens), tuple(1.0 for _ in tokens),
+                               StepSegmentation(steps), fci, r, "stop") for r in rewards]
     return ScoredQuestion(problem, PROMPT, tuple(response))
 
 
@@ -59,6 +59,8 @@ def test_continuations_are_graded_alone_and_scored_by_the_policy_after_their_pre
     assert prompts == [PROMPT + RESPONSE[:3]] * 2
     (tree,) = part.built
     assert sorted(tree.leaf_rewards) == sorted([1.0, 0.0, 0.0, 0.0] + [1.0, 0.0])  # four initial, two continuations
+    rewards = {path.token_ids[3:]: path.reward for path in tree.paths if path.ends_in_continuation}
+    assert rewards == {right: 1.0, wrong: 0.0}  # each continuation's own reward
     paths = [s for s in part.sequences if s.response_ids[3:] in (right, wrong)]
     assert sorted(s.response_ids[3:] for s in paths) == sorted([right, wrong])
     for s in paths:  # stored prefix log-probs, the policy's for the continuation (spec §10.2)
@@ -79,3 +81,17 @@ def test_the_engines_log_probs_replace_the_policy_pass_and_the_kl_term_asks_the_
         (path,) = [s for s in part.sequences if s.response_ids[3:] == continuation]
         assert path.old_logprobs[3:] == logprobs
     assert part.sequences and all(s.ref_logprobs == (-2.0,) * len(s.response_ids) for s in part.sequences)
+
+
+def test_a_continuation_is_graded_without_the_prefix_it_continues():
+    tokenizer, trainer = build_tokenizer(), RecordingTrainer()
+    boxed = tuple(tokenizer.encode("\\boxed{7}", add_special_tokens=False))  # the prefix holds the right answer
+    tokens = boxed + tuple(tokenizer.encode("so", add_special_tokens=False))
+    question = _question([1.0, 0.0, 0.0, 0.0], tokens, (0, 3, 3 + len(boxed), 3 + len(tokens)), (0.0, 0.5))
+    unsure = tuple(tokenizer.encode("or not", add_special_tokens=False))
+    part = _builder(trainer, "algorithm.kl_coef=0").build(
+        [question], [ExpansionPlan("0", False, (0,))], [BranchPoint(question=0, response=0, offset=len(boxed))],
+        [[Completion(unsure, (0.0,) * len(unsure), "stop")]])
+    (tree,) = part.built
+    [continued] = [path for path in tree.paths if path.ends_in_continuation]
+    assert continued.token_ids == boxed + unsure and continued.reward == 0.0  # "or not" answers nothing
