@@ -31,7 +31,9 @@ def test_a_resumed_run_logs_its_restored_steps_then_its_own_and_nothing_the_cras
     for step, reward in ((3, 0.9), (4, 0.8)):  # step 3 again, with other samples
         restored.append(_row(step, reward))
         resumed(restored)
-    resumed.sync(restored)  # the end of training: nothing to rewrite
+    logged = (tmp_path / "dvclive").stat().st_ino
+    resumed.sync(restored)  # the end of training: nothing to rewrite, so the log stays where it is
+    assert (tmp_path / "dvclive").stat().st_ino == logged
     assert _logged(tmp_path, "reward") == [(1, 0.1), (2, 0.2), (3, 0.9), (4, 0.8)]
     assert _logged(tmp_path, "entropy") == [(s, 0.5 + s) for s in (1, 2, 3, 4)]
     summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())

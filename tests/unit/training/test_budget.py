@@ -41,9 +41,10 @@ def test_batches_already_taken_are_paid_for_first():
 def test_the_next_batch_is_what_fits_after_the_spent_and_committed_tokens():
     costs = PromptCosts()
     costs.add(8, 800, initial=True)  # 100 per prompt
-    costs.add(0, 1200, initial=False)
+    costs.add(3, 1200, initial=False)
+    assert costs.initial == 100.0 and costs.continuation is None  # continuations' prompts: not counted by add
     costs.continued_prompts = 4  # counted once the round is whole: 300 per prompt
-    assert (costs.initial_prompts, costs.initial_tokens, costs.continuation_tokens) == (8, 800, 1200)
+    assert costs.continuation == 300.0
     # 10,000 − 6,000 spent − 2 scored prompts' continuations (600) = 3,400: 8 prompts of 400 fit, of 16 wanted.
     assert costs.prompts_to_sample(16, budget=10_000, spent=6_000, sampled=0, scored=2, continuations=True) == 8
     assert costs.prompts_to_sample(16, budget=10_000, spent=6_400, sampled=0, scored=2, continuations=True) == 0
