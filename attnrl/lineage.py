@@ -1,4 +1,4 @@
-"""Lineage: what produced a checkpoint or a metrics file (issue "Versioned stages", item 5).
+"""Lineage: what produced a checkpoint or a metrics file.
 
 ``lineage.json`` beside each checkpoint and metrics file records the git commits of the project
 directory (params.yaml, dvc.yaml, dvc.lock) and of the attnrl code, each with whether tracked files

@@ -1,4 +1,4 @@
-"""Branch-point precision and recall against planted critical steps (issue 14, item 4).
+"""Branch-point precision and recall against planted critical steps.
 
     python benchmarks/branch_points.py [--problems 300] [--seed 1] [--set key=value ...] [--out FILE]
 

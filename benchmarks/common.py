@@ -1,5 +1,5 @@
 """What the research benchmarks share: the synthetic tasks they run on, a warmed-up policy to start from, and
-results written as data (issue 14 item 5: each JSON names the command and commit that produced it).
+results written as data (each JSON names the command and commit that produced it).
 
 Tasks (configuration overrides over the tiny preset):
 

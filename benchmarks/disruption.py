@@ -1,4 +1,4 @@
-"""The disruption analysis of Fig. 3 (issue 14 item 3): which steps does the answer depend on?
+"""The disruption analysis of Fig. 3: which steps does the answer depend on?
 
     python benchmarks/disruption.py [--task chain|planted] [--problems 200] [--continuations 4] [--seed 1]
         [--model DIR] [--keep DIR] [--set key=value ...] [--out FILE]

@@ -18,11 +18,11 @@ after a short warm-up of every code path:
 3. ``peak_method``: peak during the method (its forward with FCI, plus the reduction).
 
 Reported per method: ``increment_over_plain`` = peak_method − peak_plain (what FCI adds to a
-plain forward's peak; the issue's measure) and ``extra_over_resting`` = peak_method − resting
+plain forward's peak: the requirement's measure) and ``extra_over_resting`` = peak_method − resting
 (everything the FCI forward needs, the forward's own activations included), and the time of the
-method against the plain forward's. Memory is measured as ``memprobe`` describes. Requirements
-(the issue "memory-safe model math"): at 8,192 tokens streaming's increment is at most 1/64 of the
-per-layer baseline's and its time at most 1.5× a plain forward; at 2,048 (the issue before it)
+method against the plain forward's. Memory is measured as ``memprobe`` describes. Requirements:
+at 8,192 tokens streaming's increment is at most 1/64 of the
+per-layer baseline's and its time at most 1.5× a plain forward; at 2,048 (the requirement before it)
 streaming's extra over resting is at most 1/8 of the all-layer baseline's.
 
     .venv/bin/python benchmarks/fci.py --lengths 1024 2048 4096 8192 --threads 1

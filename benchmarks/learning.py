@@ -1,4 +1,4 @@
-"""Learning benchmark (issue 14): the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
+"""Learning benchmark: the Table 1-3 methods at one generated-token budget, over seeds, with intervals.
 
     python benchmarks/learning.py [--task chain|planted] [--seeds 1 2 3 4 5] [--budget 120000]
         [--eval-every 40000] [--methods ...] [--lrs 5e-5 1e-4 2e-4] [--tune-seed 100] [--tune-only]

@@ -17,7 +17,7 @@ logits. Each (method, pass, length) runs in a fresh process (``memprobe``), afte
 short input that also allocates the AdamW state; ``extra`` is the peak above the resting memory
 (model, optimizer state, input). A full-logit run that needs more than the machine has left is
 capped (``RLIMIT_AS``) and reported as ``out_of_memory`` with the cap: its extra memory is then
-only bounded below. Requirement (issue "memory-safe model math"): at 8,192 tokens the chunked
+only bounded below. Requirement: at 8,192 tokens the chunked
 scoring pass's extra memory is at most 1/8 of the full-logit pass's.
 
     .venv/bin/python benchmarks/memory.py --lengths 1024 2048 4096 8192 --threads 1

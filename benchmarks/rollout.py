@@ -1,5 +1,5 @@
 """Rollout benchmark: generated tokens per second of raw ``vllm.LLM.generate``, of our vLLM engine and
-of the hf engine, on the same mix of initial and continuation requests (issue "vLLM rollout engine").
+of the hf engine, on the same mix of initial and continuation requests.
 
     python benchmarks/rollout.py [--model DIR] [--repeats 3] [--threads 1]
 

@@ -1,4 +1,4 @@
-"""Prefect flows, one per stage plus ``pipeline`` (issue "Orchestration").
+"""Prefect flows, one per stage plus ``pipeline``.
 
 ``flows.stages``: ``prepare_flow``, ``warmup_flow``, ``difficulty_flow``, ``train_flow``, ``evaluate_flow``,
 ``report_flow``; each resolves the config (``config_path``, ``overrides``, ``root``, ``method``, as the CLI)

@@ -1,4 +1,4 @@
-"""``VLLMRolloutEngine``: the ``RolloutEngine`` protocol on ``vllm.LLM`` (issue "vLLM rollout engine").
+"""``VLLMRolloutEngine``: the ``RolloutEngine`` protocol on ``vllm.LLM``.
 
 It runs where vLLM is installed: the worker environment (``.venv-vllm`` with vLLM's CPU build
 here; vLLM's own CUDA stack on a GPU host), inside a Ray actor of ``infra.ray_engine`` that

@@ -105,7 +105,7 @@ R1_DISTILL_1_5B: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY, "r1-distill-1.5b": R1_DISTILL_1_5B}
 
 
-# Methods (issue "AttnRL core", spec §13): deltas over the algorithm section, applied after a
+# Methods (spec §13): deltas over the algorithm section, applied after a
 # preset, so `--method treerl` compares methods at otherwise identical settings.
 METHODS: dict[str, dict[str, Any]] = {
     # FCI branching + ADS + one-step off-policy pipeline (spec §1, §12).

@@ -1,4 +1,4 @@
-"""Methods compared at one token budget over seeds (issue 14 item 1; the learning benchmark's arithmetic).
+"""Methods compared at one token budget over seeds (the learning benchmark's arithmetic).
 
 A run (benchmarks/learning.py) is one method on one seed: held-out mean@K (%) before RL, at evaluation marks
 of its generated tokens (``curve``), and after; its costs; its per-step diagnostics. This module picks the

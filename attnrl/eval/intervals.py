@@ -1,4 +1,4 @@
-"""Means with 95 % confidence intervals over seeds, and paired differences (issue 14: results that carry a claim).
+"""Means with 95 % confidence intervals over seeds, and paired differences (results that carry a claim).
 
 Not in the paper, which reports one run per method (spec §15). A benchmark runs every method on the same seeds
 (the same warmed-up policy and prompt order per seed), so a comparison between two methods is the mean of the

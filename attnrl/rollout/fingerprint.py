@@ -1,4 +1,4 @@
-"""Weight fingerprints: proof that a weight sync reached the rollout engine (issue "vLLM rollout engine").
+"""Weight fingerprints: proof that a weight sync reached the rollout engine.
 
 A transport that silently does nothing (a wrong name, a cached kernel copy, a no-op backend) would
 leave the engine sampling from an old policy while every metric looks normal. After each sync

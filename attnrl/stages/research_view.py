@@ -1,5 +1,5 @@
 """The report's research section: the benchmarks' results (``benchmarks/results/*.json``) as the paper's tables
-and figures (issue 14 item 5; spec §15).
+and figures (spec §15).
 
 * ``learning-<task>.json`` (benchmarks/learning.py): a Table 1-style comparison (mean@K per level and on
   average, with 95 % intervals over seeds and the paired difference to GRPO), the Table 2 ablation ladder

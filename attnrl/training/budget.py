@@ -1,4 +1,4 @@
-"""A generated-token budget that binds inside a training step (issue 14: methods compared at equal cost).
+"""A generated-token budget that binds inside a training step (methods compared at equal cost).
 
 Not in the paper, whose runs stop after a number of steps (spec §12, §15.3). To compare methods at the same
 generation cost (``train.max_generated_tokens``), the loop sizes every new prompt batch so that what it will

@@ -1,4 +1,4 @@
-"""The train flow on the distributed runtime (issue 12): 2 gloo trainer ranks and 1 hf rollout actor on
+"""The train flow on the distributed runtime: 2 gloo trainer ranks and 1 hf rollout actor on
 Ray, split placement with the engines scoring the next batch during the update. A rollout actor killed
 mid-run is replaced; a trainer rank SIGKILLed mid-run fails the train task naming the rank, the task's
 retry resumes from the newest checkpoint, and the final weights equal a run that lost no rank. The paper

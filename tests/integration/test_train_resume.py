@@ -1,5 +1,5 @@
 """A train flow killed mid-run and run again resumes from its newest checkpoint and ends with exactly the
-weights of a run that was never interrupted (issue "Orchestration", architecture.md "Resumable")."""
+weights of a run that was never interrupted (docs/architecture.md "Resumable")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Chunked LM head (issue: memory-safe model math): log-probs, entropies and their gradients equal the
+"""Chunked LM head (memory-safe model math): log-probs, entropies and their gradients equal the
 full-logit computation, on the tiny model and on a model with the R1-Distill vocabulary."""
 
 from __future__ import annotations
