@@ -31,7 +31,7 @@ ELSEWHERE = {
     "git": "the user's own repository and remote",
     "cd": "a directory of the user's",
     "export": "the user's credentials",
-    "python3.11": "a GPU host's virtual environments (docs/gpu.md)",
+    "python3.11": "a GPU host's virtual environments (README \"GPU cluster setup\")",
 }
 
 
