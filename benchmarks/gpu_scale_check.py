@@ -305,26 +305,37 @@ def fci_accuracy(ctx: SimpleNamespace) -> dict[str, Any]:
     return out
 
 
+def _trainer(ctx: SimpleNamespace, kernel: str | None = None, tree_packing: bool = False):
+    """A trainer as the preset builds one rank, on fresh weights: fp32 master weights (DeepSpeed casts to bf16
+    and keeps its own), a frozen reference on the device, the preset's backend; ``kernel``: both models'
+    attention implementation (default: the model's own)."""
+    torch = ctx.torch
+    from attnrl.training.backend import build_backend
+    from attnrl.training.trainer import PolicyTrainer
+
+    train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
+                               "precision": ctx.precision, "backend": "deepspeed" if ctx.deepspeed else "torch",
+                               "tree_packing": tree_packing})
+    policy = ctx.fresh_policy(torch.float32)
+    reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
+    for model in (policy, reference) if kernel else ():
+        model.set_attn_implementation(kernel)
+    backend = build_backend(train.backend, policy, train)
+    if ctx.deepspeed:
+        reference = backend.prepare_reference(reference)
+    return PolicyTrainer(policy, backend, reference=reference, pad_token_id=0, algorithm=SimpleNamespace(**ALGORITHM),
+                         train=train, temperature=TEMPERATURE,
+                         autocast=torch.bfloat16 if ctx.precision == "bf16" else None)
+
+
 def passes(ctx: SimpleNamespace) -> dict[str, Any]:
     """Scoring with FCI, the reference pass and one update, on the preset's backend."""
     torch = ctx.torch
-    from attnrl.training.backend import build_backend
-    from attnrl.training.trainer import PolicyTrainer, TrainSequence
+    from attnrl.training.trainer import TrainSequence
 
-    backend_name = "deepspeed" if ctx.deepspeed else "torch"
-    train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
-                               "precision": ctx.precision, "backend": backend_name})
-    algorithm = SimpleNamespace(**ALGORITHM)
     ctx.release_policy()  # the forward-only sections' model: its memory goes to the trainer's states
-    policy = ctx.fresh_policy(torch.float32)  # fp32 master weights; DeepSpeed casts to bf16 and keeps its own
-    reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)  # frozen, on the device
-    backend = build_backend(backend_name, policy, train)
-    if ctx.deepspeed:
-        reference = backend.prepare_reference(reference)
-    autocast = torch.bfloat16 if ctx.precision == "bf16" else None
-    trainer = PolicyTrainer(policy, backend, reference=reference, pad_token_id=0, algorithm=algorithm, train=train,
-                            temperature=TEMPERATURE, autocast=autocast)
-    ctx.trainer = trainer
+    trainer = ctx.trainer = _trainer(ctx)
+    backend_name, policy = trainer.train_config.backend, trainer.model
     prompts, responses, segmentations, sequences = _sequences(ctx.shape, policy.config.vocab_size)
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     out: dict[str, Any] = {"backend": backend_name, "zero_stage": TRAIN["zero_stage"] if ctx.deepspeed else None,
@@ -398,23 +409,9 @@ def _tree(shape: dict[str, Any], vocab: int):
 
 def _tree_variant(ctx: SimpleNamespace, kernel: str, packed: bool, sequences: list, tokens: int):
     """The reference pass and one update over ``sequences`` on fresh weights, ``kernel``, tree-packed or not."""
-    torch = ctx.torch
-    from attnrl.training.backend import build_backend
-    from attnrl.training.trainer import PolicyTrainer, TrainSequence
+    from attnrl.training.trainer import TrainSequence
 
-    backend_name = "deepspeed" if ctx.deepspeed else "torch"
-    train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
-                               "precision": ctx.precision, "backend": backend_name, "tree_packing": packed})
-    policy = ctx.fresh_policy(torch.float32)
-    reference = ctx.fresh_policy(torch.bfloat16 if ctx.precision == "bf16" else torch.float32)
-    for model in (policy, reference):
-        model.set_attn_implementation(kernel)
-    backend = build_backend(backend_name, policy, train)
-    if ctx.deepspeed:
-        reference = backend.prepare_reference(reference)
-    trainer = PolicyTrainer(policy, backend, reference=reference, pad_token_id=0, algorithm=SimpleNamespace(**ALGORITHM),
-                            train=train, temperature=TEMPERATURE,
-                            autocast=torch.bfloat16 if ctx.precision == "bf16" else None)
+    trainer = _trainer(ctx, kernel, tree_packing=packed)
     prompts, responses = [s.prompt_ids for s in sequences], [s.response_ids for s in sequences]
     entry: dict[str, Any] = {"kernel": kernel, "tree_packing": packed}
     entry["reference"], refs = ctx.meter(lambda: trainer.logprobs(prompts, responses, reference=True), warmup=0,

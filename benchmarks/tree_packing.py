@@ -194,10 +194,6 @@ def measure(config: RunConfig, model: torch.nn.Module, batches: list[list[TrainS
     return out
 
 
-def config_budget() -> int:
-    return resolve_config(preset="tiny").train.max_tokens_per_micro_batch
-
-
 def long_prefix_model(config: RunConfig) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -226,17 +222,18 @@ def main() -> None:
     log_to_stderr("benchmarks")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    preset = resolve_config(preset="tiny")
     record: dict[str, Any] = {**provenance("tree_packing.py", sys.argv[1:]), "threads": args.threads,
                               "memory": "RSS above resting (VmHWM reset via clear_refs), MALLOC_MMAP_THRESHOLD_=65536",
                               "repeats": args.repeats, "long_prefix_shape": LONG,
-                              "max_tokens_per_micro_batch": args.budget or config_budget(), "batches": {}}
+                              "max_tokens_per_micro_batch": args.budget or preset.train.max_tokens_per_micro_batch,
+                              "batches": {}}
     with workdir(args.keep, "tree-packing-") as root:
         for method in ("attnrl", "treerl"):
             config, init, batches = tiny_batches(method, args.steps, root)
             model = load_policy(init, dtype="float32", attn_implementation=config.model.attn_implementation).model
             record["batches"][f"tiny-{method}"] = measure(config, model, batches, args.repeats, args.budget)
-        config = resolve_config(preset="tiny")
-        record["batches"]["long-prefix"] = measure(config, long_prefix_model(config), [long_prefix_batch(0)],
+        record["batches"]["long-prefix"] = measure(preset, long_prefix_model(preset), [long_prefix_batch(0)],
                                                    args.repeats, args.budget)
     record["wall_s"] = round(time.perf_counter() - started, 1)
     write_json(record, RESULTS / ("tree_packing.json" if args.budget is None else f"tree_packing-budget{args.budget}.json"))

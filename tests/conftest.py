@@ -28,7 +28,7 @@ LONGEST_FIRST = tuple(f"integration/test_{name}.py" for name in (
 ))
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     tests = Path(__file__).parent
 
