@@ -97,8 +97,8 @@ server: install
 server-stop:
 	VENV=$(VENV) scripts/prefect_server.sh stop
 
-# The wheels the GPU check carries to a GPU machine that has torch and transformers but no network (README "The GPU
-# check"): DeepSpeed (its sdist built into a pure wheel, no ops compiled) and what DeepSpeed needs beyond that
+# The wheels the GPU check carries to a GPU machine that has torch and transformers but no network
+# (README "The GPU check"): DeepSpeed (its sdist built into a pure wheel, no ops compiled) and what DeepSpeed needs beyond that
 # machine's packages, at the lock's versions, for CPython 3.12 on x86-64 Linux.
 GPU_WHEELS ?= .whl
 GPU_WHEEL_PINS := hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions einops msgpack psutil

@@ -19,3 +19,15 @@ class ModelLoadError(AttnRLError, FileNotFoundError):
 
 class TrainingStalled(AttnRLError, RuntimeError):
     """Training rounds in a row left nothing to train on; the message says how many and why."""
+
+
+class CheckpointError(AttnRLError, ValueError):
+    """A checkpoint file is missing, of another format or version, or holds objects whose loading could run code;
+    the message names the file."""
+
+
+# Errors that fail the same way every time: bad configuration, data or checkpoint, a missing model, a stalled
+# run (seeded rounds with nothing to train on stall again from the same checkpoint). A retry only delays them:
+# Prefect's retries (tasks/retry.py) skip them and a trainer rank (infra/trainer_group.py) passes them on.
+DETERMINISTIC_ERRORS: tuple[type[AttnRLError], ...] = (
+    ConfigError, DataError, ModelLoadError, TrainingStalled, CheckpointError)

@@ -23,7 +23,7 @@ itself, nothing downloads), the way the ``r1-distill-1.5b`` preset trains one ra
 Each section is timed after a warm-up, reports tokens/s and peak GPU memory, and fails on its own (its
 error is recorded and the next section runs); a section that would start after ``--budget-s`` is skipped.
 One JSON object on stdout. Needs torch, transformers and this repository; DeepSpeed's ZeRO path needs the
-wheels README "GPU check" carries (deepspeed, hjson, pydantic and its parts).
+wheels README "The GPU check" carries (deepspeed, hjson, pydantic and its parts).
 
     python benchmarks/gpu_scale_check.py              # on the GPU (about 3-5 minutes, bounded by --budget-s)
     python benchmarks/gpu_scale_check.py --small      # the same sections on CPU with a small body, in seconds
@@ -312,7 +312,12 @@ def _trainer(ctx: SimpleNamespace, kernel: str | None = None, tree_packing: bool
     torch = ctx.torch
     from attnrl.training.backend import build_backend
     from attnrl.training.trainer import PolicyTrainer
+    from attnrl.utils.registry import provide
 
+    if ctx.deepspeed:  # run from a checkout, attnrl's entry points (pyproject.toml) may not be installed
+        from infra.deepspeed_backend import DeepSpeedBackend
+
+        provide("deepspeed_backend", DeepSpeedBackend)
     train = SimpleNamespace(**{**TRAIN, "max_tokens_per_micro_batch": ctx.shape["token_budget"],
                                "precision": ctx.precision, "backend": "deepspeed" if ctx.deepspeed else "torch",
                                "tree_packing": tree_packing})

@@ -1,4 +1,4 @@
-"""Which Prefect API a command-line run reports to (README, "Prefect server and deployments").
+"""Which Prefect API a command-line run reports to (docs/orchestration.md, "Prefect server and deployments").
 
 Prefect's own settings first: ``PREFECT_API_URL`` from the environment or the active profile. Without
 one, the server that ``make server`` started for this project, if it answers: it writes its URL to

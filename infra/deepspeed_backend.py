@@ -2,12 +2,14 @@
 
 ZeRO stages 0–3. In bf16 (``train.precision``, where the device has it) DeepSpeed keeps bf16
 weights for the forwards and fp32 master weights, optimizer state and gradient accumulation
-(stage 0: see ``deepspeed_config``); on CPU the tests run fp32. Under ZeRO-3 parameters are partitioned: the weight export for the
-rollout engines and the checkpoints gathers them one parameter at a time. Checkpoints use
-DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` (per-rank optimizer and master-weight
-partitions), so a resume continues exactly whatever the stage and precision. The frozen reference
-model runs as a ZeRO-3 inference engine, its parameters optionally offloaded to CPU
-(``train.reference_offload``; spec §11: the official reference model is offloaded).
+(stage 0: see ``deepspeed_config``); on CPU the tests run fp32. Under ZeRO-3 parameters are
+partitioned: the weight export for the rollout engines and the checkpoints gathers them one
+parameter at a time. Checkpoints use DeepSpeed's own ``save_checkpoint``/``load_checkpoint``
+(per-rank optimizer and master-weight partitions), so a resume continues exactly whatever the stage
+and precision; DeepSpeed's files are read with ``weights_only=True`` (``WeightsOnlyLoads``), never
+unpickled freely. The frozen reference model runs as a ZeRO-3 inference engine, its parameters
+optionally offloaded to CPU (``train.reference_offload``; spec §11: the official reference model is
+offloaded).
 
 A single process initialises ``torch.distributed`` itself (gloo on CPU, nccl on GPU); a
 launcher (``deepspeed``/``torchrun``) that already set ``RANK`` etc. is respected. Two CPU
@@ -31,6 +33,7 @@ from attnrl.errors import ConfigError
 from attnrl.training.backend import autocast_dtype, require_scorer
 from attnrl.training.chunked_head import ResponseScorer
 from attnrl.training.weights import WeightStream
+from attnrl.utils.tensor_files import load_tensor_file
 
 CHECKPOINT_TAG = "engine"  # one DeepSpeed checkpoint per attnrl checkpoint directory
 
@@ -157,6 +160,30 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
+def deepspeed_checkpoint_globals() -> list[Any]:
+    """The classes DeepSpeed 0.19 pickles into its ZeRO optimizer files beyond tensors and plain values
+    (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` at stages 0–3, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine, reading files with ``weights_only=True`` and ``deepspeed_checkpoint_globals``
+    (its ``TorchCheckpointEngine.load`` unpickles anything). Everything else is the wrapped engine's."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_tensor_file(path, allowed=deepspeed_checkpoint_globals(), map_location=map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 class DeepSpeedBackend:
     """``OptimizerBackend`` over a DeepSpeed engine that wraps the trainer's ``ResponseScorer``."""
 
@@ -170,6 +197,7 @@ class DeepSpeedBackend:
         self.engine, _, _, _ = deepspeed.initialize(
             model=scorer, optimizer=optimizer, config=deepspeed_config(config, device)
         )
+        self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.module = self.engine
         self.scorer = scorer
         self.zero_stage = config.zero_stage

@@ -53,7 +53,7 @@ def preflight(config: RunConfig) -> None:
     if d.python is not None and not Path(d.python).expanduser().is_file():
         raise ConfigError(
             f"distributed.python: {d.python} does not exist (the trainer ranks' environment: DeepSpeed, torch, attnrl "
-            "and the driver's Ray; README 'GPU cluster setup' makes one), or set null for the driver's interpreter"
+            "and the driver's Ray; README 'Training on a GPU node' makes one), or set null for the driver's interpreter"
         )
 
 

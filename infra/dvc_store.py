@@ -69,7 +69,7 @@ def push_stage(root: str | Path, stage: str, remote: str | None = None) -> None:
     logger.info("dvc: pushed stage %s (%s)", stage, summary[-1] if summary else "nothing to push")
 
 
-# A remote from the environment (README "Versioned stages"): the store's URL and, for an S3-compatible
+# A remote from the environment (docs/orchestration.md, "Versioned stages"): the store's URL and, for an S3-compatible
 # store, its endpoint; credentials come from the usual AWS_* variables. Written to .dvc/config.local,
 # which git ignores, so a deployment's worker and a laptop can point one project at different stores.
 REMOTE_URL_ENV = "ATTNRL_DVC_REMOTE"

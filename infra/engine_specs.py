@@ -63,7 +63,7 @@ def check_worker_environment(config: RunConfig) -> None:
     if not python.is_file():
         raise ConfigError(
             f"{where} does not exist: the vLLM worker environment is missing. Create it with `{MAKE_TARGET}` "
-            "(vLLM's CPU build), or on a GPU host as README.md 'GPU cluster setup' shows"
+            "(vLLM's CPU build), or on a GPU host as README.md 'Training on a GPU node' shows"
         )
     try:
         found = _probe(str(python))

@@ -1,5 +1,5 @@
 """DVCLive logs of training and evaluation metrics, so ``dvc exp show``, ``dvc plots`` and the rest of
-the DVC tooling read them natively (README "Versioned stages").
+the DVC tooling read them natively (docs/orchestration.md, "Versioned stages").
 
 * Training: ``runs/train/dvclive/`` holds one ``plots/metrics/<name>.tsv`` per spec §15.4 metric
   (step, value) and ``metrics.json``, the last step's values. ``metrics.jsonl``, which the core

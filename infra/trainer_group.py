@@ -38,7 +38,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from attnrl.config.schema import RunConfig
-from attnrl.errors import AttnRLError, ConfigError, DataError, ModelLoadError
+from attnrl.errors import DETERMINISTIC_ERRORS, AttnRLError
 from attnrl.rollout.fingerprint import fingerprint
 from attnrl.steps import StepSegmentation
 from attnrl.training.checkpoint import MODEL_DIR, OPTIMIZER_DIR
@@ -50,8 +50,6 @@ from infra.ray_engine import kill_actors, last_line
 
 logger = logging.getLogger(__name__)
 
-# Raised inside a rank, they mean the same on every retry: passed through as they are.
-_DETERMINISTIC = (ConfigError, DataError, ModelLoadError)
 
 
 class TrainerRankFailed(AttnRLError):
@@ -348,7 +346,7 @@ class TrainerGroup:
             except RayTaskError as exc:
                 self.close()
                 cause = exc.cause if isinstance(exc.cause, Exception) else None
-                if isinstance(cause, _DETERMINISTIC):
+                if isinstance(cause, DETERMINISTIC_ERRORS):  # the same on every retry: passed on as they are
                     raise cause from None
                 raise TrainerRankFailed(
                     f"trainer rank {ranks[position]} of {self.world_size} failed during {what}: {last_line(exc)}"

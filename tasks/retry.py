@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from attnrl.errors import ConfigError, DataError, ModelLoadError, TrainingStalled
+from attnrl.errors import DETERMINISTIC_ERRORS
 
-# A bad config, bad data or a missing model fails the same way every time: retrying only delays the error.
-# ModelLoadError is a FileNotFoundError (an OSError), so it must be excluded before anything OS-like is retried.
-# A stalled run (seeded rounds with nothing to train on) stalls again on a retry from the same checkpoint.
-DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ModelLoadError, TrainingStalled)
+# ModelLoadError is a FileNotFoundError (an OSError): it must be excluded before anything OS-like is retried.
 
 RETRIES = 2
 RETRY_DELAY_SECONDS = 2

@@ -70,6 +70,21 @@ def small_tiny_model(extra_vocab_rows: int = 0, *, hidden_size: int = 32, num_he
     return model, tokenizer
 
 
+class _Payload:
+    """Unpickling this calls ``os.mkdir``: what a tampered checkpoint could do with any function."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def tamper(path: Path, state: dict, marker: Path) -> None:
+    """Rewrite the torch file ``path`` as ``state`` plus an object whose unpickling creates ``marker``."""
+    torch.save({**state, "payload": _Payload(marker)}, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_policy():
     """A small randomly initialised tiny model and its tokenizer (fast to run)."""

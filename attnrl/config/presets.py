@@ -76,7 +76,7 @@ TINY: dict[str, Any] = {
                     "num_gpus_per_rank": 0},
 }
 
-# The worker environment of README "GPU cluster setup": vLLM, DeepSpeed, torch and the driver's Ray.
+# The worker environment of README "Training on a GPU node": vLLM, DeepSpeed, torch and the driver's Ray.
 _WORKER_PYTHON = ".venv-worker/bin/python"
 
 R1_DISTILL_1_5B: dict[str, Any] = {

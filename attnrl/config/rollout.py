@@ -76,7 +76,7 @@ class VLLMConfig(Section):
 
     vLLM cannot share an environment with Prefect (their fastapi pins conflict; stack-notes.md), so
     its actors run under another interpreter: vLLM's CPU build in ``.venv-vllm`` (``make vllm-env``)
-    here, the GPU worker lock on GPU hosts (README, "GPU cluster setup").
+    here, the GPU worker lock on GPU hosts (README, "Training on a GPU node").
     """
 
     python: str = Field(

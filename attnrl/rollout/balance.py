@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from attnrl.rollout.engine import GenerationRequest
+from attnrl.utils.partition import balanced_partition
 
 
 def token_load(request: GenerationRequest, max_new_tokens: int) -> int:
@@ -20,21 +21,13 @@ def token_load(request: GenerationRequest, max_new_tokens: int) -> int:
 
 
 def assign_by_tokens(requests: Sequence[GenerationRequest], engines: int, max_new_tokens: int) -> list[list[int]]:
-    """Request indices per engine (each list ascending): groups whole, largest load first to the
-    least-loaded engine; ties go to the earlier group and the lower engine, so the split is a
-    pure function of the requests and the engine count."""
-    if engines < 1:
-        raise ValueError(f"engines must be >= 1, got {engines}")
+    """Request indices per engine (each list ascending): groups whole, balanced by their token loads
+    (``balanced_partition``: largest first to the least-loaded engine, ties to the earlier group and the
+    lower engine), so the split is a pure function of the requests and the engine count."""
     groups: dict[object, list[int]] = {}
     for index, request in enumerate(requests):
         key = ("group", request.group) if request.group is not None else ("request", index)
         groups.setdefault(key, []).append(index)
     members = list(groups.values())  # first-appearance order
     loads = [sum(token_load(requests[i], max_new_tokens) for i in group) for group in members]
-    engine_loads = [0] * engines
-    assignment: list[list[int]] = [[] for _ in range(engines)]
-    for g in sorted(range(len(members)), key=lambda g: (-loads[g], g)):
-        target = min(range(engines), key=lambda e: (engine_loads[e], e))
-        assignment[target].extend(members[g])
-        engine_loads[target] += loads[g]
-    return [sorted(indices) for indices in assignment]
+    return [sorted(i for g in share for i in members[g]) for share in balanced_partition(loads, engines)]

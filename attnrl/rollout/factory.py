@@ -1,8 +1,8 @@
 """Building the configured rollout engine, and checking it can start before any model loads.
 
 * ``hf`` in-process: ``HFRolloutEngine`` over a model the caller loaded;
-* ``hf`` with ``rollout.ray.enabled``, or ``vllm`` (always): a pool of Ray actors
-  (``infra/ray_engine.py``), resolved by import path so the pure core never imports Ray or vLLM.
+* ``hf`` with ``rollout.ray.enabled``, or ``vllm`` (always): a pool of Ray actors, the extension
+  ``ray_pool`` (``attnrl.utils.registry.extension``), so the pure core never imports Ray or vLLM.
 
 ``preflight`` runs the checks that need no model (devices, the worker environment, lengths); every
 stage that generates calls it first, so a run that can only fail for lack of a GPU or of the vLLM
@@ -24,12 +24,10 @@ from attnrl.errors import ConfigError
 from attnrl.rollout.engine import RolloutEngine
 from attnrl.model.loading import resolve_device
 from attnrl.rollout.hf_engine import HFRolloutEngine
-from attnrl.utils.registry import load_object
+from attnrl.utils.registry import extension
 
-# Built by import path: ``build_pool(config, model_dir=..., tokenizer=..., max_new_tokens=...,
-# state_dict=...)`` and ``check_worker_environment(config)`` (vLLM engines only).
-RAY_POOL = "infra.engine_specs:build_pool"
-WORKER_ENVIRONMENT_CHECK = "infra.engine_specs:check_worker_environment"
+# Extensions: ``ray_pool(config, model_dir=..., tokenizer=..., max_new_tokens=..., state_dict=...)`` and
+# ``worker_environment_check(config)`` (vLLM engines only).
 
 
 def uses_pool(config: RunConfig) -> bool:
@@ -83,7 +81,7 @@ def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens
     length = engine_max_model_len(config, max_new_tokens)
     if model_dir is not None:
         _check_model_positions(Path(model_dir), length)
-    load_object(WORKER_ENVIRONMENT_CHECK, "rollout.vllm")(config)
+    extension("worker_environment_check", "rollout.engine 'vllm'")(config)
 
 
 def _check_local_gpu_layout(config: RunConfig) -> None:
@@ -137,8 +135,8 @@ def build_engine(
     preflight(config, model_dir=model_dir, max_new_tokens=max_new_tokens)
     if uses_pool(config):
         state: Mapping[str, torch.Tensor] | None = model.state_dict() if model is not None else None
-        return load_object(RAY_POOL, "rollout")(config, model_dir=Path(model_dir), tokenizer=tokenizer,
-                                                 max_new_tokens=max_new_tokens, state_dict=state)
+        return extension("ray_pool", "rollout.ray.enabled")(config, model_dir=Path(model_dir), tokenizer=tokenizer,
+                                                            max_new_tokens=max_new_tokens, state_dict=state)
     if model is None:
         raise ValueError("the in-process hf engine generates with a model the caller loaded; pass model=")
     return HFRolloutEngine(

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from attnrl.errors import DataError
 from attnrl.lineage import LINEAGE_FILE
 from attnrl.stages.layout import Layout
 from attnrl.stages.method_trace import trace_problems
+from attnrl.stages.rendering import render, safe
 from attnrl.stages.research_view import load_results, research_section
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.trace_view import STYLE, traces_html
@@ -81,14 +81,18 @@ def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:
         figures.append(_plot_evaluation(after, before, tmp / "evaluation.png"))
         (tmp / "traces.json").write_text(json.dumps([t.to_json() for t in traces], indent=1))
         research, research_figures = research_section(results, tmp, pyplot())
-        sections = {
-            "method": traces_html(traces),
-            "research": research,
-            "lineage": _lineage_html(record, lineage_file, root),
-            "checks": _checks_html(config, docs, out),
-        }
-        (tmp / "report.html").write_text(
-            _html(config, steps, after, before, [f.name for f in figures], os.path.relpath(policy, root), sections))
+        page = render(
+            "report.html", trace_style=safe(STYLE), steps=len(steps),
+            generated_tokens=int(steps[-1].get("total_generated_tokens", 0)) if steps else 0,
+            method=config.algorithm.method, model=config.model.path or "tiny default",
+            after=after, before=before, before_by_name={b["benchmark"]: b for b in before["benchmarks"]} if before else {},
+            figures=[f.name for f in figures], policy=os.path.relpath(policy, root),
+            method_section=safe(traces_html(traces)), research_section=safe(research),
+            lineage=record, lineage_source=os.path.relpath(lineage_file, root) if lineage_file else None,
+            lineage_config=json.dumps(record["config"], indent=1) if record else None,
+            checks_enabled=config.checks.enabled, data_docs_path=str(docs),
+            data_docs=os.path.relpath(docs, out) if docs.is_file() else None)
+        (tmp / "report.html").write_text(page)
     return ReportResult(out / "report.html", tuple(out / f.name for f in [*figures, *research_figures]))
 
 
@@ -102,36 +106,6 @@ def trace_candidates(config: RunConfig, root: str | Path = ".") -> list[Problem]
     problems = load_verl_parquet(Layout.of(config, root).prepared_eval(benchmark_name(config.data.eval[0])))
     ranked = sorted(problems, key=lambda p: -(p.level or 0))
     return ranked[: CANDIDATES_PER_TRACE * config.report.trace_problems]
-
-
-def _lineage_html(record: dict[str, Any] | None, source: Path | None, root: str | Path) -> str:
-    if record is None or source is None:
-        return "<p>No lineage recorded.</p>"
-    esc = html.escape
-    git = record["git"]
-
-    def commit(state: dict[str, Any]) -> str:
-        if state["commit"] is None:
-            return "not a git checkout"
-        return f"<code>{esc(state['commit'][:12])}</code>" + (" with uncommitted changes" if state["dirty"] else "")
-
-    inputs = "".join(f"<tr><td>{esc(path)}</td><td><code>{esc(md5)}</code></td></tr>"
-                     for path, md5 in sorted(record["inputs_md5"].items()))
-    config = esc(json.dumps(record["config"], indent=1))
-    return (f"<p>From <code>{esc(os.path.relpath(source, root))}</code>: project {commit(git['project'])}, code "
-            f"{commit(git['code'])}, code MD5 <code>{esc(record['code_md5'])}</code>.</p>"
-            f"<table><tr><th>input</th><th>MD5 (DVC's hash)</th></tr>{inputs}</table>"
-            f"<details><summary>configuration</summary><pre>{config}</pre></details>")
-
-
-def _checks_html(config: RunConfig, docs: Path, out: Path) -> str:
-    if not config.checks.enabled:
-        return "<p>Data checks are off (<code>checks.enabled: false</code>).</p>"
-    if not docs.is_file():
-        return f"<p>No Data Docs at <code>{html.escape(str(docs))}</code> yet.</p>"
-    link = html.escape(os.path.relpath(docs, out))
-    return (f'<p><a id="data-checks" href="{link}">Data checks</a>: Great Expectations Data Docs of every gate '
-            "this project ran between stages and on training batches, passed or failed.</p>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -197,44 +171,3 @@ def _plot_evaluation(after: dict[str, Any], before: dict[str, Any] | None, path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
-
-
-def _html(config: RunConfig, steps, after, before, figures: list[str], policy: str, sections: dict[str, str]) -> str:
-    esc = html.escape
-    rows = []
-    before_by_name = {b["benchmark"]: b for b in before["benchmarks"]} if before else {}
-    for b in after["benchmarks"]:
-        prior = before_by_name.get(b["benchmark"])
-        rows.append(
-            f"<tr><td>{esc(b['benchmark'])}</td><td>{b['problems']}</td><td>{b['k']}</td>"
-            + (f"<td>{100 * prior['mean_at_k']:.1f}</td>" if before else "")
-            + f"<td>{100 * b['mean_at_k']:.1f}</td><td>{100 * b['pass_at_k']:.1f}</td></tr>"
-        )
-    average = after["average"]
-    rows.append(
-        "<tr class=avg><td>average</td><td></td><td></td>"
-        + (f"<td>{100 * before['average']['mean_at_k']:.1f}</td>" if before else "")
-        + f"<td>{100 * average['mean_at_k']:.1f}</td><td>{100 * average['pass_at_k']:.1f}</td></tr>"
-    )
-    header = "<th>benchmark</th><th>problems</th><th>K</th>" + ("<th>mean@K before</th>" if before else "")
-    header += "<th>mean@K</th><th>pass@K</th>"
-    last = steps[-1] if steps else {}
-    summary = (
-        f"<p>{len(steps)} training steps, {int(last.get('total_generated_tokens', 0)):,} tokens generated, "
-        f"method <b>{esc(config.algorithm.method)}</b>, model {esc(config.model.path or 'tiny default')}.</p>"
-    )
-    images = "".join(f'<p><img src="{esc(name)}" alt="{esc(name)}" style="max-width:100%"></p>' for name in figures)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>attnrl report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
-tr.avg{{font-weight:bold}}p.source{{font-size:small;color:#555}}{STYLE}</style></head>
-<body><h1>attnrl report</h1>{summary}
-<h2>Evaluation (spec §14)</h2><table id="evaluation"><tr>{header}</tr>{''.join(rows)}</table>
-<h2>Figures</h2>{images}
-<h2 id="method">The method at work ({esc(policy)})</h2>{sections["method"]}
-<h2 id="research">Research benchmarks (the paper's tables and figures, spec §15)</h2>{sections["research"]}
-<h2 id="lineage">Lineage</h2>{sections["lineage"]}
-<h2>Data checks</h2>{sections["checks"]}
-</body></html>
-"""

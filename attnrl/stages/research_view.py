@@ -61,7 +61,7 @@ def research_section(results: dict[str, dict[str, Any]], out: Path, plt) -> tupl
         elif name.startswith("lr_sweep-"):
             parts.append(_lr_sweep_html(result, results.get(f"learning-{result['task']}")))
     if not parts:
-        return "<p>No benchmark results yet (<code>benchmarks/results/</code>); see the README's research benchmarks.</p>", []
+        return "<p>No benchmark results yet (<code>benchmarks/results/</code>); see docs/research.md.</p>", []
     return "".join(parts), figures
 
 

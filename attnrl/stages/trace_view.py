@@ -1,15 +1,17 @@
 """HTML for ``method_trace``: a response's steps shaded by FCI with the branch points of both criteria
 marked, and its tree (segments, continuations, Monte-Carlo values, advantages, rewards) as inline SVG.
 
+What each trace shows is computed here (shades, the tree's layout); ``templates/traces.html`` marks it up.
 Static markup, no script: the report is read offline.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
+from typing import Any
 
 from attnrl.stages.method_trace import ProblemTrace, SegmentTrace
+from attnrl.stages.rendering import render
 
 MARKS = {"fci": ("◆", "FCI (ATB) branch point"), "entropy": ("▲", "entropy (TreeRL) branch point")}
 BOX_W, BOX_H, COL_W, ROW_H, PAD = 180, 46, 210, 62, 10
@@ -28,57 +30,29 @@ table.segments td:nth-child(2),table.segments th:nth-child(2){text-align:left;fo
 
 
 def traces_html(traces: Sequence[ProblemTrace]) -> str:
-    if not traces:
-        return "<p>No problem traced (<code>report.trace_problems: 0</code>).</p>"
-    legend = " ".join(f'<span class="mark {name}">{sign}</span> {label}' for name, (sign, label) in MARKS.items())
-    intro = (
-        "<p>One training step's work on held-out problems with the trained policy: the initial samples, one "
-        "response's steps shaded by Forward Context Influence (darker: later steps attend to it more, spec §5), "
-        f"where each criterion would branch ({legend}), and the tree rolled out from this run's branch points "
-        "with each segment's Monte-Carlo value V and advantage A (spec §9).</p>"
-    )
-    return intro + "".join(_trace(t) for t in traces)
+    """The section's HTML (``templates/traces.html``) over what each trace shows."""
+    return render("traces.html", traces=[_view(t) for t in traces], marks=MARKS, box_w=BOX_W, box_h=BOX_H)
 
 
-def _trace(trace: ProblemTrace) -> str:
-    esc = html.escape
-    samples = "".join("✓" if r == 1.0 else "✗" for r in trace.rewards)
+def _view(trace: ProblemTrace) -> dict[str, Any]:
     agree = len({trace.step_of(o) for o in trace.fci_offsets} & {trace.step_of(o) for o in trace.entropy_offsets})
-    head = (
-        f'<section class="trace" data-problem="{esc(trace.problem_id)}">'
-        f"<h3>{esc(trace.benchmark)} #{esc(trace.problem_id)}</h3>"
-        f"<p><code>{esc(trace.question)}</code> answer <b>{esc(', '.join(trace.answers))}</b></p>"
-        f"<p>{len(trace.rewards)} initial samples {samples} (V(root) = {trace.root_value:.2f}); response "
-        f"{trace.response_index + 1} is expanded at the <b>{esc(trace.branching)}</b> branch points. FCI and entropy "
-        f"branch in {agree} common step(s) of {len(trace.steps)}.</p>"
-    )
-    return head + _steps(trace) + _tree_svg(trace) + _segment_table(trace.segments) + "</section>"
+    return {
+        "trace": trace,
+        "samples": "".join("✓" if r == 1.0 else "✗" for r in trace.rewards),
+        "agree": agree,
+        # A response without any line break, whose steps are single tokens (spec §4's last fallback), runs inline.
+        "inline": len(trace.steps) > 1 and all(step.end - step.start == 1 for step in trace.steps),
+        "steps": _steps(trace),
+        "tree": _tree(trace),
+        "segments": [{"node": t.node, "text": _one_line(t.text)} for t in trace.segments],
+    }
 
 
-def _steps(trace: ProblemTrace) -> str:
-    """One row per step; a response without any line break, whose steps are single tokens (spec §4's last
-    fallback), runs inline instead, each token shaded and titled with its FCI and entropy."""
+def _steps(trace: ProblemTrace) -> list[dict[str, Any]]:
+    """Each step with its shade (its FCI against the response's highest) and its scores."""
     top = max((s.fci for s in trace.steps), default=0.0)
-    inline = len(trace.steps) > 1 and all(step.end - step.start == 1 for step in trace.steps)
-    rows = []
-    for k, step in enumerate(trace.steps, start=1):
-        shade = f"background:rgba(230,120,20,{0.75 * (step.fci / top if top > 0 else 0.0):.2f})"
-        text = "".join(
-            "".join(f'<span class="mark {b}" title="{MARKS[b][1]}">{MARKS[b][0]}</span>' for b in piece.branches)
-            + html.escape(piece.text)
-            for piece in step.pieces
-        )
-        scores = f"FCI {step.fci:.3f} · entropy {step.entropy:.2f}"
-        if inline:
-            rows.append(f'<span class="tok" style="{shade}" title="step {k}: {scores}">{text}</span>')
-        else:
-            rows.append(f'<div class="step" style="{shade}"><span class="n">{k}</span><span class="t">{text}</span>'
-                        f'<span class="s">{scores}</span></div>')
-    if inline:
-        return (f'<p class="note">This response has no line break, so every token is a step (spec §4, the last '
-                f'fallback of step segmentation): its {len(rows)} tokens run inline, each titled with its FCI and '
-                f'entropy.</p><div class="steps inline">{"".join(rows)}</div>')
-    return f'<div class="steps">{"".join(rows)}</div>'
+    return [{"step": step, "shade": f"{0.75 * (step.fci / top if top > 0 else 0.0):.2f}",
+             "scores": f"FCI {step.fci:.3f} · entropy {step.entropy:.2f}"} for step in trace.steps]
 
 
 def _layout(segments: Sequence[SegmentTrace]) -> list[tuple[int, int]]:
@@ -96,55 +70,40 @@ def _layout(segments: Sequence[SegmentTrace]) -> list[tuple[int, int]]:
     return places
 
 
-def _tree_svg(trace: ProblemTrace) -> str:
+def _tree(trace: ProblemTrace) -> dict[str, Any] | None:
+    """The tree's geometry: the SVG's size, a box per node (the question's first) and a curve to each from its
+    parent; None without segments."""
     segments = trace.segments
     if not segments:
-        return ""
+        return None
     places = _layout(segments)
-    width = (max(c for c, _ in places) + 1) * COL_W + PAD
-    height = (max(r for _, r in places) + 1) * ROW_H + PAD
 
     def anchor(column: int, row: int) -> tuple[int, int]:
         return PAD + column * COL_W, PAD + row * ROW_H
 
-    parts = [_box(*anchor(0, 0), "#eee", "question", f"V(root) {trace.root_value:.2f}")]
+    boxes = [_box(*anchor(0, 0), "#eee", "question", f"V(root) {trace.root_value:.2f}")]
+    paths = []
     for traced, (column, row) in zip(segments, places, strict=True):
         segment = traced.node
         x, y = anchor(column, row)
         px, py = anchor(*(places[segment.parent] if segment.parent is not None else (0, 0)))
-        parts.append(f'<path d="M{px + BOX_W},{py + BOX_H // 2} C{x - 15},{py + BOX_H // 2} {px + BOX_W + 15},'
-                     f'{y + BOX_H // 2} {x},{y + BOX_H // 2}" fill="none" stroke="#999"/>')
+        paths.append(f"M{px + BOX_W},{py + BOX_H // 2} C{x - 15},{py + BOX_H // 2} {px + BOX_W + 15},"
+                     f"{y + BOX_H // 2} {x},{y + BOX_H // 2}")
         colour = "#d8f0d8" if segment.advantage > 0 else "#f6d6d6" if segment.advantage < 0 else "#eee"
         reward = "" if segment.reward is None else f"  r={segment.reward:.0f}"
         snippet = _one_line(traced.text)
         snippet = snippet if len(snippet) <= SNIPPET else snippet[: SNIPPET - 1] + "…"
         kind = "continuation" if segment.continuation else "segment"
-        parts.append(_box(x, y, colour, f"V {segment.value:.2f}  A {segment.advantage:+.2f}{reward}", snippet,
+        boxes.append(_box(x, y, colour, f"V {segment.value:.2f}  A {segment.advantage:+.2f}{reward}", snippet,
                           title=f"{kind} tokens {segment.start}-{segment.end}, {segment.leaves} leaves"))
-    return (f'<svg class="tree" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" role="img" aria-label="tree of problem {html.escape(trace.problem_id)}">'
-            + "".join(parts) + "</svg>")
+    return {"width": (max(c for c, _ in places) + 1) * COL_W + PAD, "height": (max(r for _, r in places) + 1) * ROW_H + PAD,
+            "boxes": boxes, "paths": paths}
 
 
-def _box(x: int, y: int, fill: str, first: str, second: str, title: str = "") -> str:
-    esc = html.escape
-    tip = f"<title>{esc(title)}</title>" if title else ""
-    return (f'<g>{tip}<rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" rx="5" fill="{fill}" stroke="#777"/>'
-            f'<text x="{x + 6}" y="{y + 18}">{esc(first)}</text><text x="{x + 6}" y="{y + 36}">{esc(second)}</text></g>')
+def _box(x: int, y: int, fill: str, first: str, second: str, title: str = "") -> dict[str, Any]:
+    return {"x": x, "y": y, "fill": fill, "first": first, "second": second, "title": title}
 
 
 def _one_line(text: str) -> str:
     """Steps joined by " · " (their blank-line separators would take the table's and the boxes' room)."""
     return " · ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _segment_table(segments: Sequence[SegmentTrace]) -> str:
-    rows = "".join(
-        f"<tr><td>{'continuation' if s.continuation else 'segment'} {s.start}–{s.end}</td>"
-        f"<td>{html.escape(_one_line(traced.text))}</td>"
-        f"<td>{s.leaves}</td><td>{s.value:.2f}</td><td>{s.advantage:+.3f}</td>"
-        f"<td>{'' if s.reward is None else f'{s.reward:.0f}'}</td></tr>"
-        for traced, s in ((t, t.node) for t in segments)
-    )
-    return ('<table class="segments"><tr><th>node (tokens)</th><th>text</th><th>leaves</th><th>V</th><th>A</th>'
-            f"<th>reward</th></tr>{rows}</table>")

@@ -8,8 +8,8 @@ directory the evaluate stage reads). A re-run continues from the newest
 checkpoint instead of starting over.
 
 Where the trainer runs is a ``TrainingRuntime``: ``local_runtime`` (this process, engines in-process
-or on Ray) or, with ``distributed.enabled``, ``infra.distributed.distributed_runtime`` (a
-``TrainerGroup`` of DeepSpeed ranks and a pool of engines on Ray; this process holds no model).
+or on Ray) or, with ``distributed.enabled``, the extension ``distributed_runtime`` (a group of
+DeepSpeed ranks and a pool of engines on Ray; this process holds no model).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from attnrl.training.loop import BatchCheck, PhaseRunner, RLLoop, run_directly
 from attnrl.training.trainer import PolicyTrainer, Trainer
 from attnrl.utils.atomic import atomic_path
 from attnrl.utils.progress import Progress
-from attnrl.utils.registry import load_object
+from attnrl.utils.registry import extension
 from attnrl.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def train(
     max_new_tokens = config.rollout.sampling.max_new_tokens
     preflight(config, model_dir=init, max_new_tokens=max_new_tokens)  # before any model loads
     if config.distributed.enabled:
-        load_object(DISTRIBUTED_PREFLIGHT, "distributed")(config)
+        extension("distributed_preflight", "distributed.enabled")(config)
     problems_path = training_problems_path(config, root)
     provenance = lineage(config, [problems_path, init], root)
     resume = latest_checkpoint(checkpoints)
@@ -108,7 +108,7 @@ def train(
         shutil.rmtree(checkpoints)
         resume = None
     problems = load_verl_parquet(problems_path)
-    start = load_object(DISTRIBUTED_RUNTIME, "distributed") if config.distributed.enabled else local_runtime
+    start = extension("distributed_runtime", "distributed.enabled") if config.distributed.enabled else local_runtime
     with start(config, init=init, resume=resume) as runtime, \
             Verifier(timeout_s=config.reward.timeout_s, workers=config.reward.workers) as verifier:
         loop = RLLoop(config, problems=problems, engine=runtime.engine, trainer=runtime.trainer,
@@ -137,12 +137,6 @@ def train(
     _write_metrics(run / "metrics.jsonl", metrics)
     write_lineage(run, provenance)
     return TrainResult(final, run / "metrics.jsonl", metrics, resume, loop.state.generated_tokens)
-
-
-# The distributed runtime (a TrainerGroup and a RolloutGroup on Ray), resolved by import path so the
-# core never imports Ray or DeepSpeed: ``start(config, init=..., resume=...)`` like ``local_runtime``.
-DISTRIBUTED_RUNTIME = "infra.distributed:distributed_runtime"
-DISTRIBUTED_PREFLIGHT = "infra.distributed:preflight"
 
 
 @dataclass

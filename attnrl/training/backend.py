@@ -1,14 +1,15 @@
 """The optimisation backend the trainer drives: forward module, backward, optimizer step, export, save.
 
-Implementations are registered by import path so the pure core never imports DeepSpeed:
-``torch`` (AdamW, here) and ``deepspeed`` (``infra/deepspeed_backend.py``). An unknown name
-lists the known ones. ``build_backend`` prepares the model the same way for both: gradient
+Two implementations: ``torch`` (AdamW, here) and ``deepspeed``, the extension ``deepspeed_backend``
+that infra provides (``attnrl.utils.registry.extension``), so the pure core never imports DeepSpeed.
+An unknown name lists the known ones. ``build_backend`` prepares the model the same way for both: gradient
 checkpointing as configured, and a ``ResponseScorer`` around it, which is what the backend
 optimises (its forward returns per-token log-probs, never full logits; spec §11).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -18,7 +19,8 @@ from transformers import PreTrainedModel
 from attnrl.errors import ConfigError
 from attnrl.training.chunked_head import ResponseScorer
 from attnrl.training.weights import WeightStream
-from attnrl.utils.registry import load_object, lookup
+from attnrl.utils.registry import extension, lookup
+from attnrl.utils.tensor_files import load_tensor_file
 
 if TYPE_CHECKING:  # read by attribute only: the trainer runs without pydantic (benchmarks/gpu_scale_check.py)
     from attnrl.config.schema import TrainConfig
@@ -91,7 +93,7 @@ class TorchBackend:
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+        self.optimizer.load_state_dict(load_tensor_file(directory / OPTIMIZER_FILE))
 
 
 def require_scorer(module: torch.nn.Module, backend: str) -> None:
@@ -111,12 +113,15 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
     return None
 
 
-BACKENDS = {"torch": "attnrl.training.backend:TorchBackend", "deepspeed": "infra.deepspeed_backend:DeepSpeedBackend"}
+BACKENDS: dict[str, Callable[[], type]] = {
+    "torch": lambda: TorchBackend,
+    "deepspeed": lambda: extension("deepspeed_backend", "train.backend 'deepspeed'"),
+}
 
 
 def build_backend(name: str, model: PreTrainedModel, config: TrainConfig) -> OptimizerBackend:
     """The ``name`` backend over ``model``: gradient checkpointing as configured, wrapped in a ``ResponseScorer``."""
-    backend_class = load_object(lookup(BACKENDS, name, "train.backend", ConfigError), "train.backend")
+    backend_class = lookup(BACKENDS, name, "train.backend", ConfigError)()
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return backend_class(ResponseScorer(model, config.logits_chunk_tokens), config)

@@ -6,20 +6,19 @@
 * ``shard_mini_batches``: the padded batch is cut into the same consecutive mini-batches a single
   process would use, and each mini-batch is split over the ranks balanced by tokens, so the
   ranks' averaged gradient is the single process's, step for step.
-* ``shard_by_tokens``: a balanced split of any list of sequences (scoring passes), order kept
-  within each shard.
-* ``shard_sequences``: either of those splits over the sequences of a pass; tree-packed
+* ``shard_sequences``: the sequences of a pass (scoring or a mini-batch) balanced by tokens over the ranks
+  (``attnrl/utils/partition.py``), order kept within each shard; tree-packed
   (``train.tree_packing``), the sequences of one prompt stay on one rank, weighed by their distinct
   tokens, so a question's shared prefixes run once, on that rank.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from attnrl.training.sequences import tree_tokens
 from attnrl.training.trainer import MiniBatch, TrainSequence, mini_batches
+from attnrl.utils.partition import balanced_partition
 
 
 def pad_to_world(sequences: Sequence[TrainSequence], world_size: int) -> list[TrainSequence]:
@@ -33,33 +32,18 @@ def pad_to_world(sequences: Sequence[TrainSequence], world_size: int) -> list[Tr
     return [*sequences, *([copy] * missing)]
 
 
-def shard_by_tokens(lengths: Sequence[int], world_size: int) -> list[list[int]]:
-    """Indices per rank: longest first onto the least-loaded rank (ties: the lower rank), then each
-    shard back in the original order. Every rank gets one while there are at least as many as ranks."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    loads = [(0, rank) for rank in range(world_size)]
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        load, rank = heapq.heappop(loads)
-        shards[rank].append(index)
-        # An empty rank goes first: a count of zero is the one imbalance the lockstep fillers pay for.
-        heapq.heappush(loads, (load + lengths[index], rank))
-    return [sorted(shard) for shard in shards]
-
-
 def shard_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], world_size: int, *,
                     trees: bool) -> list[list[int]]:
-    """Indices per rank (``shard_by_tokens``); with ``trees``, whole groups of one prompt, each weighed by the
-    distinct tokens of its prefix tree, then each shard in the original order."""
+    """Indices per rank (``balanced_partition`` by tokens); with ``trees``, whole groups of one prompt, each weighed
+    by the distinct tokens of its prefix tree, then each shard in the original order."""
     if not trees:
-        return shard_by_tokens([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], world_size)
+        return balanced_partition([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], world_size)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
         groups.setdefault(tuple(prompt), []).append(i)
     members = list(groups.values())
     weights = [tree_tokens([prompts[i] for i in group], [responses[i] for i in group]) for group in members]
-    return [sorted(i for g in shard for i in members[g]) for shard in shard_by_tokens(weights, world_size)]
+    return [sorted(i for g in shard for i in members[g]) for shard in balanced_partition(weights, world_size)]
 
 
 def shard_mini_batches(sequences: Sequence[TrainSequence], size: int, world_size: int, *,

@@ -63,17 +63,6 @@ def test_missing_model_path_fails_clearly(prefect_api, tmp_path, capsys):
     assert "model path does not exist" in capsys.readouterr().err
 
 
-def test_config_command_prints_a_loadable_preset(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "config", "--preset", "r1-distill-1.5b"],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    (tmp_path / "params.yaml").write_text(out)
-    from attnrl.config import load_config
-
-    assert load_config(tmp_path / "params.yaml").model.path == "models/DeepSeek-R1-Distill-Qwen-1.5B"
-
-
 BROKEN_LAYOUTS = [  # over the paper's preset: engines vs ranks, overlap, weight sync, TP vs GPUs, backend vs ranks
     "rollout.ray.num_actors=7", "distributed.overlap=true", "rollout.vllm.weight_sync=nccl",
     "rollout.vllm.tensor_parallel_size=2", "train.backend=torch",

@@ -65,11 +65,11 @@ EXPECTATION = {
 }
 
 
-@pytest.mark.parametrize("case", list(EXPECTATION))
-def test_bad_training_problems_stop_the_train_flow_naming_the_row(prefect_api, tmp_path, case):
-    """Training input that reached disk without passing 'prepare' (a pull, an edit) never trains."""
+def test_bad_training_problems_stop_the_train_flow_naming_the_rows(prefect_api, tmp_path):
+    """Training input that reached disk without passing 'prepare' (a pull, an edit) never trains: the train
+    flow's wiring of the gate, with one bad value (each kind is in the next test)."""
     prepared = tmp_path / "data" / "prepared"
-    _write_bad(prepared / "train.parquet", case)
+    _write_bad(prepared / "train.parquet", "duplicate id")
     earlier = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
     state = train_flow(config_path=CONFIG, overrides=[*small_overrides(), *LIMIT], root=str(tmp_path),
                        return_state=True)
@@ -77,29 +77,57 @@ def test_bad_training_problems_stop_the_train_flow_naming_the_row(prefect_api, t
     with pytest.raises(DataGateError) as error:
         state.result()
     message = str(error.value)
-    assert "prepared_problems" in message and EXPECTATION[case] in message, message
-    assert f"row {BAD_ROW} (id aime24/" in message, message
-    if case == "duplicate id":
-        assert "row 0 (id aime24/" in message  # both copies are named
+    assert "prepared_problems" in message and EXPECTATION["duplicate id"] in message, message
+    assert f"row {BAD_ROW} (id aime24/" in message and "row 0 (id aime24/" in message  # both copies are named
     assert (tmp_path / "runs" / "data-checks" / "index.html").is_file()
     assert not (tmp_path / "runs" / "train").exists()  # nothing downstream ran
     assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == earlier
 
 
-@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "control characters", "duplicate id",
-                                  "overlong prompt"])
-def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_api, tmp_path, case):
-    source = _write_bad(tmp_path / "source" / "aime_bad.parquet", case)
+@pytest.mark.parametrize("case", list(EXPECTATION))
+def test_the_prepared_problems_gate_names_each_kind_of_bad_row(tmp_path, case):
+    from attnrl.config import resolve_config
+    from attnrl.model.policy import policy_tokenizer
+    from attnrl.rollout.prompts import encode_prompt
+
+    config = resolve_config(path=CONFIG, overrides=LIMIT)
+    tokenizer = policy_tokenizer(config)
+    frame = data_gates.prepared_frame(_write_bad(tmp_path / "train.parquet", case),
+                                      lambda messages: encode_prompt(tokenizer, messages))
+    with pytest.raises(DataGateError) as error:
+        data_gates.run_gate("prepared_problems", frame, config, target="train.parquet", docs_dir=None)
+    message = str(error.value)
+    assert f"{EXPECTATION[case]}: failing rows: row {BAD_ROW} (id aime24/" in message or (
+        case == "duplicate id" and EXPECTATION[case] in message and f"row {BAD_ROW} (id aime24/" in message), message
+
+
+def test_bad_source_data_stops_the_pipeline_at_prepare_naming_the_row(prefect_api, tmp_path):
+    """The pipeline's wiring: a bad source row fails prepare, and no later stage runs (each kind: next test)."""
+    source = _write_bad(tmp_path / "source" / "aime_bad.parquet", "control characters")
     root = tmp_path / "run"
-    # Overlong prompts are dropped by default (spec §2.2); data that must arrive whole says 'error'.
-    overrides = [*small_overrides(), *LIMIT, "data.overlong_prompts=error",
-                 f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"]
+    overrides = [*small_overrides(), *LIMIT, f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"]
     state = pipeline(config_path=CONFIG, overrides=overrides, root=str(root), return_state=True)
     assert state.is_failed()
     with pytest.raises(DataError) as error:
         state.result()
     assert f"row {BAD_ROW}" in str(error.value), str(error.value)
     assert not (root / "models").exists() and not (root / "runs" / "eval-init").exists()  # no later stage
+
+
+@pytest.mark.parametrize("case", ["missing answer", "empty prompt", "control characters", "duplicate id",
+                                  "overlong prompt"])
+def test_the_prepare_stage_names_each_kind_of_bad_source_row(tmp_path, case):
+    from attnrl.config import resolve_config
+    from attnrl.stages.prepare import prepare
+
+    source = _write_bad(tmp_path / "source" / "aime_bad.parquet", case)
+    # Overlong prompts are dropped by default (spec §2.2); data that must arrive whole says 'error'.
+    config = resolve_config(path=CONFIG, overrides=[*small_overrides(), *LIMIT, "data.overlong_prompts=error",
+                                                    f"data.train=[{{kind: verl_parquet, path: {source}, name: aime}}]"])
+    with pytest.raises(DataError) as error:
+        prepare(config, tmp_path / "run")
+    assert f"row {BAD_ROW}" in str(error.value), str(error.value)
+    assert not (tmp_path / "run" / "data" / "prepared" / "train.parquet").exists()
 
 
 def test_a_failing_prepare_gate_keeps_the_previous_prepared_data(prefect_api, tmp_path):
@@ -208,13 +236,6 @@ def test_difficulty_and_evaluation_gates_name_the_bad_rows(tmp_path):
         data_gates.run_gate("eval_results", samples, config, target="samples.parquet", docs_dir=None)
     with pytest.raises(DataGateError, match=r"pass_at_least_mean\): failing rows: row 0 \(id aime24\)"):
         data_gates.run_gate("eval_metrics", metrics, config, target="metrics.json", docs_dir=None)
-
-
-def test_an_unknown_suite_lists_the_known_ones():
-    from attnrl.config import resolve_config
-
-    with pytest.raises(DataError, match="prepared_problems"):
-        data_gates.run_gate("no-such-suite", None, resolve_config(path=CONFIG), target="x", docs_dir=None)
 
 
 def test_real_benchmark_files_pass_the_prepared_problems_gate(tmp_path):

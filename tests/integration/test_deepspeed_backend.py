@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from attnrl.config import resolve_config
+from attnrl.errors import CheckpointError
 from attnrl.model.loading import load_policy
 from attnrl.training.backend import build_backend
 from attnrl.training.checkpoint import load_backend_state, save_checkpoint, trainer_state
 from attnrl.training.loop import LoopState
 from attnrl.training.trainer import PolicyTrainer, TrainSequence
+from tests.conftest import tamper
 
 LR = 1e-2
 # Gradients agree with plain AdamW's to the last few ulps at every stage (stage 3 sums them through flat
@@ -190,3 +192,21 @@ def test_bf16_keeps_fp32_master_weights_across_a_resume(tiny_policy, stage, tmp_
     held = _snapshot(resumed)
     assert not math.isfinite(resumed.update(_sequences(resumed, advantage_scale=float("nan")))["grad_norm"])
     assert _max_diff(_snapshot(resumed), held) == 0.0
+
+
+def test_a_tampered_zero_partition_is_refused_before_its_payload_runs(tiny_policy, tmp_path):
+    # DeepSpeed's own engine would unpickle anything; ours reads its files weights-only (WeightsOnlyLoads).
+    model, tokenizer = tiny_policy
+    config = _config(2)
+    trainer = _trainer(copy.deepcopy(model), tokenizer, config)
+    trainer.update(_sequences(trainer))
+    checkpoint = save_checkpoint(tmp_path, step=1, state=trainer_state(trainer.model, trainer.policy_state(), tokenizer,
+                                 trainer.backend), loop_state=LoopState(), keep=1)
+    resumed = _trainer(load_policy(checkpoint / "model", dtype="float32").model, tokenizer, config)
+    load_backend_state(checkpoint, resumed.backend)  # untouched, it loads (its DeepSpeed classes allowed)
+    (partition,) = (checkpoint / "optimizer").rglob("*optim_states.pt")
+    marker = tmp_path / "payload-ran"
+    tamper(partition, {}, marker)
+    with pytest.raises(CheckpointError, match=f"{partition}: refused.*posix.mkdir"):
+        load_backend_state(checkpoint, resumed.backend)
+    assert not marker.exists()

@@ -25,10 +25,9 @@ from attnrl.errors import ConfigError, DataError
 from attnrl.rollout.hf_engine import HFRolloutEngine
 from flows.pipeline import pipeline, run_config_task
 from flows.stages import prepare_flow, train_flow, warmup_flow
-from tasks import checks, finished_stages
+from tasks import finished_stages
 from tasks import stages as stage_tasks
 from tasks.retry import RETRIES, retry_unless_deterministic
-from tasks.stages import evaluate_task, train_task, warmup_task
 from tests.conftest import PROJECT_ROOT, small_overrides
 
 pytestmark = pytest.mark.integration
@@ -278,12 +277,6 @@ def test_a_hung_generation_fails_the_train_task_at_its_timeout(prefect_api, tmp_
     assert not (tmp_path / "runs" / "train" / "final").exists()
 
 
-def test_stage_tasks_retry_only_transient_failures():
-    for stage_task in (warmup_task, train_task, evaluate_task):
-        assert stage_task.retries == RETRIES == 2
-        assert stage_task.retry_condition_fn is retry_unless_deterministic
-
-
 def test_a_config_error_inside_a_real_stage_task_is_not_retried(prefect_api, tmp_path):
     # model.path with warmup.enabled is a ConfigError the warmup stage itself raises, inside the task.
     overrides = [*small_overrides(), f"model.path={tmp_path / 'some-model'}", "warmup.enabled=true"]
@@ -309,14 +302,3 @@ def test_a_bad_config_fails_the_stage_flow_fast_naming_the_field(prefect_api, tm
     assert run.run_count == 1 and run.state.is_failed()
     assert _task_runs(prefect_api, run.id) == []  # failed before any stage task started
     assert not (tmp_path / "models").exists()
-
-
-def test_between_stage_checks_reject_bad_outputs(tmp_path):
-    bad_jsonl = tmp_path / "metrics.jsonl"
-    bad_jsonl.write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(DataError, match="line 2"):
-        checks.check_train_metrics(bad_jsonl)
-    with pytest.raises(DataError, match="report.html is missing"):
-        checks.check_report(tmp_path / "report.html")
-    with pytest.raises(DataError, match="config.json"):
-        checks.check_model_dir(tmp_path)

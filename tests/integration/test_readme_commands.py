@@ -1,16 +1,19 @@
-"""Every command the README shows runs as shown, checked from the README's own text.
+"""Every command the README and the pages of docs/ show runs as shown, checked from their own text.
 
 Each command line of its ``bash`` blocks is checked by what it calls, as far as this machine can
 without a GPU cluster or an S3 bucket: ``attnrl config`` runs for real; other ``attnrl`` commands
 go through the CLI's own parser and configuration resolution (what the CLI does before any server
-starts, so a bad flag or ``--set`` key fails here); ``dvc`` through DVC's parser; ``prefect`` and
-the benchmark scripts through their ``--help``, which must list every option used; ``make`` targets
-through ``make -n``; files a command reads must exist. A command of a kind not listed here fails
-the test, so a new command in the README is checked or consciously listed.
+starts, so a bad flag or ``--set`` key fails here); ``dvc`` through DVC's parser; ``prefect``, ``ray``
+and the benchmark scripts through their ``--help``, which must list every option used; ``make``
+targets through ``make -n``; files a command reads must exist. A command of a kind not listed here fails
+the test, so a new command in the README is checked or consciously listed. docs/attnrl-spec.md and
+docs/stack-notes.md are reference material (the official code's commands, the stack as measured), not
+instructions for this project, and are not checked.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import subprocess
@@ -24,6 +27,8 @@ from attnrl.config import resolve_config
 from attnrl.config.loading import dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = {"attnrl-spec.md", "stack-notes.md"}
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name not in REFERENCE)]
 VENV = ROOT / ".venv" / "bin"
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 # Commands for a machine this project's tests do not have; what they read is checked instead.
@@ -31,15 +36,17 @@ ELSEWHERE = {
     "git": "the user's own repository and remote",
     "cd": "a directory of the user's",
     "export": "the user's credentials",
-    "python3.11": "a GPU host's virtual environments (README \"GPU cluster setup\")",
+    "python3.11": "a GPU host's virtual environments (README \"Training on a GPU node\")",
 }
 
 
-def readme_commands() -> list[tuple[int, list[str]]]:
-    """(README line, argv) of every command in the ``bash`` blocks: continuation lines joined,
-    comments dropped, ``a && b`` split, redirections and leading VAR=value assignments removed."""
-    commands, block, joined, start = [], False, "", 0
-    for number, line in enumerate((ROOT / "README.md").read_text().splitlines(), start=1):
+def page_commands(page: Path) -> list[tuple[str, list[str]]]:
+    """("page:line", argv) of every command in the page's ``bash`` blocks: continuation lines (and quotes
+    that go on over several lines) joined, comments dropped, ``a && b`` split, redirections removed, and
+    the page's own ``NAME="..."`` variables expanded where a command uses ``$NAME``."""
+    commands, block, joined, start, variables = [], False, "", 0, {}
+    where = page.relative_to(ROOT).as_posix()
+    for number, line in enumerate(page.read_text().splitlines(), start=1):
         if line.startswith("```"):
             block = line.strip() == "```bash" if not block else False
             continue
@@ -50,31 +57,45 @@ def readme_commands() -> list[tuple[int, list[str]]]:
         joined += line.rstrip("\\") + " "
         if line.endswith("\\"):
             continue
-        words, joined = shlex.split(joined, comments=True), ""
+        try:
+            words, joined = shlex.split(joined, comments=True), ""
+        except ValueError:  # a quotation that goes on on the next line
+            continue
+        words = [w for word in words for w in (shlex.split(variables[word[1:]]) if word[1:] in variables else [word])]
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
             argv, words = words[:cut], words[cut + 1 :]
             if ">" in argv:
                 argv = argv[: argv.index(">")]
-            while argv and ENV_ASSIGNMENT.match(argv[0]):
-                argv = argv[1:]
-            if argv:
-                commands.append((start, argv))
+            assignments = 0
+            while assignments < len(argv) and ENV_ASSIGNMENT.match(argv[assignments]):
+                assignments += 1
+            if assignments == len(argv):  # NAME=value alone: a variable of the page
+                variables.update(a.split("=", 1) for a in argv)
+            elif argv:
+                commands.append((f"{where}:{start}", argv[assignments:]))
     return commands
 
 
-COMMANDS = readme_commands()
+COMMANDS = [command for page in PAGES for command in page_commands(page)]
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def _options_in_help(argv: list[str], help_argv: list[str]) -> None:
-    done = _run(help_argv)
+@functools.cache
+def _help(help_argv: tuple[str, ...]) -> str:
+    """A program's ``--help``, once per program and subcommand: several pages show one script many times."""
+    done = _run(list(help_argv))
     assert done.returncode == 0, f"{' '.join(help_argv)}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def _options_in_help(argv: list[str], help_argv: list[str]) -> None:
+    shown = _help(tuple(help_argv))
     for option in (w.split("=")[0] for w in argv if w.startswith("--")):
-        assert option in done.stdout, f"{' '.join(argv)}: {option} is not in {' '.join(help_argv)}"
+        assert option in shown, f"{' '.join(argv)}: {option} is not in {' '.join(help_argv)}"
 
 
 def check_attnrl(argv: list[str]) -> None:
@@ -119,6 +140,10 @@ def check_prefect(argv: list[str]) -> None:
         assert words[2] in names or words[2].replace("_", "-") in names, (words[2], names)
 
 
+def check_ray(argv: list[str]) -> None:
+    _options_in_help(argv, [str(VENV / "ray"), argv[1], "--help"])
+
+
 def check_make(argv: list[str]) -> None:
     for target in argv[1:]:
         done = _run(["make", "-n", target])
@@ -143,23 +168,24 @@ def checker(argv: list[str]):
         return check_pip
     if program == "python" and argv[1].endswith(".py"):
         return check_python
-    known = {"attnrl": check_attnrl, "dvc": check_dvc, "prefect": check_prefect, "make": check_make}
+    known = {"attnrl": check_attnrl, "dvc": check_dvc, "prefect": check_prefect, "make": check_make, "ray": check_ray}
     if program in known:
         return known[program]
     if argv[0] in ELSEWHERE:
         return check_elsewhere
-    raise AssertionError(f"the README shows `{' '.join(argv)}`, which this test does not know how to check")
+    raise AssertionError(f"the docs show `{' '.join(argv)}`, which this test does not know how to check")
 
 
-def test_the_readme_shows_commands_of_every_kind():
+def test_the_pages_show_commands_of_every_kind():
+    assert {"README.md", "docs/orchestration.md", "docs/research.md"} <= {where.split(":")[0] for where, _ in COMMANDS}
     programs = {Path(argv[0]).name for _, argv in COMMANDS}
     assert {"make", "attnrl", "dvc", "prefect", "python", "pip"} <= programs, programs
     assert ["attnrl", "evaluate", "--set", "eval.temperature=1.0", "--set", "data.eval.0.k=8"] in (
         [Path(argv[0]).name, *argv[1:]] for _, argv in COMMANDS)
 
 
-@pytest.mark.parametrize("line,argv", COMMANDS, ids=[f"README:{n}" for n, _ in COMMANDS])
-def test_a_readme_command_runs_as_shown(line, argv):
+@pytest.mark.parametrize("where,argv", COMMANDS, ids=[where for where, _ in COMMANDS])
+def test_a_documented_command_runs_as_shown(where, argv):
     checker(argv)(argv)
 
 

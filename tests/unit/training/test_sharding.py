@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attnrl.loss import LossSettings, Normaliser, k3_kl_per_token, policy_objective
-from attnrl.training.sharding import pad_to_world, shard_by_tokens, shard_mini_batches, shard_sequences
+from attnrl.training.sharding import pad_to_world, shard_mini_batches, shard_sequences
 from attnrl.training.trainer import TrainSequence, mini_batches
 
 
@@ -48,20 +48,6 @@ def test_a_padding_copy_adds_nothing_but_its_kl_and_its_token_count():
     (pg, kl), (pg_padded, kl_padded) = summed(rows), summed(rows + 1)
     assert pg_padded == pytest.approx(pg, abs=1e-6)
     assert kl_padded - kl == pytest.approx(float(k3_kl_per_token(logprobs[rows], ref[rows]).sum()), rel=1e-5)
-
-
-def test_shards_are_balanced_by_tokens_keep_order_and_cover_every_sequence():
-    lengths = [10, 1, 1, 1, 9, 2, 3]
-    shards = shard_by_tokens(lengths, 2)
-    assert sorted(i for shard in shards for i in shard) == list(range(len(lengths)))
-    assert all(shard == sorted(shard) for shard in shards)
-    loads = [sum(lengths[i] for i in shard) for shard in shards]
-    assert max(loads) - min(loads) <= max(lengths)  # greedy LPT: within one sequence
-    assert loads == [14, 13]
-    # Fewer sequences than ranks: some ranks get none (they run lockstep fillers).
-    assert shard_by_tokens([4, 2], 3) == [[0], [1], []]
-    with pytest.raises(ValueError, match="world_size"):
-        shard_by_tokens([1], 0)
 
 
 def test_rank_mini_batches_are_the_single_process_ones_with_per_rank_normalisers():

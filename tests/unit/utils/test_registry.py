@@ -21,3 +21,14 @@ def test_load_object_imports_by_path_and_names_what_failed():
                           ("attnrl.utils.registry:missing", "has no 'missing'")]:
         with pytest.raises(ConfigError, match=message):
             load_object(path, "train.backend")
+
+
+def test_an_extension_comes_from_the_entry_points_or_provide_and_a_missing_one_is_named(monkeypatch):
+    from attnrl.utils import registry
+
+    # pyproject.toml's entry points, installed with attnrl: loaded on first use, by name only.
+    assert registry.extension("distributed_preflight", "distributed.enabled").__module__ == "infra.distributed"
+    with pytest.raises(ConfigError, match="train.backend 'x' needs the extension 'x_backend', and no installed"):
+        registry.extension("x_backend", "train.backend 'x'")
+    monkeypatch.setattr(registry, "_PROVIDED", {"x_backend": lookup})
+    assert registry.extension("x_backend", "train.backend 'x'") is lookup
