@@ -29,7 +29,7 @@ def load_tensor_file(path: Path | str, *, allowed: Iterable[Any] = (), map_locat
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's message suggests weights_only=False; the line worth showing is the one naming the global.
+        # torch's message suggests loading the file unsafely; the line worth showing is the one naming the global.
         found = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line), "")
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors and plain values, whose "
                               f"loading could run code ({found or 'not a weights-only file'})") from error
