@@ -1,4 +1,5 @@
-"""The report's HTML from Jinja2 templates (``attnrl/stages/templates/``), every value escaped unless marked safe.
+"""The report's HTML from Jinja2 templates (``attnrl/stages/templates/``), every value escaped unless it is a
+``markupsafe.Markup`` (a section rendered elsewhere).
 
 Python computes what a page shows (numbers, geometry, which rows); the templates say how it is marked up.
 """
@@ -9,7 +10,6 @@ from functools import cache
 from typing import Any
 
 import jinja2
-from markupsafe import Markup
 
 
 @cache
@@ -30,7 +30,3 @@ def render(template: str, **context: Any) -> str:
     """``template`` (a file name under ``templates/``) rendered with ``context``."""
     return _environment().get_template(template).render(**context)
 
-
-def safe(markup: str) -> Markup:
-    """``markup`` as HTML that another template inserts as it is (a section rendered elsewhere)."""
-    return Markup(markup)

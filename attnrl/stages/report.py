@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.data.problem import Problem
@@ -28,7 +30,7 @@ from attnrl.errors import DataError
 from attnrl.lineage import LINEAGE_FILE
 from attnrl.stages.layout import Layout
 from attnrl.stages.method_trace import trace_problems
-from attnrl.stages.rendering import render, safe
+from attnrl.stages.rendering import render
 from attnrl.stages.research_view import load_results, research_section
 from attnrl.stages.prepare import benchmark_name
 from attnrl.stages.trace_view import STYLE, traces_html
@@ -82,12 +84,12 @@ def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:
         (tmp / "traces.json").write_text(json.dumps([t.to_json() for t in traces], indent=1))
         research, research_figures = research_section(results, tmp, pyplot())
         page = render(
-            "report.html", trace_style=safe(STYLE), steps=len(steps),
+            "report.html", trace_style=Markup(STYLE), steps=len(steps),
             generated_tokens=int(steps[-1].get("total_generated_tokens", 0)) if steps else 0,
             method=config.algorithm.method, model=config.model.path or "tiny default",
             after=after, before=before, before_by_name={b["benchmark"]: b for b in before["benchmarks"]} if before else {},
             figures=[f.name for f in figures], policy=os.path.relpath(policy, root),
-            method_section=safe(traces_html(traces)), research_section=safe(research),
+            method_section=Markup(traces_html(traces)), research_section=Markup(research),
             lineage=record, lineage_source=os.path.relpath(lineage_file, root) if lineage_file else None,
             lineage_config=json.dumps(record["config"], indent=1) if record else None,
             checks_enabled=config.checks.enabled, data_docs_path=str(docs),
