@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 
-from attnrl.stages.difficulty import DifficultyResult
-from attnrl.stages.evaluate import EvaluationResult
-from attnrl.stages.prepare import PreparedData
-from attnrl.stages.report import ReportResult
-from attnrl.stages.train import TrainResult
-from attnrl.stages.warmup import WarmupResult
+from attnrl.stages.results import (
+    DifficultyResult,
+    EvaluationResult,
+    PreparedData,
+    ReportResult,
+    TrainResult,
+    WarmupResult,
+)
 from attnrl.utils.progress import ON_BAR
 
 RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")

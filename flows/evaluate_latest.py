@@ -16,10 +16,8 @@ from uuid import UUID
 from prefect import flow, get_client, get_run_logger
 
 from attnrl.errors import ModelLoadError
-from attnrl.stages.evaluate import EvaluationResult
-from attnrl.stages.layout import Layout
-from attnrl.stages.train import CHECKPOINTS_DIR
-from attnrl.training.checkpoint import latest_checkpoint
+from attnrl.stages.layout import CHECKPOINTS_DIR, Layout
+from attnrl.stages.results import EvaluationResult
 from flows.stages import DEFAULT_CONFIG, evaluate_flow, load_flow_config, train_flow
 from flows.stopping import signals_recorded
 from flows.workspace import run_workspace
@@ -30,6 +28,8 @@ FLOW_RUN_RESOURCE = "prefect.flow-run."
 
 def newest_model_dir(train_dir: Path) -> Path:
     """The model of the newest complete checkpoint under ``train_dir``, else ``train_dir/final``."""
+    from attnrl.training.checkpoint import latest_checkpoint  # torch: not loaded with the flow (flows/stages.py)
+
     checkpoint = latest_checkpoint(train_dir / CHECKPOINTS_DIR)
     if checkpoint is not None and (checkpoint / "model" / "config.json").is_file():
         return checkpoint / "model"

@@ -34,17 +34,15 @@ from prefect.runtime import flow_run
 
 from attnrl.config.identity import config_digest
 from attnrl.config.schema import RunConfig
-from attnrl.stages.evaluate import EvaluationResult
 from attnrl.stages.layout import Layout
-from attnrl.stages.report import ReportResult
-from attnrl.stages.train import TrainResult
-from attnrl.stages.warmup import WarmupResult
+from attnrl.stages.results import EvaluationResult, ReportResult, TrainResult, WarmupResult
 from attnrl.utils.progress import duration
 from flows.console import headline
 from flows.stages import (
     DEFAULT_CONFIG,
     difficulty_flow,
     evaluate_flow,
+    import_stage_code,
     load_flow_config,
     prepare_flow,
     report_flow,
@@ -53,11 +51,6 @@ from flows.stages import (
 )
 from flows.stopping import signals_recorded
 from flows.workspace import run_workspace
-from tasks.checks import (
-    check_model_dir_task,
-    check_report_task,
-    check_train_metrics_task,
-)
 from tasks.finished_stages import run_stage
 from tasks.versioning import StageRecorder
 
@@ -85,6 +78,7 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
     """Run every stage; returns the before/after evaluations, the training run and the report. With
     ``experiment``, a recorded run is also saved as the DVC experiment ``<experiment>-<UTC start
     time>`` and pushed (the nightly deployment's record of each night)."""
+    import_stage_code()  # before the workspace lock (flows/stages.py)
     config = run_config_task(config_path, overrides, method)  # fail fast, before any stage starts
     get_run_logger().info("configuration %s%s%s (sha256 %s), used by every stage of this run", config_path,
                           f" with overrides {overrides}" if overrides else "",
@@ -99,6 +93,8 @@ def pipeline(config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = No
 
 
 def _run_stages(config: RunConfig, root: Path, recorder: StageRecorder) -> PipelineResult:
+    from tasks.checks import check_model_dir_task, check_report_task, check_train_metrics_task
+
     layout = Layout.of(config, root)
     logger = get_run_logger()
     common = {"config": config, "root": str(root)}

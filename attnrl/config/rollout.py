@@ -89,8 +89,8 @@ class VLLMConfig(Section):
         default=None,
         ge=16,
         description="Longest prompt + response an engine accepts; null = data.max_prompt_tokens + the stage's "
-        "response limit (training 1,024 + 8,192 = 9,216 as the script sets, spec §5.4). A value below that limit "
-        "is an error.",
+        "response limit (training 1,024 + 8,192 = 9,216 as the script sets, spec §5.4). A value below a prompt plus "
+        "the longest response limit (rollout.sampling.max_new_tokens, eval.max_new_tokens) is an error.",
     )
     gpu_memory_utilization: float = Field(
         default=0.85, gt=0, le=1, description="Share of each GPU vLLM may take (spec §5.4: 0.85)."

@@ -464,3 +464,19 @@ class RunConfig(Section):
         if problems := layout_problems(self):
             raise ValueError(LAYOUT_ERROR + "; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _engine_length(self) -> RunConfig:
+        """A configured ``rollout.vllm.max_model_len`` holds a prompt and the longest response any stage asks the
+        engines for (training and difficulty: ``rollout.sampling.max_new_tokens``; evaluation: ``eval.max_new_tokens``)."""
+        configured = self.rollout.vllm.max_model_len
+        if configured is None or self.rollout.engine != "vllm":
+            return self
+        limits = {"rollout.sampling.max_new_tokens": self.rollout.sampling.max_new_tokens,
+                  "eval.max_new_tokens": self.eval.max_new_tokens}
+        field, longest = max(limits.items(), key=lambda item: item[1])
+        needed = self.data.max_prompt_tokens + longest
+        if configured < needed:
+            raise ValueError(f"rollout.vllm.max_model_len: {configured} is below data.max_prompt_tokens + {field} "
+                             f"({self.data.max_prompt_tokens} + {longest} = {needed}); raise it or leave it null")
+        return self

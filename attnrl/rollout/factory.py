@@ -44,17 +44,10 @@ def engine_batch_rows(config: RunConfig) -> int:
 
 
 def engine_max_model_len(config: RunConfig, max_new_tokens: int) -> int:
-    """The longest sequence a vLLM engine must accept: prompt limit + the stage's response limit."""
-    needed = config.data.max_prompt_tokens + max_new_tokens
+    """The longest sequence a vLLM engine must accept: ``rollout.vllm.max_model_len``, else the prompt limit + the
+    stage's response limit (the schema refuses a configured length below every stage's)."""
     configured = config.rollout.vllm.max_model_len
-    if configured is None:
-        return needed
-    if configured < needed:
-        raise ConfigError(
-            f"rollout.vllm.max_model_len: {configured} is below data.max_prompt_tokens + the response limit "
-            f"({config.data.max_prompt_tokens} + {max_new_tokens} = {needed}); raise it or leave it null"
-        )
-    return configured
+    return configured if configured is not None else config.data.max_prompt_tokens + max_new_tokens
 
 
 def preflight(config: RunConfig, *, model_dir: str | Path | None, max_new_tokens: int) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ from attnrl.rollout.factory import build_engine, engine_session, preflight, uses
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.sampling import RunningMean, response_mean_fci
 from attnrl.stages.layout import TRAIN_FILE, Layout, OutputCheck
+from attnrl.stages.results import DifficultyResult
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.steps import SeparatorVocab
 from attnrl.training.rollouts import score_initial
@@ -40,15 +40,6 @@ from attnrl.utils.atomic import atomic_path
 from attnrl.utils.seeding import derive_seed
 
 ADS_SEED_FILE = "ads_seed.json"
-
-
-@dataclass(frozen=True)
-class DifficultyResult:
-    table_path: Path
-    train_path: Path
-    estimated: int
-    kept: int
-    easy_mean: RunningMean
 
 
 TABLE_SCHEMA = pa.schema([("source", pa.string()), ("problem_id", pa.string()), ("level", pa.int64()),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +17,7 @@ import pyarrow.parquet as pq
 from attnrl.config.schema import RunConfig
 from attnrl.data.loaders import load_verl_parquet
 from attnrl.data.problem import Problem
-from attnrl.eval.metrics import BenchmarkScore, SampleResult, benchmark_scores, summarise
+from attnrl.eval.metrics import SampleResult, benchmark_scores, summarise
 from attnrl.model.loading import load_policy, load_tokenizer
 from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import Completion, GenerationRequest, RolloutEngine, SamplingParams
@@ -26,6 +25,7 @@ from attnrl.rollout.factory import build_engine, engine_batch_rows, engine_sessi
 from attnrl.rollout.prompts import decode_response, encode_prompt
 from attnrl.stages.layout import Layout, OutputCheck
 from attnrl.stages.prepare import benchmark_name
+from attnrl.stages.results import EvaluationResult
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.lineage import lineage, write_lineage
 from attnrl.utils.atomic import atomic_path
@@ -34,13 +34,6 @@ from attnrl.utils.progress import Progress
 from attnrl.utils.seeding import derive_seed
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    scores: list[BenchmarkScore]
-    metrics_path: Path
-    samples_path: Path
 
 
 def evaluate(config: RunConfig, root: str | Path = ".", *, model_dir: str | Path | None = None,

@@ -13,6 +13,7 @@ from attnrl.config.schema import RunConfig
 # output; raising keeps the previous output (the data-check gates plug in here).
 OutputCheck = Callable[[Path], None]
 TRAIN_FILE = "train.parquet"
+CHECKPOINTS_DIR = "checkpoints"  # under a training run's directory: step_*/ (attnrl.training.checkpoint)
 
 
 def eval_file(benchmark: str) -> str:

@@ -10,7 +10,6 @@ together: the directory is written aside, checked (``check``), then renamed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -22,18 +21,10 @@ from attnrl.errors import DataError
 from attnrl.model.policy import policy_tokenizer
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.stages.layout import TRAIN_FILE, Layout, OutputCheck, eval_file
+from attnrl.stages.results import PreparedData
 from attnrl.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    train_path: Path
-    train_count: int
-    eval_paths: dict[str, Path]
-    eval_counts: dict[str, int]
-    dropped_overlong: int
 
 
 def benchmark_name(spec: SourceSpec) -> str:

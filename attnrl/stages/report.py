@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from attnrl.stages.method_trace import trace_problems
 from attnrl.stages.rendering import render
 from attnrl.stages.research_view import load_results, research_section
 from attnrl.stages.prepare import benchmark_name
+from attnrl.stages.results import ReportResult
 from attnrl.stages.trace_view import STYLE, traces_html
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.utils.atomic import atomic_path
@@ -52,12 +52,6 @@ CURVES = (
     ("prompt batch size (Fig. 7d)", ("prompt_batch_size",)),
     ("training sequences", ("train_sequences",)),
 )
-
-
-@dataclass(frozen=True)
-class ReportResult:
-    html_path: Path
-    figures: tuple[Path, ...]
 
 
 def build_report(config: RunConfig, root: str | Path = ".") -> ReportResult:

@@ -36,7 +36,8 @@ from attnrl.reward.verifier import Verifier
 from attnrl.rollout.engine import RolloutEngine
 from attnrl.rollout.factory import build_engine, engine_session, preflight, uses_pool
 from attnrl.stages.difficulty import ads_seed
-from attnrl.stages.layout import TRAIN_FILE, Layout
+from attnrl.stages.layout import CHECKPOINTS_DIR, TRAIN_FILE, Layout
+from attnrl.stages.results import TrainResult
 from attnrl.stages.warmup import initial_policy_path
 from attnrl.training.backend import autocast_dtype, build_backend
 from attnrl.training.checkpoint import (
@@ -55,16 +56,6 @@ from attnrl.utils.registry import extension
 from attnrl.utils.seeding import seed_everything
 
 logger = logging.getLogger(__name__)
-CHECKPOINTS_DIR = "checkpoints"  # under the run directory: step_*/ (attnrl.training.checkpoint)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    final_model: Path
-    metrics_path: Path
-    metrics: list[dict[str, float]]
-    resumed_from: Path | None
-    generated_tokens: int  # everything the run generated, untrained rounds included (the token budget's count)
 
 
 def training_problems_path(config: RunConfig, root: str | Path = ".") -> Path:

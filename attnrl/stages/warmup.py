@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from attnrl.config.schema import RunConfig
@@ -21,18 +20,13 @@ from attnrl.model.loading import save_policy
 from attnrl.model.policy import fresh_tiny_policy
 from attnrl.rollout.prompts import encode_prompt
 from attnrl.stages.layout import Layout
+from attnrl.stages.results import WarmupResult
 from attnrl.utils.atomic import atomic_path
 from attnrl.utils.seeding import derive_seed, seed_everything
 from attnrl.warmup import run_warmup, sft_example
 
 logger = logging.getLogger(__name__)
 SOURCE_FILE = "source.json"
-
-
-@dataclass(frozen=True)
-class WarmupResult:
-    model_dir: Path
-    history: list[dict[str, float]]
 
 
 def warmup(config: RunConfig, root: str | Path = ".") -> WarmupResult:

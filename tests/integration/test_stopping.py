@@ -122,7 +122,9 @@ def _start(project: Path, stage: str, overrides: list[str], env: dict[str, str])
         while process.poll() is None:
             try:
                 for child in psutil.Process(process.pid).children(recursive=True):
-                    watched.started.setdefault(child.pid, (child.create_time(), " ".join(child.cmdline()[:6])))
+                    # Seen again, as it runs now: a child caught between its fork and its exec shows its parent's
+                    # command line (the temporary API forks to set its parent-death signal before it execs).
+                    watched.started[child.pid] = (child.create_time(), " ".join(child.cmdline()[:6]))
             except psutil.Error:
                 pass
             time.sleep(0.25)  # a scan of /proc costs CPU the command needs

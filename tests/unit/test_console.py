@@ -7,9 +7,7 @@ import logging
 from pathlib import Path
 
 from attnrl.eval.metrics import BenchmarkScore
-from attnrl.stages.evaluate import EvaluationResult
-from attnrl.stages.train import TrainResult
-from attnrl.stages.warmup import WarmupResult
+from attnrl.stages.results import EvaluationResult, TrainResult, WarmupResult
 from attnrl.utils.progress import Progress, duration
 from flows.console import ConsoleFilter, headline
 

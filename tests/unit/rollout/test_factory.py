@@ -33,12 +33,22 @@ def test_the_in_process_engine_needs_a_model(tiny_policy, tmp_path):
         build_engine(resolve_config(preset="tiny"), model_dir=tmp_path, tokenizer=tiny_policy[1], max_new_tokens=8)
 
 
-def test_max_model_len_defaults_to_prompt_plus_response_and_refuses_less():
+def test_max_model_len_defaults_to_prompt_plus_the_stages_response_limit():
     config = resolve_config(preset="tiny")
     assert engine_max_model_len(config, 64) == config.data.max_prompt_tokens + 64
-    short = resolve_config(preset="tiny", overrides=["rollout.vllm.max_model_len=100"])
-    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: 100 is below .*64 \+ 64 = 128"):
-        engine_max_model_len(short, 64)
+    assert engine_max_model_len(resolve_config(preset="tiny", overrides=["rollout.vllm.max_model_len=300"]), 64) == 300
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["rollout.vllm.max_model_len=100"], r"100 is below data.max_prompt_tokens \+ rollout.sampling.max_new_tokens "
+                                         r"\(64 \+ 64 = 128\)"),
+    (["rollout.vllm.max_model_len=128", "eval.max_new_tokens=65"], r"128 is below data.max_prompt_tokens \+ "
+                                                                   r"eval.max_new_tokens \(64 \+ 65 = 129\)"),
+])
+def test_a_max_model_len_below_a_stages_limit_fails_when_the_config_resolves(overrides, message):
+    with pytest.raises(ConfigError, match=r"rollout.vllm.max_model_len: " + message):
+        resolve_config(preset="tiny", overrides=["rollout.engine=vllm", *overrides])
+    resolve_config(preset="tiny", overrides=["rollout.engine=hf", *overrides])  # another engine's setting: unread
 
 
 def test_engines_longer_than_the_model_supports_fail_before_it_loads(tiny_policy, tmp_path):
