@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnrl.data.problem import Problem
+
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -89,6 +91,12 @@ def tamper(path: Path, state: dict, marker: Path) -> None:
 def tiny_policy():
     """A small randomly initialised tiny model and its tokenizer (fast to run)."""
     return small_tiny_model()
+
+
+def not_synthetic_problems() -> list[Problem]:
+    """A prepared problem without a level: not the synthetic task, so no reference solution for SFT warmup."""
+    return [Problem(id="0", prompt=({"role": "user", "content": "What is 2 + 3?"},), answers=("5",),
+                    source="gsm-like", split="train")]
 
 
 def small_overrides() -> list[str]:

@@ -21,14 +21,16 @@ from prefect.client.schemas.filters import (
 )
 
 from attnrl.config import dump_config, resolve_config
+from attnrl.data.loaders import write_problems
 from attnrl.errors import ConfigError, DataError
 from attnrl.rollout.hf_engine import HFRolloutEngine
+from attnrl.stages.layout import Layout
 from flows.pipeline import pipeline, run_config_task
 from flows.stages import prepare_flow, train_flow, warmup_flow
 from tasks import finished_stages
 from tasks import stages as stage_tasks
 from tasks.retry import RETRIES, retry_unless_deterministic
-from tests.conftest import PROJECT_ROOT, small_overrides
+from tests.conftest import PROJECT_ROOT, not_synthetic_problems, small_overrides
 
 pytestmark = pytest.mark.integration
 CONFIG = str(PROJECT_ROOT / "params.yaml")
@@ -278,11 +280,13 @@ def test_a_hung_generation_fails_the_train_task_at_its_timeout(prefect_api, tmp_
 
 
 def test_a_config_error_inside_a_real_stage_task_is_not_retried(prefect_api, tmp_path):
-    # model.path with warmup.enabled is a ConfigError the warmup stage itself raises, inside the task.
-    overrides = [*small_overrides(), f"model.path={tmp_path / 'some-model'}", "warmup.enabled=true"]
-    state = warmup_flow(config_path=CONFIG, overrides=overrides, root=str(tmp_path), return_state=True)
+    # SFT warmup on prepared problems of another source than the synthetic task is a ConfigError the warmup stage
+    # itself raises, inside the task, once it has read them.
+    config = resolve_config(path=CONFIG, overrides=small_overrides())
+    write_problems(not_synthetic_problems(), Layout.of(config, tmp_path).prepared_train)
+    state = warmup_flow(config_path=CONFIG, overrides=small_overrides(), root=str(tmp_path), return_state=True)
     assert state.is_failed()
-    assert "warmup.enabled" in state.message
+    assert "warmup.enabled: SFT needs reference solutions" in state.message
     [run] = _task_runs(prefect_api, state.state_details.flow_run_id)
     assert run.run_count == 1 and run.state.is_failed()
 

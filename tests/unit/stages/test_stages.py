@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from attnrl.config import resolve_config
-from attnrl.data.loaders import load_verl_parquet
+from attnrl.data.loaders import load_verl_parquet, write_problems
 from attnrl.errors import ConfigError, DataError
 from attnrl.stages.evaluate import evaluate
 from attnrl.stages.layout import Layout
 from attnrl.stages.prepare import prepare
 from attnrl.stages.warmup import initial_policy_path, warmup
-from tests.conftest import small_overrides
+from tests.conftest import not_synthetic_problems, small_overrides
 
 
 @pytest.fixture()
@@ -73,9 +73,10 @@ def test_warmup_records_a_real_checkpoint_without_copying_it(tmp_path, config, t
 
 
 def test_warmup_sft_needs_the_synthetic_task(tmp_path, config):
-    real = resolve_config(preset="tiny", overrides=["model.path=/some/model"])
-    with pytest.raises(ConfigError, match="warmup.enabled"):
-        warmup(real, tmp_path)
+    write_problems(not_synthetic_problems(), Layout.of(config, tmp_path).prepared_train)
+    with pytest.raises(ConfigError, match=r"warmup.enabled: SFT needs reference solutions.*\['gsm-like'\]"):
+        warmup(config, tmp_path)
+    assert not Layout.of(config, tmp_path).init_model.exists()
 
 
 def test_difficulty_off_passes_every_problem_through_with_an_empty_table_and_seed(tmp_path, config):
