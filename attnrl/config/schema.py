@@ -466,13 +466,6 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _warmup_model(self) -> RunConfig:
-        """SFT warmup trains the tiny default from scratch; a run from a checkpoint (``model.path``) starts from it."""
-        if self.model.path is not None and self.warmup.enabled:
-            raise ValueError("warmup.enabled: SFT warmup is for the tiny default model; set it false with model.path")
-        return self
-
-    @model_validator(mode="after")
     def _engine_length(self) -> RunConfig:
         """A configured ``rollout.vllm.max_model_len`` holds a prompt and the longest response any stage asks the
         engines for (training and difficulty: ``rollout.sampling.max_new_tokens``; evaluation: ``eval.max_new_tokens``)."""

@@ -31,7 +31,9 @@ SOURCE_FILE = "source.json"
 
 def warmup(config: RunConfig, root: str | Path = ".") -> WarmupResult:
     layout = Layout.of(config, root)
-    if config.model.path is not None:  # the schema refuses warmup.enabled with it
+    if config.model.path is not None:
+        if config.warmup.enabled:
+            raise ConfigError("warmup.enabled: SFT warmup is for the tiny default model; set it false with model.path")
         with atomic_path(layout.init_model) as tmp:
             tmp.mkdir()
             (tmp / SOURCE_FILE).write_text(json.dumps({"path": str(Path(config.model.path).resolve())}, indent=2))

@@ -173,8 +173,3 @@ def test_yaml_1_1_words_stay_strings_in_overrides_and_files(tmp_path):
     path.write_text("preset: tiny\nalgorithm:\n  easy_filter: off\n  off_policy: false\n")
     config = resolve_config(path=path)
     assert config.algorithm.easy_filter == "off" and config.algorithm.off_policy is False
-
-
-def test_warmup_sft_with_a_checkpoint_fails_when_the_config_resolves():
-    with pytest.raises(ConfigError, match="warmup.enabled: SFT warmup is for the tiny default model"):
-        resolve_config(preset="tiny", overrides=["model.path=/some/model"])
