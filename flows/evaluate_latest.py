@@ -30,14 +30,15 @@ def newest_model_dir(train_dir: Path) -> Path:
     """The model of the newest complete checkpoint under ``train_dir``, else ``train_dir/final``."""
     from attnrl.training.checkpoint import latest_checkpoint  # torch: not loaded with the flow (flows/stages.py)
 
-    checkpoint = latest_checkpoint(train_dir / CHECKPOINTS_DIR)
+    checkpoints = train_dir / CHECKPOINTS_DIR
+    checkpoint = latest_checkpoint(checkpoints)
     if checkpoint is not None and (checkpoint / "model" / "config.json").is_file():
         return checkpoint / "model"
     final = train_dir / "final"
     if (final / "config.json").is_file():
         return final
     raise ModelLoadError(
-        f"no trained policy to evaluate: no complete checkpoint in {train_dir / 'checkpoints'} "
+        f"no trained policy to evaluate: no complete checkpoint in {checkpoints} "
         f"and no final model in {final}; run the train stage first"
     )
 
