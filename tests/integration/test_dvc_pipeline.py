@@ -21,7 +21,7 @@ from attnrl.config import dump_config, resolve_config
 from attnrl.data.loaders import load_verl_parquet
 from tests.conftest import PROJECT_ROOT, small_overrides
 
-PROJECT_FILES = ("attnrl", "infra", "tasks", "flows", "benchmarks/results", "dvc.yaml")
+PROJECT_FILES = ("attnrl", "infra", "tasks", "flows", "benchmarks/results", "dvc.yaml", ".dvcignore")
 OUTPUTS = ("data/prepared", "data/difficulty", "models/init", "runs/eval-init", "runs/train", "runs/eval", "reports")
 ALL_STAGES = {"prepare", "warmup", "difficulty", "evaluate_init", "train", "evaluate", "report"}
 

@@ -121,12 +121,19 @@ def _start(project: Path, stage: str, overrides: list[str], env: dict[str, str])
     def watch() -> None:
         while process.poll() is None:
             try:
-                for child in psutil.Process(process.pid).children(recursive=True):
-                    # Seen again, as it runs now: a child caught between its fork and its exec shows its parent's
-                    # command line (the temporary API forks to set its parent-death signal before it execs).
-                    watched.started[child.pid] = (child.create_time(), " ".join(child.cmdline()[:6]))
+                children = psutil.Process(process.pid).children(recursive=True)
             except psutil.Error:
-                pass
+                children = []
+            for child in children:
+                try:
+                    created, command = child.create_time(), child.cmdline()
+                except psutil.Error:  # gone since the scan: what was seen of it stays
+                    continue
+                # Seen again, as it runs now: a child caught between its fork and its exec shows its parent's
+                # command line (the temporary API forks to set its parent-death signal before it execs). A
+                # process on its way out shows none: the last one seen stays.
+                if command or child.pid not in watched.started:
+                    watched.started[child.pid] = (created, " ".join(command[:6]))
             time.sleep(0.25)  # a scan of /proc costs CPU the command needs
 
     threading.Thread(target=read, daemon=True).start()
