@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed-stamp
 # The worker environment: vLLM's CPU build, which cannot share the driver's lock (stack-notes.md).
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
-# Packages go in without byte-compiling (a third of the install's time: 51,000 modules, of which the commands
-# import a few thousand); Python compiles a module the first time it is imported and keeps the bytecode, so
-# make's commands write bytecode even where PYTHONDONTWRITEBYTECODE is set (.gitignore and .dvcignore leave
-# __pycache__ out of git and out of the stages' code dependencies).
+# Packages go in without byte-compiling their 51,000 modules (about half of pip's time: 85 s instead of 161 s
+# here for .venv, 50 s instead of 124 s for .venv-vllm); Python compiles a module the first time something
+# imports it and keeps the bytecode, so make's commands write bytecode even where PYTHONDONTWRITEBYTECODE is
+# set (.gitignore and .dvcignore keep __pycache__ out of git and out of the stages' code dependencies).
 PIP_FLAGS := --disable-pip-version-check
 INSTALL_FLAGS := $(PIP_FLAGS) --no-compile
 unexport PYTHONDONTWRITEBYTECODE

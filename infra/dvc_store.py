@@ -108,9 +108,22 @@ def uncached_metrics(root: str | Path) -> list[str]:
     return paths
 
 
+def untracked_ignore_files(root: str | Path) -> list[str]:
+    """The ``.gitignore`` files git does not track yet: DVC writes one beside the outputs of each stage it
+    records, and ``dvc exp save`` leaves untracked files out (with a warning), so without them a clone that
+    applies the experiment would see every output as a file git should track."""
+    done = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=root, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise VersioningError(f"git ls-files in {root} failed: {_failure(done)}")
+    return [path for path in done.stdout.split("\0") if Path(path).name == ".gitignore"]
+
+
 def save_experiment(root: str | Path, name: str) -> None:
-    """``dvc exp save``: the workspace as it is (dvc.lock, params, metrics) as experiment ``name``."""
-    include = [arg for path in uncached_metrics(root) for arg in ("--include-untracked", path)]
+    """``dvc exp save``: the workspace as it is (dvc.lock, params, metrics and the ``.gitignore`` files of the
+    outputs) as experiment ``name``."""
+    include = [arg for path in [*uncached_metrics(root), *untracked_ignore_files(root)]
+               for arg in ("--include-untracked", path)]
     done = _dvc(root, "exp", "save", "--force", "--name", name, *include)
     if done.returncode != 0:
         raise VersioningError(f"dvc exp save --name {name} in {root} failed: {_failure(done)}")

@@ -154,11 +154,15 @@ def test_a_code_change_starts_training_over_and_without_one_a_rerun_resumes_with
     same = run(["dvc", "repro", "--force", "--single-item", "train"], project, env)
     assert "(resumed from" in same.stdout and "starting a new run" not in same.stderr, same.stdout + same.stderr
     assert final.read_bytes() == before
-    # A one-line change of the loss: dvc reruns train, which starts over instead of resuming.
+    # A one-line change of the loss: of every stage, dvc sees train's code changed, and train reruns from the
+    # start instead of resuming. (Run up to train, its target: the stages after it rerun because their input
+    # changed, as the training-parameter test shows.)
     loss = project / "attnrl" / "loss.py"
     loss.write_text(loss.read_text().replace("unclipped = -advantages * ratio", "unclipped = -2.0 * advantages * ratio"))
-    changed = run(["dvc", "repro"], project, env)
-    assert ran_stages(changed.stdout) == {"train", "evaluate", "report"}, changed.stdout
+    stale = json.loads(run(["dvc", "status", "--json"], project, env).stdout)  # report reads all of attnrl too
+    assert set(stale) == {"train", "report"} and stale["train"] == [{"changed deps": {"attnrl": "modified"}}], stale
+    changed = run(["dvc", "repro", "train"], project, env)
+    assert ran_stages(changed.stdout) == {"train"}, changed.stdout
     assert "trained with a different code (code_md5); starting a new run" in changed.stderr, changed.stderr[-2000:]
     assert "(resumed from" not in changed.stdout
     assert final.read_bytes() != before
@@ -220,12 +224,15 @@ def moto_s3():
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_a_nightly_run_is_an_experiment_on_s3_that_a_fresh_clone_pulls_and_a_dead_endpoint_fails_clearly(
-        reproduced, tmp_path, moto_s3, monkeypatch):
+def test_a_nightly_run_records_and_pushes_every_stage_and_is_an_experiment_that_a_fresh_clone_pulls(
+        prefect_api, tmp_path, moto_s3, monkeypatch):
+    """What pipeline-nightly runs, on a new project: every stage recorded with DVC and pushed to the store as it
+    finished, the run saved as an experiment that a fresh clone pulls; a dead endpoint fails clearly."""
     import boto3
 
     server, endpoint = moto_s3
-    project, env = _copy(reproduced, tmp_path)
+    env = _env(str(prefect_api.api_url))
+    project = make_project(tmp_path / "project", env)
     origin = tmp_path / "origin.git"
     run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
     run(["git", "remote", "add", "origin", str(origin)], project, env)
@@ -233,8 +240,16 @@ def test_a_nightly_run_is_an_experiment_on_s3_that_a_fresh_clone_pulls_and_a_dea
     # The store comes from the environment, as on a deployment's worker; credentials as AWS_* variables.
     env = {**env, **S3_ENV, "AWS_MAX_ATTEMPTS": "1", "ATTNRL_DVC_REMOTE": "s3://attnrl/dvc",
            "ATTNRL_DVC_REMOTE_ENDPOINT": endpoint}
-    boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket="attnrl")
+    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+    s3.create_bucket(Bucket="attnrl")
     run(["attnrl", "pipeline", "--experiment", "nightly"], project, env)  # what pipeline-nightly runs
+    # Every stage recorded as it finished: dvc.lock has them all, and neither repro nor push has anything to do.
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ALL_STAGES
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
+    repro = run(["dvc", "repro"], project, env)
+    assert ran_stages(repro.stdout) == set() and "Data and pipelines are up to date" in repro.stdout, repro.stdout
+    assert "are in sync" in run(["dvc", "status", "--cloud"], project, env).stdout
+    assert s3.list_objects_v2(Bucket="attnrl", Prefix="dvc/")["KeyCount"] > 0
     [ref] = run(["git", "ls-remote", str(origin), "refs/exps/*"], tmp_path, env).stdout.splitlines()
     name = ref.rsplit("/", 1)[1]
     assert name.startswith("nightly-"), ref
@@ -281,31 +296,29 @@ def _boto_credentials() -> dict[str, str]:
     return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 
 
-def test_after_the_prefect_pipeline_dvc_status_is_clean_and_every_stage_is_pushed(
-        prefect_api, tmp_path, moto_s3, monkeypatch):
-    import boto3
+def test_a_run_pushes_to_the_projects_default_remote_and_the_environments_remote_takes_precedence(
+        prefect_api, tmp_path, monkeypatch):
+    """Which store a recording run pushes to (``StageRecorder``): the project's default DVC remote; with
+    $ATTNRL_DVC_REMOTE set, that store, made the default in .dvc/config.local (git ignores it), so a worker and
+    a laptop can point one project at different stores. (The nightly test above pushes through the latter.)"""
+    from tasks.versioning import StageRecorder
 
-    from flows.pipeline import pipeline
-
-    _, endpoint = moto_s3
-    for key, value in S3_ENV.items():
-        monkeypatch.setenv(key, value)
     env = _env(str(prefect_api.api_url))
     project = make_project(tmp_path / "project", env)
-    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
-    s3.create_bucket(Bucket="attnrl")
-    run(["dvc", "remote", "add", "-d", "s3", "s3://attnrl/dvc"], project, env)
-    run(["dvc", "remote", "modify", "s3", "endpointurl", endpoint], project, env)
+    config, params = resolve_config(path=project / "params.yaml"), str(project / "params.yaml")
+    monkeypatch.delenv("ATTNRL_DVC_REMOTE", raising=False)
+    assert StageRecorder.for_run(project, config, params, None, None).remote is None
+    run(["dvc", "remote", "add", "-d", "team", "s3://team-store/dvc"], project, env)
+    recorder = StageRecorder.for_run(project, config, params, None, None)
+    assert (recorder.remote, recorder.stages) == ("team", ALL_STAGES)
 
-    state = pipeline(config_path=str(project / "params.yaml"), root=str(project), return_state=True)
-    assert state.is_completed(), state.message
-    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) == ALL_STAGES
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], project, env).stdout
-    repro = run(["dvc", "repro"], project, env)
-    assert ran_stages(repro.stdout) == set() and "Data and pipelines are up to date" in repro.stdout, repro.stdout
-    # Pushed as each stage finished: the remote has every cached object.
-    assert "are in sync" in run(["dvc", "status", "--cloud"], project, env).stdout
-    assert s3.list_objects_v2(Bucket="attnrl", Prefix="dvc/")["KeyCount"] > 0
+    monkeypatch.setenv("ATTNRL_DVC_REMOTE", "s3://worker-store/dvc")
+    monkeypatch.setenv("ATTNRL_DVC_REMOTE_ENDPOINT", "http://127.0.0.1:9")
+    assert StageRecorder.for_run(project, config, params, None, None).remote == "env"
+    local = (project / ".dvc" / "config.local").read_text()
+    assert "s3://worker-store/dvc" in local and "http://127.0.0.1:9" in local
+    assert run(["dvc", "remote", "default"], project, env).stdout.strip() == "env"
+    assert "config.local" not in run(["git", "status", "--porcelain"], project, env).stdout
 
 
 def test_a_params_edit_during_a_pipeline_run_changes_none_of_its_stages_and_is_not_recorded(
