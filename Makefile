@@ -57,11 +57,12 @@ $(FIXTURES_STAMP): requirements-fixtures.lock scripts/fixtures.py attnrl/model/g
 	@$(PY) -m scripts.fixtures build
 	@touch $(FIXTURES_STAMP)
 
-# Debian's headless Chromium and its WebDriver, for the test that renders the report (tests/browser.py).
+# Debian's headless Chromium and its WebDriver, for the test that renders the report (tests/browser.py): one
+# apt-get makes both files (a grouped target; two plain targets ran it twice under make -j).
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 browser: $(BROWSER)
 
-$(BROWSER):
+$(BROWSER) &:
 	@echo "installing Debian's chromium and chromium-driver (apt-get) for the report's browser test"
 	@$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null'
 
