@@ -1,14 +1,10 @@
-"""DVC from the pipeline: record a stage's outputs after it ran, push them, and read artifacts on S3.
+"""DVC from the pipeline: record a stage's outputs after it ran, push them, save a run as an experiment.
 
 ``record_stage`` is ``dvc commit <stage> --force`` (run in the project directory): it hashes the
 stage's deps, params and outs as they are now, copies the outs into the cache and writes
 ``dvc.lock``, so after a pipeline run ``dvc status`` is clean and ``dvc repro`` has nothing to do.
 When the project has a default remote, the stage's outputs are pushed to it. Errors name the stage
 and the remote, and the local cache is never touched by a failed push.
-
-``S3Artifacts`` reads and writes single artifacts with boto3 (for example the newest checkpoint
-for an evaluation elsewhere), with retries on connection errors and messages that name the
-bucket, key and endpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from attnrl.errors import AttnRLError
@@ -28,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class VersioningError(AttnRLError):
-    """DVC could not record or push a stage, or an artifact could not be read or written."""
+    """DVC could not record, push or save a stage or an experiment."""
 
 
 def is_dvc_project(root: str | Path) -> bool:
@@ -141,78 +136,3 @@ def push_experiment(root: str | Path, name: str, git_remote_name: str) -> None:
     if done.returncode != 0:
         raise VersioningError(f"dvc exp push {git_remote_name} {name} failed: {_failure(done)}")
     logger.info("dvc: pushed experiment %s to %s", name, git_remote_name)
-
-
-@dataclass(frozen=True)
-class S3Location:
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None  # an S3-compatible store (MinIO, moto, Ceph); None = AWS
-
-    @classmethod
-    def parse(cls, url: str, endpoint_url: str | None = None) -> S3Location:
-        if not url.startswith("s3://"):
-            raise VersioningError(f"not an s3:// URL: {url!r}")
-        bucket, _, prefix = url[len("s3://"):].partition("/")
-        return cls(bucket, prefix.strip("/"), endpoint_url)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-
-class S3Artifacts:
-    """Upload and download single files or directories; credentials come from the usual AWS chain."""
-
-    def __init__(self, location: S3Location, *, attempts: int = 3) -> None:
-        import boto3
-        from botocore.config import Config
-
-        self.location = location
-        self.client = boto3.client(
-            "s3", endpoint_url=location.endpoint_url,
-            config=Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60),
-        )
-
-    def upload_dir(self, directory: Path, name: str) -> int:
-        files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
-        for file in files:
-            self._call("upload", file, self.location.key(f"{name}/{file.relative_to(directory).as_posix()}"))
-        return len(files)
-
-    def download_dir(self, name: str, directory: Path) -> int:
-        """Download every object under ``name/`` into ``directory`` (written beside, then renamed)."""
-        from attnrl.utils.atomic import atomic_path
-
-        prefix = self.location.key(name).rstrip("/") + "/"
-        keys = [obj["Key"] for page in self._pages(prefix) for obj in page.get("Contents", [])]
-        if not keys:
-            raise VersioningError(f"s3://{self.location.bucket}/{prefix}: no such artifact")
-        with atomic_path(Path(directory)) as tmp:
-            for key in keys:
-                target = tmp / key[len(prefix):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._call("download", target, key)
-        return len(keys)
-
-    def _pages(self, prefix: str):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            yield from self.client.get_paginator("list_objects_v2").paginate(Bucket=self.location.bucket, Prefix=prefix)
-        except (BotoCoreError, ClientError) as exc:
-            raise VersioningError(self._where(prefix, exc)) from exc
-
-    def _call(self, op: str, path: Path, key: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            if op == "upload":
-                self.client.upload_file(str(path), self.location.bucket, key)
-            else:
-                self.client.download_file(self.location.bucket, key, str(path))
-        except (BotoCoreError, ClientError) as exc:
-            raise VersioningError(self._where(key, exc)) from exc
-
-    def _where(self, key: str, exc: Exception) -> str:
-        endpoint = self.location.endpoint_url or "AWS"
-        return f"s3://{self.location.bucket}/{key} (endpoint {endpoint}): {type(exc).__name__}: {exc}"
