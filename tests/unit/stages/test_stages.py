@@ -72,6 +72,12 @@ def test_warmup_records_a_real_checkpoint_without_copying_it(tmp_path, config, t
     assert initial_policy_path(real, tmp_path) == (tmp_path / "base").resolve()
 
 
+def test_warmup_sft_is_for_the_tiny_model_not_a_real_checkpoint(tmp_path):
+    real = resolve_config(preset="tiny", overrides=["model.path=/some/model"])
+    with pytest.raises(ConfigError, match="warmup.enabled: SFT warmup is for the tiny default model"):
+        warmup(real, tmp_path)
+
+
 def test_warmup_sft_needs_the_synthetic_task(tmp_path, config):
     write_problems(not_synthetic_problems(), Layout.of(config, tmp_path).prepared_train)
     with pytest.raises(ConfigError, match=r"warmup.enabled: SFT needs reference solutions.*\['gsm-like'\]"):
